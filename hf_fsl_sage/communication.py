@@ -1,0 +1,118 @@
+"""Everything that crosses the client-server boundary goes through a transport, which counts its bytes.
+
+An algorithm never touches another party's tensors directly: it sends them
+with :meth:`Transport.to_server` / :meth:`Transport.to_client` and works on
+what arrives. :class:`LocalTransport` runs both parties in one process; a
+distributed transport can replace it without changing any algorithm.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from .split import Smashed
+
+T = TypeVar("T")
+
+UP, DOWN = "up", "down"
+
+
+def payload_nbytes(obj: Any) -> int:
+    """Bytes of every tensor inside ``obj`` (tensors, Smashed, dicts, lists, tuples), in the dtype sent."""
+    if obj is None:
+        return 0
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Smashed):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(payload_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_nbytes(v) for v in obj)
+    raise TypeError(f"cannot send a {type(obj).__name__}: payloads are tensors, Smashed, or dicts/lists of them")
+
+
+def _deliver(obj: Any, device: torch.device | None) -> Any:
+    """What the receiver gets: detached from the sender's graph and on the receiver's device."""
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach()
+        return obj if device is None else obj.to(device)
+    if isinstance(obj, Smashed):
+        moved = obj.detach()
+        return moved if device is None else moved.to(device)
+    if isinstance(obj, dict):
+        return {k: _deliver(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_deliver(v, device) for v in obj)
+    raise TypeError(f"cannot send a {type(obj).__name__}")
+
+
+@dataclass
+class CommLedger:
+    """Cumulative bytes by direction and by kind of message (``smashed``, ``gradient``, ``client_model``, ...)."""
+
+    up: int = 0
+    down: int = 0
+    by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    messages: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def record(self, direction: str, kind: str, nbytes: int) -> None:
+        if direction == UP:
+            self.up += nbytes
+        else:
+            self.down += nbytes
+        self.by_kind[f"{kind}_{direction}"] += nbytes
+        self.messages[f"{kind}_{direction}"] += 1
+
+    @property
+    def total(self) -> int:
+        return self.up + self.down
+
+    def metrics(self) -> dict[str, int]:
+        return {"comm_bytes_up": self.up, "comm_bytes_down": self.down, "comm_bytes": self.total}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"up": self.up, "down": self.down, "by_kind": dict(self.by_kind), "messages": dict(self.messages)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.up, self.down = state["up"], state["down"]
+        self.by_kind = defaultdict(int, state["by_kind"])
+        self.messages = defaultdict(int, state["messages"])
+
+
+class Transport(ABC):
+    """The one narrow interface between clients and the server."""
+
+    def __init__(self) -> None:
+        self.ledger = CommLedger()
+
+    def to_server(self, client_id: int, kind: str, payload: T) -> T:
+        """Send ``payload`` from client ``client_id`` to the server; returns what the server receives."""
+        self.ledger.record(UP, kind, payload_nbytes(payload))
+        return self._send(client_id, UP, kind, payload)
+
+    def to_client(self, client_id: int, kind: str, payload: T) -> T:
+        """Send ``payload`` from the server to client ``client_id``; returns what the client receives."""
+        self.ledger.record(DOWN, kind, payload_nbytes(payload))
+        return self._send(client_id, DOWN, kind, payload)
+
+    @abstractmethod
+    def _send(self, client_id: int, direction: str, kind: str, payload: T) -> T: ...
+
+
+class LocalTransport(Transport):
+    """Both parties in this process: delivery detaches (nothing autograd-related crosses) and moves devices."""
+
+    def __init__(self, server_device: torch.device | None = None, client_device: torch.device | None = None):
+        super().__init__()
+        self.devices = {UP: server_device, DOWN: client_device}
+
+    def _send(self, client_id: int, direction: str, kind: str, payload: T) -> T:
+        return _deliver(payload, self.devices[direction])

@@ -1,0 +1,169 @@
+"""FSLSageConfig: TrainingArguments plus the federated split learning parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+PARTITIONS = ("iid", "dirichlet")
+AUX_INITS = ("server_blocks", "random")
+
+
+@dataclass
+class FSLSageConfig(TrainingArguments):
+    r"""
+    Configuration of [`FSLSageTrainer`]: every [`~transformers.TrainingArguments`] field, plus the
+    parameters below. Defaults follow the FSL-SAGE paper's GPT-2 medium / E2E set-up.
+
+    One Trainer *global step* is one local step on every participating client; a *round* is
+    `local_steps` global steps and ends with the aggregation of the client models; `max_steps`
+    counts global steps.
+
+    Parameters:
+        > Federation
+
+        algorithm (`str`, defaults to `"fsl_sage"`):
+            Training algorithm: one of the names registered in `hf_fsl_sage.algorithms`
+            (`"fsl_sage"`, and the baselines registered there).
+        num_clients (`int`, defaults to `10`):
+            Number of clients the training set is partitioned over (>= 1).
+        clients_per_round (`int` or `None`, defaults to `None`):
+            Clients sampled (without replacement, reproducibly from `seed`) to take part in each
+            round; `None` means all of them. Between 1 and `num_clients`.
+        local_steps (`int`, defaults to `10`):
+            Local steps per client per round (>= 1).
+        partition (`str`, defaults to `"iid"`):
+            How the training set is split among clients, once, from `seed`: `"iid"` (uniform
+            random, sizes differ by at most one) or `"dirichlet"` (per group of `partition_column`,
+            client shares drawn from Dirichlet(`dirichlet_alpha`)).
+        dirichlet_alpha (`float`, defaults to `0.5`):
+            Concentration of the Dirichlet partition (> 0); smaller is more skewed.
+        partition_column (`str` or `None`, defaults to `None`):
+            Column of the training set whose values define the groups of the Dirichlet partition.
+            Required with `partition="dirichlet"`.
+        partition_key (`str` or `None`, defaults to `None`):
+            With an E2E `mr` column as `partition_column`, the meaning-representation attribute
+            (e.g. `"eatType"`, `"food"`) whose value is the group.
+
+        > Split and auxiliary model
+
+        cut_layer (`int`, defaults to `1`):
+            Clients run the embedding stage and decoder blocks `[0, cut_layer)`, the server the rest.
+            Between 1 and the number of blocks minus one.
+        aux_num_layers (`int`, defaults to `3`):
+            Decoder blocks of each client's auxiliary model (>= 1). The auxiliary model is these
+            blocks, a final norm, and an LM head tied to the client's input embedding.
+        aux_init (`str`, defaults to `"server_blocks"`):
+            `"server_blocks"` copies the first `aux_num_layers` server blocks and the final norm
+            (a warm start); `"random"` initialises them afresh as the model's own init does.
+
+        > FSL-SAGE schedule
+
+        server_update_interval (`int`, defaults to `5`):
+            A client uploads its smashed activations (and the server steps on them) every this many
+            local steps, starting with the first (>= 1).
+        align_interval (`int`, defaults to `10`):
+            Rounds between alignments of the auxiliary models (>= 1); round 0 aligns.
+        align_buffer_size (`int`, defaults to `64`):
+            Sequences kept per client for alignment (most recent uploads) (>= 1).
+        align_epochs (`int`, defaults to `40`):
+            Passes over the buffer per alignment (>= 0).
+        align_learning_rate (`float` or `None`, defaults to `None`):
+            Learning rate of the alignment optimizer; `None` uses `learning_rate`.
+
+        > Memory
+
+        loss_chunk_tokens (`int`, defaults to `1024`):
+            Labelled positions per chunk when computing the LM-head loss, so full-vocabulary
+            logits are never held for the whole batch (>= 1).
+
+    Defaults that differ from [`~transformers.TrainingArguments`]: `learning_rate=2e-4`,
+    `weight_decay=0.01`, `adam_epsilon=1e-6`, `warmup_steps=500`, `label_smoothing_factor=0.1`,
+    `per_device_train_batch_size=8` (per client), `max_grad_norm=1.0` applied per party.
+    `label_smoothing_factor` applies to the training losses; evaluation reports the plain
+    cross-entropy so that `eval_perplexity = exp(eval_loss)`.
+    """
+
+    # Federation
+    algorithm: str = field(default="fsl_sage", metadata={"help": "Training algorithm (see hf_fsl_sage.algorithms)."})
+    num_clients: int = field(default=10, metadata={"help": "Number of clients (>= 1)."})
+    clients_per_round: int | None = field(
+        default=None, metadata={"help": "Clients sampled per round, 1..num_clients; None = all."}
+    )
+    local_steps: int = field(default=10, metadata={"help": "Local steps per client per round (>= 1)."})
+    partition: str = field(default="iid", metadata={"help": "Client partition of the training set.", "choices": PARTITIONS})
+    dirichlet_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (> 0)."})
+    partition_column: str | None = field(
+        default=None, metadata={"help": "Column whose values group examples for the Dirichlet partition."}
+    )
+    partition_key: str | None = field(
+        default=None, metadata={"help": "E2E meaning-representation attribute used as the group (e.g. eatType)."}
+    )
+    # Split and auxiliary model
+    cut_layer: int = field(default=1, metadata={"help": "Clients hold blocks [0, cut_layer); 1..num_blocks-1."})
+    aux_num_layers: int = field(default=3, metadata={"help": "Decoder blocks in each auxiliary model (>= 1)."})
+    aux_init: str = field(
+        default="server_blocks", metadata={"help": "Auxiliary model initialisation.", "choices": AUX_INITS}
+    )
+    # FSL-SAGE schedule
+    server_update_interval: int = field(default=5, metadata={"help": "Upload every this many local steps (>= 1)."})
+    align_interval: int = field(default=10, metadata={"help": "Rounds between alignments (>= 1)."})
+    align_buffer_size: int = field(default=64, metadata={"help": "Sequences kept per client for alignment (>= 1)."})
+    align_epochs: int = field(default=40, metadata={"help": "Passes over the buffer per alignment (>= 0)."})
+    align_learning_rate: float | None = field(
+        default=None, metadata={"help": "Alignment learning rate; None = learning_rate."}
+    )
+    # Memory
+    loss_chunk_tokens: int = field(default=1024, metadata={"help": "Labelled positions per LM-head loss chunk."})
+
+    # TrainingArguments defaults changed to the paper's set-up
+    learning_rate: float = field(default=2e-4, metadata={"help": "Initial learning rate of every party's AdamW."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
+    warmup_steps: float = field(default=500, metadata={"help": "Linear warm-up steps (or ratio if < 1)."})
+    label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing of the training losses."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .algorithms import ALGORITHMS
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"FSLSageConfig: {message}")
+
+        need(self.algorithm in ALGORITHMS, f"algorithm={self.algorithm!r} is unknown; choose one of {sorted(ALGORITHMS)}.")
+        need(_is_int(self.num_clients) and self.num_clients >= 1, f"num_clients={self.num_clients!r} must be an integer >= 1.")
+        if self.clients_per_round is not None:
+            need(
+                _is_int(self.clients_per_round) and 1 <= self.clients_per_round <= self.num_clients,
+                f"clients_per_round={self.clients_per_round!r} must be between 1 and num_clients={self.num_clients} "
+                "(or None for all clients).",
+            )
+        for name in ("local_steps", "cut_layer", "aux_num_layers", "server_update_interval", "align_interval",
+                     "align_buffer_size", "loss_chunk_tokens"):
+            value = getattr(self, name)
+            need(_is_int(value) and value >= 1, f"{name}={value!r} must be an integer >= 1.")
+        need(_is_int(self.align_epochs) and self.align_epochs >= 0, f"align_epochs={self.align_epochs!r} must be >= 0.")
+        need(self.partition in PARTITIONS, f"partition={self.partition!r} must be one of {PARTITIONS}.")
+        need(self.aux_init in AUX_INITS, f"aux_init={self.aux_init!r} must be one of {AUX_INITS}.")
+        need(self.dirichlet_alpha > 0, f"dirichlet_alpha={self.dirichlet_alpha!r} must be > 0.")
+        if self.partition == "dirichlet":
+            need(self.partition_column is not None,
+                 "partition='dirichlet' needs partition_column (the column whose values define the groups, "
+                 "e.g. partition_column='mr', partition_key='eatType' for E2E).")
+        if self.align_learning_rate is not None:
+            need(self.align_learning_rate > 0, f"align_learning_rate={self.align_learning_rate!r} must be > 0.")
+        need(self.gradient_accumulation_steps == 1,
+             f"gradient_accumulation_steps={self.gradient_accumulation_steps} is not supported: one global step is "
+             "one local step per client; raise per_device_train_batch_size instead.")
+        need(not self.fp16, "fp16=True is not supported (parties step their own optimizers without a loss scaler); "
+             "use bf16=True for mixed precision.")
+
+    @property
+    def participants_per_round(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

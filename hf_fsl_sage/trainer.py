@@ -1,0 +1,314 @@
+"""FSLSageTrainer: federated split learning as a transformers Trainer."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import datasets
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, get_scheduler
+from transformers.modeling_outputs import CausalLMOutput
+from transformers.utils import logging
+
+from .algorithms import ALGORITHMS
+from .communication import LocalTransport
+from .config import FSLSageConfig
+from .data import split_lm_collator, tokenize_text
+from .federation import Federation, Party
+from .partition import partition
+from .schedule import GlobalStepDataset, RoundSchedule
+from .split import split_causal_lm
+
+logger = logging.get_logger(__name__)
+
+FEDERATION_STATE = "federation.pt"
+MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "position_ids")
+
+
+class RoleOptimizers:
+    """Every party's optimizer behind the one object Trainer expects.
+
+    The parties step their own optimizers inside ``training_step`` (the server
+    several times per global step), so ``step``/``zero_grad`` are no-ops here;
+    this object exists so that Trainer saves and restores all their states.
+    """
+
+    def __init__(self, parties: dict[str, Party]):
+        self.parties = parties
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for p in self.parties.values() for g in p.optimizer.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {}
+
+    def step(self, closure=None) -> None:
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: p.optimizer.state_dict() for name, p in self.parties.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, p in self.parties.items():
+            p.optimizer.load_state_dict(state[name])
+
+
+class RoleSchedulers:
+    """Steps every party's learning-rate schedule once per global step."""
+
+    def __init__(self, parties: dict[str, Party]):
+        self.parties = parties
+
+    def step(self) -> None:
+        for p in self.parties.values():
+            p.scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        return next(iter(self.parties.values())).scheduler.get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: p.scheduler.state_dict() for name, p in self.parties.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, p in self.parties.items():
+            p.scheduler.load_state_dict(state[name])
+
+
+class FSLSageTrainer(Trainer):
+    """Train a causal LM with federated split learning (FSL-SAGE by default) through the Trainer API.
+
+    Args:
+        model: a causal LM, a ``peft.PeftModel``, or a Hub id / local path loaded with
+            ``AutoModelForCausalLM.from_pretrained``.
+        args: an :class:`FSLSageConfig`.
+        train_dataset / eval_dataset: ``datasets.Dataset`` with ``input_ids`` (optionally
+            ``attention_mask`` and ``labels``, -100 where there is no loss), or a ``text`` column
+            tokenized with ``processing_class``.
+        processing_class: the tokenizer (loaded from ``model`` when it is a string and this is None).
+        peft_config: a ``peft`` config applied to the whole model before it is split.
+        data_collator: defaults to right-padding with -100 labels.
+        model_init_kwargs: keyword arguments for ``from_pretrained`` when ``model`` is a string.
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | nn.Module,
+        args: FSLSageConfig | None = None,
+        data_collator=None,
+        train_dataset: datasets.Dataset | None = None,
+        eval_dataset: datasets.Dataset | dict[str, datasets.Dataset] | None = None,
+        processing_class=None,
+        peft_config=None,
+        callbacks=None,
+        model_init_kwargs: dict[str, Any] | None = None,
+    ):
+        # Args
+        if args is None:
+            args = FSLSageConfig(output_dir="fsl_sage_output")
+        if not isinstance(args, FSLSageConfig):
+            raise TypeError(f"args must be an FSLSageConfig, got {type(args).__name__}; build one with FSLSageConfig(...).")
+
+        # Model
+        if isinstance(model, str):
+            model_id = model
+            model = AutoModelForCausalLM.from_pretrained(model_id, **(model_init_kwargs or {}))
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(model_id)
+        if processing_class is not None and getattr(processing_class, "pad_token", "") is None:
+            processing_class.pad_token = processing_class.eos_token
+
+        # PEFT
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+
+        # Data: the client partition is computed on the dataset as given (it may need a text column)
+        if train_dataset is None:
+            raise ValueError("FSLSageTrainer needs a train_dataset (its rows are partitioned among the clients).")
+        parts = partition(train_dataset, args.num_clients, args.partition, args.seed, args.dirichlet_alpha,
+                          args.partition_column, args.partition_key)
+        train_dataset = _prepare_dataset(train_dataset, processing_class, "train_dataset")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: _prepare_dataset(v, processing_class, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = _prepare_dataset(eval_dataset, processing_class, "eval_dataset")
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("Pass processing_class (the tokenizer) or a data_collator to pad batches.")
+            data_collator = split_lm_collator(processing_class)
+        if args.max_steps <= 0:
+            largest = max(len(p) for p in parts)
+            args.max_steps = math.ceil(args.num_train_epochs * math.ceil(largest / args.per_device_train_batch_size))
+
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
+        self.label_smoother = None  # training losses apply args.label_smoothing_factor themselves
+
+        # Split and roles
+        self.split = split_causal_lm(self.model, args.cut_layer)
+        self.schedule = RoundSchedule(parts, args.participants_per_round, args.local_steps,
+                                      args.per_device_train_batch_size, args.max_steps, args.seed)
+        algorithm_cls = ALGORITHMS[args.algorithm]
+        self.federation = Federation(self.split, args, [len(p) for p in parts], LocalTransport(),
+                                     self._make_optimizer, with_aux=algorithm_cls.uses_aux)
+        self.algorithm = algorithm_cls(self.federation)
+        self._round_metrics: dict[str, float] = {}
+        self._server_losses: list[float] = []
+
+    # ------------------------------------------------------------ optimizers
+    def _make_optimizer(self, module: nn.Module, lr: float | None):
+        decay = set(self.get_decay_parameter_names(module))
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in params if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
+        ]
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
+        if lr is not None:
+            kwargs = {**kwargs, "lr": lr}
+        optimizer = optimizer_cls([g for g in groups if g["params"]], **kwargs)
+        scheduler = get_scheduler(self.args.lr_scheduler_type, optimizer,
+                                  num_warmup_steps=self.args.get_warmup_steps(self.args.max_steps),
+                                  num_training_steps=self.args.max_steps,
+                                  scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+        return optimizer, scheduler
+
+    def create_optimizer(self, model=None):
+        self.optimizer = RoleOptimizers(self.federation.parties())
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        self.lr_scheduler = RoleSchedulers(self.federation.parties())
+        return self.lr_scheduler
+
+    # ------------------------------------------------------------ training
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        steps = GlobalStepDataset(self.schedule, self.train_dataset, self.data_collator)
+        return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False,
+                                           num_workers=self.args.dataloader_num_workers)
+
+    def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """One global step: one local step on every participant, in ascending client order."""
+        round_index, local = inputs["round"], inputs["local_step"]
+        participants = list(inputs["clients"])
+        if local == 0:
+            self._round_metrics.update(self.algorithm.begin_round(round_index, participants))
+        self.split.train()
+        losses = []
+        with self.accelerator.autocast():
+            for c in participants:
+                batch = self._prepare_inputs(inputs["clients"][c])
+                result = self.algorithm.local_step(self.federation.clients[c], batch, round_index, local)
+                losses.append(result["loss"])
+                if "server_loss" in result:
+                    self._server_losses.append(result["server_loss"])
+        if inputs["round_end"]:
+            self._round_metrics.update(self.algorithm.end_round(round_index, participants))
+            if any(k.startswith("align_") for k in self._round_metrics):
+                self.log({"round": round_index, **self._pop_align_metrics()})
+        return torch.tensor(sum(losses) / len(losses), device=self.args.device)
+
+    def _pop_align_metrics(self) -> dict[str, float]:
+        keys = [k for k in self._round_metrics if k.startswith("align_")]
+        return {k: self._round_metrics.pop(k) for k in keys}
+
+    def _clip_grad_norm(self, model):
+        return None  # each party clips its own gradients when it steps
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return grad_norm
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        return 0
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and "eval_loss" not in logs:
+            if self._server_losses:
+                logs["server_loss"] = round(sum(self._server_losses) / len(self._server_losses), 4)
+                self._server_losses = []
+            logs["round"] = self.schedule.position(max(self.state.global_step - 1, 0))[0]
+            logs.update(self.federation.transport.ledger.metrics())
+            logs = {k: v for k, v in logs.items() if v is not None}
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------ evaluation
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Loss of the global split model (aggregated client + server), plain cross-entropy."""
+        loss = self.federation.global_loss(inputs)
+        return (loss, CausalLMOutput(loss=loss)) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.accelerator.autocast():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        loss = output.metrics.get(f"{prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{prefix}_perplexity"] = math.exp(min(loss, 700.0))
+        return output
+
+    # ------------------------------------------------------------ saving and resuming
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if self.split.untied_after_training():
+            self._untie_for_export()
+        super()._save(output_dir, state_dict)
+        if self.args.should_save and self.algorithm.uses_aux:
+            for client in self.federation.clients:
+                path = os.path.join(output_dir, "aux", f"client_{client.index}.safetensors")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_file({n: p.detach().contiguous() for n, p in client.aux.named_parameters() if p.requires_grad},
+                          path)
+
+    def _untie_for_export(self) -> None:
+        """The server's head was trained apart from the client's embedding: give the global model its own head."""
+        lm = self.split.model.get_base_model() if hasattr(self.split.model, "get_base_model") else self.split.model
+        server_head = self.split.server.lm.get_output_embeddings()
+        lm.config.tie_word_embeddings = False
+        if hasattr(lm.config, "get_text_config"):
+            lm.config.get_text_config().tie_word_embeddings = False
+        lm.get_output_embeddings().weight = server_head.weight
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            torch.save(self.federation.state_dict(), os.path.join(output_dir, FEDERATION_STATE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            path = os.path.join(checkpoint, FEDERATION_STATE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{checkpoint} has no {FEDERATION_STATE}: it was not written by FSLSageTrainer.")
+            self.federation.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=False))
+
+
+def _prepare_dataset(ds: datasets.Dataset, tokenizer, name: str) -> datasets.Dataset:
+    """Tokenize a ``text`` column if needed, add ``labels`` if missing, keep only model columns."""
+    if "input_ids" not in ds.column_names:
+        if "text" not in ds.column_names:
+            raise ValueError(f"{name} needs an 'input_ids' column or a 'text' column; it has {ds.column_names}.")
+        if tokenizer is None:
+            raise ValueError(f"{name} has a 'text' column: pass processing_class (the tokenizer) to tokenize it.")
+        ds = tokenize_text(ds, tokenizer, max_length=min(getattr(tokenizer, "model_max_length", 1024), 1024))
+    if "labels" not in ds.column_names:
+        def add_labels(row):
+            mask = row.get("attention_mask") or [1] * len(row["input_ids"])
+            return {"labels": [t if m else -100 for t, m in zip(row["input_ids"], mask)]}
+
+        ds = ds.map(add_labels)
+    return ds.remove_columns([c for c in ds.column_names if c not in MODEL_COLUMNS])
