@@ -42,9 +42,56 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 __all__ = ["Smashed", "SplitClient", "SplitServer", "SplitCausalLM", "split_causal_lm"]
 
-# Families whose forward needs more than hidden states, mask and positions at
-# the cut (e.g. per-layer inputs computed from the token ids), with the reason.
-UNSUPPORTED_MODEL_TYPES: dict[str, str] = {}
+# ---------------------------------------------------------------- per-family adapters
+# Everything family-specific lives here; the mechanism below is generic.
+
+# Families that cannot be cut exactly at a block boundary, with the reason. ``split_causal_lm`` also detects
+# such models generically (see ``_observe``); this table gives the known ones a precise message.
+_MULTIMODAL = "multimodal wrapper: with text only, its forward needs the token embedding on the server"
+UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "blt": "byte latent transformer: local byte encoder, global transformer over patches and local decoder, "
+           "not one stack of blocks over the token stream",
+    "cpmant": "its forward needs input_ids at every stage (segments and attention mask are computed from the "
+              "token ids; there is no inputs_embeds path)",
+    "deepseek_v4": "hash-routed MoE layers pick experts from the token ids, which the server does not have",
+    "dory": "recurrent depth: a group of blocks is run several times in a loop",
+    "hrm_text": "hierarchical recurrent model: its block lists are run repeatedly in cycles",
+    "gemma3n": _MULTIMODAL,
+    "gemma3n_text": "AltUp keeps several parallel residual streams and every block reads per-layer inputs "
+                    "computed from the token ids",
+    "gemma4": _MULTIMODAL + " (split the text-only Gemma4ForCausalLM instead)",
+    "gemma4_unified": _MULTIMODAL + " (split the text-only Gemma4UnifiedForCausalLM instead)",
+    "gemma4_assistant": "speculative-decoding assistant that reads the target model's key/value states",
+    "gemma4_unified_assistant": "speculative-decoding assistant that reads the target model's key/value states",
+    "git": "image-text model whose text decoder runs over image and text tokens together",
+    "hy_v4": "shared sparse-attention layers reuse top-k indices computed by an earlier layer",
+    "inkling2_text": "block attention residuals: every block reads a stack of earlier blocks' outputs",
+    "inkling2_loop_text": "block attention residuals: every block reads a stack of earlier blocks' outputs",
+    "mllama": "cross-attention layers to image features are skipped without an image, so block indices shift",
+    "mllama_text_model": "cross-attention layers to image features are skipped without an image",
+    "musicgen": "audio decoder over parallel codebook streams with its own text encoder",
+    "musicgen_melody": "audio decoder over parallel codebook streams with its own text encoder",
+    "prophetnet": "n-gram decoder: besides the main stream it carries n-gram streams built from embeddings",
+    "reformer": "reversible residual layers run all blocks inside one autograd function on two streams",
+    "xlm": "per-layer modules live in parallel lists and the residual additions happen outside them",
+    "xlnet": "permutation LM: its layers take a (content, query) stream pair with relative positions",
+    "xmod": "the model reads the language-adapter table of block 0 at model level",
+    "zaya": "each block hands its router state to the next block",
+    "zamba": "hybrid layers re-read the original token embeddings and share one transformer across depths",
+    "zamba2": "hybrid layers re-read the original token embeddings and share transformers across depths",
+}
+
+# Config features that make a model of an otherwise supported family unsplittable: (attribute, reason).
+UNSUPPORTED_FEATURES: list[tuple[str, str]] = [
+    ("hidden_size_per_layer_input", "per-layer inputs computed from the token ids feed every block (set "
+                                    "hidden_size_per_layer_input=0 or use a model without them)"),
+]
+
+# Embedding-stage modules (by attribute name) that the server runs itself: their output is used by every
+# block, not only added to the token embeddings, and they are fixed tables computed from positions.
+_SERVER_RUNS: dict[str, tuple[str, ...]] = {
+    "roformer": ("embed_positions",),  # sinusoidal table feeding the rotary embedding of every layer
+}
 
 
 @dataclass
@@ -80,6 +127,10 @@ def _maybe(t: torch.Tensor | None, fn) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------- stand-ins
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early (the client stops after its last block)."""
+
+
 class _NotHeld(nn.Module):
     """Placeholder for a module the other side owns; calling it is a bug."""
 
@@ -98,21 +149,49 @@ class _PassThrough(nn.Module):
         return args[0] if args else next(iter(kwargs.values()))
 
 
-class _SkippedBlock(_PassThrough):
-    """A client-side block as seen by the server: no weights, same plain attributes."""
+class _SkippedBlock(nn.Module):
+    """A client-side block as seen by the server: no weights, same attributes, same output structure.
 
-    def __init__(self, block: nn.Module):
+    Plain attributes (``attention_type``, ``layer_idx``, properties computed from the config) are read from the
+    real block; its submodules and tensors are not reachable. ``outputs`` is the length of the tuple the real
+    block returns (0: a bare tensor); the stand-in returns its hidden-state input first and ``None`` for the rest.
+    """
+
+    def __init__(self, block: nn.Module, outputs: int = 0):
         super().__init__()
-        for key, value in vars(block).items():
-            if not key.startswith("_") and key != "training" and isinstance(value, (str, int, float, bool)):
-                setattr(self, key, value)
+        self.outputs = outputs
+        self._block = [block]  # a list, so that the block's weights are not registered here
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or name == "_block":
+                raise
+        value = getattr(self._block[0], name)
+        if isinstance(value, (nn.Module, torch.Tensor)):
+            raise AttributeError(f"{name!r} of a client block is held by the client, not by the server")
+        return value
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+        return (hidden, *[None] * (self.outputs - 1)) if self.outputs else hidden
 
 
 class _ZeroAddend(nn.Module):
-    """Stand-in for a positional embedding table: its output is only ever added, so a scalar zero serves."""
+    """Stand-in for an embedding table at the embedding stage: zeros of the shape and dtype a plain
+    ``nn.Embedding`` would return (so they can be added or concatenated); a scalar zero for subclasses with
+    their own forward, whose output is only ever added."""
 
-    def forward(self, *args, **kwargs):
-        return torch.zeros(())
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding_dim, self.dtype = embedding.embedding_dim, embedding.weight.dtype
+        self.shaped = type(embedding) is nn.Embedding
+
+    def forward(self, ids: Any = None, *args, **kwargs) -> torch.Tensor:
+        if not (self.shaped and isinstance(ids, torch.Tensor)):
+            return torch.zeros((), dtype=self.dtype)
+        return torch.zeros(*ids.shape, self.embedding_dim, dtype=self.dtype, device=ids.device)
 
 
 class _ZeroProjection(nn.Module):
@@ -127,14 +206,29 @@ class _ZeroProjection(nn.Module):
 
 
 def _server_stand_in(module: nn.Module) -> nn.Module | None:
-    """Weightless stand-in for an embedding-stage module on the server, or None to keep the module."""
+    """Weightless stand-in for an embedding-stage module on the server, or None if there is none."""
     if isinstance(module, nn.Embedding):
-        return _ZeroAddend()
+        return _ZeroAddend(module)
     if isinstance(module, nn.Linear):
         return _ZeroProjection(module.out_features)
-    if "norm" in type(module).__name__.lower():
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or type(module).__name__.lower().endswith("norm"):
         return _PassThrough()
     return None
+
+
+def _server_stand_ins(path: str, module: nn.Module, token_embedding: nn.Module) -> dict[str, nn.Module]:
+    """Stand-ins for the weighted parts of an embedding-stage module, recursing into composite modules
+    (e.g. a BERT-style ``embeddings`` block holding token, position and type tables and a norm)."""
+    if module is token_embedding:
+        return {path: _NotHeld("the token embedding", "client")}
+    stand_in = _server_stand_in(module)
+    if stand_in is not None:
+        return {path: stand_in}
+    found: dict[str, nn.Module] = {}
+    for name, child in module.named_children():
+        if _has_params(child):
+            found.update(_server_stand_ins(_join(path, name), child, token_embedding))
+    return found
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -184,7 +278,12 @@ class SplitClient(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> Smashed:
         captured: list[torch.Tensor] = []
-        handle = self._last_block[0].register_forward_hook(lambda m, a, out: captured.append(_first_output(out)))
+
+        def stop(module, args, output):  # nothing after the last client block runs on the client
+            captured.append(_first_output(output))
+            raise _Stop
+
+        handle = self._last_block[0].register_forward_hook(stop)
         try:
             self.base(
                 input_ids=input_ids,
@@ -193,8 +292,12 @@ class SplitClient(nn.Module):
                 inputs_embeds=inputs_embeds,
                 use_cache=False,
             )
+        except _Stop:
+            pass
         finally:
             handle.remove()
+        if not captured:
+            raise RuntimeError("the last client block did not run")
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         return Smashed(captured[-1], mask, position_ids)
 
@@ -256,7 +359,7 @@ class SplitCausalLM(nn.Module):
         """True when the server's head copy no longer equals the client's input embedding."""
         if not self.head_copied:
             return False
-        emb = self.client.base.get_input_embeddings().weight
+        emb = _unwrap(self.model).get_input_embeddings().weight  # the very tensor the client holds
         head = self.server.lm.get_output_embeddings().weight
         return not torch.equal(emb.detach().to(head.device), head.detach())
 
@@ -293,11 +396,22 @@ def _check_causal_lm(lm: PreTrainedModel) -> str:
             f"model_type {model_type!r} cannot be split: {UNSUPPORTED_MODEL_TYPES[model_type]}. "
             "Use a supported family (see the README's table)."
         )
+    text_config = lm.config.get_text_config()
+    for attribute, reason in UNSUPPORTED_FEATURES:
+        if getattr(text_config, attribute, None):
+            raise ValueError(f"this {model_type} model cannot be split: {reason}.")
     return model_type
 
 
 def _find_blocks(base: nn.Module, num_layers: int, model_type: str) -> str:
-    found = [n for n, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
+    """Path of the list of decoder blocks: the shallowest ModuleList of ``num_layers`` modules, or else (configs
+    counting sub-layers) the longest shallowest ModuleList of weighted modules."""
+    lists = {n: m for n, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2}
+    found = [n for n, m in lists.items() if len(m) == num_layers]
+    if not found:
+        weighted = [n for n, m in lists.items() if all(_has_params(b) for b in m)]
+        depth = min((n.count(".") for n in weighted), default=0)
+        found = sorted((n for n in weighted if n.count(".") == depth), key=lambda n: -len(lists[n]))[:1]
     if not found:
         raise ValueError(
             f"model_type {model_type!r}: found no list of {num_layers} decoder blocks, so this architecture "
@@ -306,39 +420,102 @@ def _find_blocks(base: nn.Module, num_layers: int, model_type: str) -> str:
     return min(found, key=lambda n: n.count("."))
 
 
-class _Stop(Exception):
-    pass
+def _output_count(output: Any) -> int:
+    return len(output) if isinstance(output, (tuple, list)) else 0
 
 
-def _embedding_stage(base: nn.Module, owners: list[str], blocks: nn.ModuleList) -> list[str]:
-    """Paths (relative to ``base``) of the modules that run before the first block, observed on a tiny input."""
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+@dataclass
+class _Observed:
+    embedding_stage: list[str]  # paths (relative to the base model) of modules that run before the first block
+    outputs: list[int]  # per block: length of the returned tuple (0: a bare tensor)
+
+
+def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_layer: int, token_embedding: nn.Module,
+             server_runs: set[str], model_type: str) -> _Observed:
+    """Run ``base`` once on a tiny input and check that it can be cut before block ``cut_layer``.
+
+    Client-held weights (everything outside blocks ``[cut_layer, L)`` and the modules the server runs itself)
+    are made to require grad for the run, so that any input of a server block that depends on them shows it.
+    The cut is exact only if the blocks run once each and in order, block ``cut_layer`` reads exactly what block
+    ``cut_layer - 1`` returned, and nothing else that server blocks read depends on client-held weights.
+    """
     called: list[str] = []
+    order: list[int] = []
+    outputs: dict[int, Any] = {}
+    leaks: list[str] = []
+    seam: list[bool] = []
     handles = []
     for owner in owners:
         for name, child in base.get_submodule(owner).named_children():
             path = _join(owner, name)
             if child is blocks or path in owners:
                 continue
-            handles.append(child.register_forward_pre_hook(lambda m, a, p=path: called.append(p)))
+            handles.append(child.register_forward_pre_hook(
+                lambda m, a, p=path: None if order else called.append(p)))
 
-    def stop(*_):
-        raise _Stop
+    def enter(module, args, kwargs, i):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        rest = list(args[1:]) + [v for k, v in kwargs.items() if not (not args and k == "hidden_states")]
+        if i == cut_layer:
+            before = outputs.get(cut_layer - 1)
+            seam.append(isinstance(hidden, torch.Tensor) and isinstance(before, torch.Tensor)
+                        and hidden.shape == before.shape and torch.equal(hidden, before))
+        if i >= cut_layer and any(t.requires_grad for t in _tensors(rest)):
+            leaks.append(f"block {i}")
+        order.append(i)
 
-    handles.append(blocks[0].register_forward_pre_hook(stop))
-    emb = base.get_input_embeddings()
-    device = emb.weight.device
-    ids = torch.tensor([[1, 2]], device=device).clamp(max=emb.num_embeddings - 1)
+    def leave(module, args, output, i):
+        outputs[i] = _first_output(output)
+        outputs.setdefault("n", {})[i] = _output_count(output)
+
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(lambda m, a, k, i=i: enter(m, a, k, i), with_kwargs=True))
+        handles.append(block.register_forward_hook(lambda m, a, o, i=i: leave(m, a, o, i)))
+    server_params = {id(p) for b in blocks[cut_layer:] for p in b.parameters()}
+    server_params |= {id(p) for path in server_runs for p in base.get_submodule(path).parameters()}
+    client_params = [p for p in base.parameters() if id(p) not in server_params]
+    shared = {id(p) for b in blocks[:cut_layer] for p in b.parameters()} & server_params
+    grad_flags = [(p, p.requires_grad) for p in client_params]
+    modes = [(m, m.training) for m in base.modules()]
+    device = token_embedding.weight.device
+    ids = torch.tensor([[1, 2]], device=device).clamp(max=token_embedding.num_embeddings - 1)
     try:
-        with torch.no_grad():
+        base.eval()
+        for p in client_params:
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        with torch.enable_grad():
             base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    except _Stop:
-        pass
-    else:
-        raise ValueError(f"{type(base).__name__}: the decoder blocks did not run; this model cannot be split.")
     finally:
         for h in handles:
             h.remove()
-    return called
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        for m, flag in modes:
+            m.training = flag
+    problem = None
+    if shared:
+        problem = "blocks on both sides of the cut share weights"
+    elif order != list(range(len(blocks))):
+        problem = f"the decoder blocks do not run once each in order (observed order {order[:12]})"
+    elif not seam or not seam[0]:
+        problem = f"block {cut_layer} does not read exactly what block {cut_layer - 1} returned"
+    elif leaks:
+        problem = f"{leaks[0]} reads, besides the hidden states, values computed from client-held weights"
+    if problem:
+        raise ValueError(f"model_type {model_type!r} cannot be split before block {cut_layer}: {problem}. "
+                         "Use a supported family (see the README's table).")
+    return _Observed(called, [outputs["n"][i] for i in range(cut_layer)])
 
 
 def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
@@ -352,38 +529,37 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
     """
     lm = _unwrap(model)
     model_type = _check_causal_lm(lm)
-    num_layers = lm.config.get_text_config().num_hidden_layers
-    if not isinstance(cut_layer, int) or not 1 <= cut_layer <= num_layers - 1:
+    base_path = lm.base_model_prefix if isinstance(getattr(lm, lm.base_model_prefix, None), nn.Module) else ""
+    base = lm.get_submodule(base_path)
+    blocks_path = _find_blocks(base, lm.config.get_text_config().num_hidden_layers, model_type)
+    blocks: nn.ModuleList = base.get_submodule(blocks_path)
+    num_layers = len(blocks)
+    if isinstance(cut_layer, bool) or not isinstance(cut_layer, int) or not 1 <= cut_layer <= num_layers - 1:
         raise ValueError(
             f"cut_layer={cut_layer!r} is out of range for {model_type} with {num_layers} blocks: "
             f"choose an integer in 1 … {num_layers - 1} (the client runs blocks [0, cut_layer))."
         )
-    base_path = lm.base_model_prefix if isinstance(getattr(lm, lm.base_model_prefix, None), nn.Module) else ""
-    base = lm.get_submodule(base_path)
-    blocks_path = _find_blocks(base, num_layers, model_type)
-    blocks: nn.ModuleList = base.get_submodule(blocks_path)
     owner = blocks_path.rpartition(".")[0]
     owners = [".".join(owner.split(".")[:i]) for i in range(owner.count(".") + 2)] if owner else [""]
 
-    token_embedding = base.get_input_embeddings()
-    pre = set(_embedding_stage(base, owners, blocks))
+    token_embedding = lm.get_input_embeddings()
+    server_runs = {p for p, _ in base.named_modules() if p.rpartition(".")[2] in _SERVER_RUNS.get(model_type, ())}
+    observed = _observe(base, owners, blocks, cut_layer, token_embedding, server_runs, model_type)
+    pre, outputs = set(observed.embedding_stage), observed.outputs
     client_repl: dict[str, nn.Module] = {blocks_path: nn.ModuleList(list(blocks[:cut_layer]))}
-    server_repl: dict[str, nn.Module] = {
-        blocks_path: nn.ModuleList([_SkippedBlock(b) for b in blocks[:cut_layer]] + list(blocks[cut_layer:]))
-    }
+    skipped = [_SkippedBlock(b, n) for b, n in zip(blocks[:cut_layer], outputs)]
+    server_repl: dict[str, nn.Module] = {blocks_path: nn.ModuleList(skipped + list(blocks[cut_layer:]))}
     for own in owners:
         for name, child in base.get_submodule(own).named_children():
             path = _join(own, name)
             if child is blocks or path in owners or not _has_params(child):
                 continue
-            if child is token_embedding:
-                server_repl[path] = _NotHeld("the token embedding", "client")
-            elif path in pre:
-                stand_in = _server_stand_in(child)
-                if stand_in is not None:
-                    server_repl[path] = stand_in
+            if path in server_runs:
+                continue  # both sides run it (a fixed table)
+            if child is token_embedding or path in pre:
+                server_repl.update(_server_stand_ins(path, child, token_embedding))
             else:
-                client_repl[path] = _PassThrough()
+                client_repl[path] = _NotHeld(f"{path!r}", "server")
 
     head = lm.get_output_embeddings()
     head_path = next(n for n, m in lm.named_modules() if m is head)

@@ -1,0 +1,197 @@
+"""Which causal-LM families of the installed transformers split exactly.
+
+For every family in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` this builds a tiny
+random model (``hf_fsl_sage.testing.tiny_causal_lm``), splits it at every cut
+``1 … L-1`` and compares ``server(client(x))`` with the unsplit model (no mask,
+right padding, left padding with and without position ids). Each family runs in
+a worker process with a time limit, so a family that crashes or hangs costs
+only itself.
+
+    python benchmarks/split_support.py                 # all families, updates the README table
+    python benchmarks/split_support.py llama gpt2      # some families, prints only
+
+Writes ``benchmarks/results/split_support.json`` and the table in README.md
+between ``<!-- support-table:start -->`` and ``<!-- support-table:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "split_support.json"
+README = ROOT / "README.md"
+START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
+TOLERANCE = 1e-5
+PREFIX = "@@result "
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text[:160]
+
+
+def check_family(model_type: str) -> dict:
+    """Build, split at every cut and compare; never raises."""
+    import torch
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from hf_fsl_sage.split import UNSUPPORTED_MODEL_TYPES
+    from hf_fsl_sage.testing import FAMILY_NOTES, max_split_diff, tiny_causal_lm
+
+    row = {"family": model_type, "model_class": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}
+    if model_type in FAMILY_NOTES:
+        row["note"] = FAMILY_NOTES[model_type]
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        return {**row, "status": "unsupported", "reason": UNSUPPORTED_MODEL_TYPES[model_type]}
+    torch.set_num_threads(1)
+    try:
+        model = tiny_causal_lm(model_type)
+    except Exception as exc:  # noqa: BLE001 - reported, not hidden
+        return {**row, "status": "no config", "reason": _short(exc)}
+    row["model_class"] = type(model).__name__
+    try:
+        logit, loss = max_split_diff(model)
+    except Exception as exc:  # noqa: BLE001
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return {**row, "status": "error", "reason": f"{_short(exc)} ({Path(where.filename).name}:{where.lineno})"}
+    exact = logit <= TOLERANCE and loss <= TOLERANCE
+    return {**row, "status": "exact" if exact else "mismatch", "max_logit_diff": logit, "max_loss_diff": loss}
+
+
+def worker() -> None:
+    """Read family names from stdin, answer one JSON line per family on stdout."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for line in sys.stdin:
+        start = time.perf_counter()
+        row = check_family(line.strip())
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        print(PREFIX + json.dumps(row), flush=True)
+
+
+class _Worker:
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True,
+        )
+        self.family: str | None = None
+        self.started = 0.0
+
+    def send(self, family: str) -> None:
+        self.family, self.started = family, time.monotonic()
+        self.proc.stdin.write(family + "\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def run_all(families: list[str], workers: int, timeout: float) -> list[dict]:
+    todo, done = list(families), []
+    pool = [_Worker() for _ in range(min(workers, len(families)))]
+    for w in pool:
+        w.send(todo.pop(0))
+    while any(w.family for w in pool):
+        busy = {w.proc.stdout: w for w in pool if w.family}
+        ready, _, _ = select.select(list(busy), [], [], 1.0)
+        finished: list[tuple[_Worker, dict]] = []
+        for stream in ready:
+            w = busy[stream]
+            line = stream.readline()
+            if line.startswith(PREFIX):
+                finished.append((w, json.loads(line[len(PREFIX):])))
+            elif not line:  # the worker died
+                finished.append((w, {"family": w.family, "status": "error", "reason": "worker process crashed"}))
+        for w in pool:
+            if w.family and time.monotonic() - w.started > timeout:
+                finished.append((w, {"family": w.family, "status": "error", "reason": f"timeout after {timeout:.0f} s"}))
+        for w, row in finished:
+            if row["status"] == "error" and row["reason"].startswith(("timeout", "worker")):
+                w.kill()
+                pool[pool.index(w)] = w = _Worker()
+            done.append(row)
+            print(f"[{len(done):3d}/{len(families)}] {row['family']:28s} {row['status']:12s} "
+                  f"{row.get('max_logit_diff', row.get('reason', ''))}", flush=True)
+            w.family = None
+            if todo:
+                w.send(todo.pop(0))
+    for w in pool:
+        w.proc.stdin.close()
+        w.proc.wait()
+    return sorted(done, key=lambda r: r["family"])
+
+
+def markdown(rows: list[dict], command: str, version: str) -> str:
+    exact = sum(r["status"] == "exact" for r in rows)
+    lines = [
+        f"**{exact} of {len(rows)} causal-LM families split exactly** (tiny random models, fp32, every cut, "
+        f"no mask / right padding / left padding with and without position ids; |Δlogit| ≤ {TOLERANCE:g}).",
+        f"Produced by `{command}` with transformers {version}.",
+        "",
+        "| family | model class | status | max \\|Δlogit\\| |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        status = r["status"] if r["status"] == "exact" else f"{r['status']}: {r.get('reason', '')}".rstrip(": ")
+        if r.get("note"):
+            status += f" ({r['note']})"
+        diff = f"{r['max_logit_diff']:.1e}" if "max_logit_diff" in r else ""
+        lines.append(f"| {r['family']} | {r.get('model_class', '')} | {status.replace('|', '/')} | {diff} |")
+    return "\n".join(lines)
+
+
+def update_readme(table: str) -> None:
+    text = README.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("families", nargs="*", help="model types to check (default: every causal-LM family)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per family")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker()
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    families = args.families or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    start = time.perf_counter()
+    rows = run_all(families, args.workers, args.timeout)
+    exact = sum(r["status"] == "exact" for r in rows)
+    print(f"{exact} of {len(rows)} families exact ({time.perf_counter() - start:.0f} s)")
+    if args.families:
+        return
+    command = "python benchmarks/split_support.py"
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"transformers": transformers.__version__, "command": command,
+                                   "tolerance": TOLERANCE, "exact": exact, "total": len(rows),
+                                   "families": rows}, indent=1) + "\n")
+    update_readme(markdown(rows, command, transformers.__version__))
+
+
+if __name__ == "__main__":
+    main()
