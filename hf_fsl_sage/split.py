@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 __all__ = ["Smashed", "SplitClient", "SplitServer", "SplitCausalLM", "split_causal_lm"]
@@ -150,28 +150,40 @@ class _PassThrough(nn.Module):
 
 
 class _SkippedBlock(nn.Module):
-    """A client-side block as seen by the server: no weights, same attributes, same output structure.
+    """A client-side block as seen by the server: no weights, same plain attributes, same output structure.
 
-    Plain attributes (``attention_type``, ``layer_idx``, properties computed from the config) are read from the
-    real block; its submodules and tensors are not reachable. ``outputs`` is the length of the tuple the real
-    block returns (0: a bare tensor); the stand-in returns its hidden-state input first and ``None`` for the rest.
+    Plain attributes of the real block (``attention_type``, ``layer_idx``, class attributes and properties such
+    as a layer type read from the config) are copied at construction; nothing else is kept, so the server holds
+    no reference to client weights. ``outputs`` is the length of the tuple the real block returns (0: a bare
+    tensor); the stand-in returns its hidden-state input first and ``None`` for the rest.
     """
+
+    _PLAIN = (str, int, float, bool, PretrainedConfig)
 
     def __init__(self, block: nn.Module, outputs: int = 0):
         super().__init__()
+        if isinstance(block, _SkippedBlock):  # a stand-in of a stand-in keeps what the first one knew
+            outputs = outputs or block.outputs
         self.outputs = outputs
-        self._block = [block]  # a list, so that the block's weights are not registered here
+        for key, value in self._snapshot(block).items():
+            setattr(self, key, value)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("__") or name == "_block":
-                raise
-        value = getattr(self._block[0], name)
-        if isinstance(value, (nn.Module, torch.Tensor)):
-            raise AttributeError(f"{name!r} of a client block is held by the client, not by the server")
-        return value
+    @classmethod
+    def _snapshot(cls, block: nn.Module) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for klass in reversed(type(block).__mro__):
+            if klass in nn.Module.__mro__ or klass is _SkippedBlock:
+                continue
+            for key, value in vars(klass).items():
+                if isinstance(value, property):
+                    try:
+                        value = getattr(block, key)
+                    except Exception:  # noqa: BLE001 - a property that needs weights: not copied
+                        continue
+                found[key] = value
+        found.update(vars(block))
+        return {k: v for k, v in found.items()
+                if not k.startswith("_") and k not in ("training", "outputs") and isinstance(v, cls._PLAIN)}
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))

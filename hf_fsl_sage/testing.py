@@ -100,7 +100,7 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen2_moe": {"use_sliding_window": True, "max_window_layers": 1},
     "qwen3": {"use_sliding_window": True, "max_window_layers": 1},
     "qwen3_moe": {"use_sliding_window": True, "max_window_layers": 1},
-    "gpt_neo": {"attention_types": lambda n: [[["global", "local"], n // 2]], "window_size": SLIDING_WINDOW},
+    "gpt_neo": {"attention_types": lambda n: [[["global", "local"], n // 2]] + [[["global"], n % 2]] * (n % 2), "window_size": SLIDING_WINDOW},
     "zamba": {"attn_layer_period": 1, "attn_layer_offset": 0, "attention_head_dim": None},
     "bamba": {"attn_layer_indices": lambda n: list(range(1, n, 2))},
     "granitemoehybrid": {"layer_types": _cycled("linear_attention", "full_attention")},
