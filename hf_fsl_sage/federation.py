@@ -78,6 +78,10 @@ class Client:
     aux: nn.Module | None = None
     aux_loss: ChunkedLMLoss | None = None
     aux_optimizer: torch.optim.Optimizer | None = None
+    aux_scheduler: object | None = None  # set when the client trains its auxiliary model itself (CSE-FSL)
+    # The client's own copy of the server model (SplitFed-V1 keeps it on the server, FedAvg on the client).
+    server: Party | None = None
+    server_loss: ChunkedLMLoss | None = None
     # Uploads the server keeps for this client's alignment: (smashed, labels), newest last.
     buffer: deque = field(default_factory=deque)
 
@@ -93,6 +97,8 @@ class Federation:
         transport: Transport,
         make_optimizer: OptimizerFactory,
         with_aux: bool,
+        client_trains_aux: bool = False,
+        server_copies: bool = False,
     ):
         self.split = split
         self.args = args
@@ -106,8 +112,19 @@ class Federation:
             if with_aux:
                 aux = build_aux_model(split, args.aux_num_layers, args.aux_init, module.base.get_input_embeddings())
                 client.aux, client.aux_loss = aux, ChunkedLMLoss(aux, args.loss_chunk_tokens)
-                client.aux_optimizer = make_optimizer(aux, args.align_learning_rate or args.learning_rate)[0]
+                if client_trains_aux:  # steps with the client model, on the client's learning-rate schedule
+                    client.aux_optimizer, client.aux_scheduler = make_optimizer(aux, None)
+                else:
+                    client.aux_optimizer = make_optimizer(aux, args.align_learning_rate or args.learning_rate)[0]
+            if server_copies:
+                own = copy_sharing_frozen(split.server)
+                client.server = Party(own, *make_optimizer(own, None))
+                client.server_loss = ChunkedLMLoss(own, args.loss_chunk_tokens)
             self.clients.append(client)
+        # The aggregated auxiliary model when clients train and average theirs (CSE-FSL); it starts as client 0's.
+        self.global_aux: dict[str, torch.Tensor] | None = None
+        if with_aux and client_trains_aux:
+            self.global_aux = {n: t.clone() for n, t in trainable_state(self.clients[0].aux).items()}
 
     # ------------------------------------------------------------ model exchange
     def broadcast(self, clients: list[int]) -> None:
@@ -121,6 +138,42 @@ class Federation:
         states = [self.transport.to_server(c, "client_model", trainable_state(self.clients[c].model.module))
                   for c in clients]
         load_trainable_state(self.split.client, weighted_average(states, [self.clients[c].num_examples for c in clients]))
+
+    def broadcast_copies(self, clients: list[int], role: str, kind: str | None) -> None:
+        """Load the global ``role`` model (``"server"`` or ``"aux"``) into each of ``clients``' own copies.
+
+        With ``kind`` it travels to the client through the transport (FedAvg's server half, CSE-FSL's
+        auxiliary model); with ``None`` the copies sit on the server (SplitFed-V1) and nothing crosses the wire.
+        """
+        state = trainable_state(self.server.module) if role == "server" else self.global_aux
+        for c in clients:
+            load_trainable_state(self._copy(c, role), state if kind is None else self.transport.to_client(c, kind, state))
+
+    def aggregate_copies(self, clients: list[int], role: str, kind: str | None) -> None:
+        """FedAvg of ``clients``' copies of the ``role`` model into the global one (uploaded as ``kind`` unless None)."""
+        states = [trainable_state(self._copy(c, role)) for c in clients]
+        if kind is not None:
+            states = [self.transport.to_server(c, kind, s) for c, s in zip(clients, states)]
+        averaged = weighted_average(states, [self.clients[c].num_examples for c in clients])
+        if role == "server":
+            load_trainable_state(self.server.module, averaged)
+        else:
+            self.global_aux = averaged
+
+    def _copy(self, client: int, role: str) -> nn.Module:
+        c = self.clients[client]
+        module = (c.server and c.server.module) if role == "server" else c.aux
+        if module is None or (role == "aux" and self.global_aux is None):
+            raise ValueError(f"client {client} has no own {role} model to exchange")
+        return module
+
+    def train(self, mode: bool = True) -> None:
+        """Set the training mode of every model of the run (the copies do not follow ``split.train()``)."""
+        self.split.train(mode)
+        for c in self.clients:
+            for module in (c.model.module, c.aux, c.server and c.server.module):
+                if module is not None:
+                    module.train(mode)
 
     # ------------------------------------------------------------ per-step operations
     def client_forward(self, client: Client, batch: dict[str, torch.Tensor]) -> Smashed:
@@ -158,6 +211,9 @@ class Federation:
     def parties(self) -> dict[str, Party]:
         out = {"server": self.server}
         out.update({f"client_{c.index}": c.model for c in self.clients})
+        out.update({f"server_{c.index}": c.server for c in self.clients if c.server is not None})
+        out.update({f"aux_{c.index}": Party(c.aux, c.aux_optimizer, c.aux_scheduler)
+                    for c in self.clients if c.aux_scheduler is not None})
         return out
 
     # ------------------------------------------------------------ checkpoint state
@@ -169,6 +225,8 @@ class Federation:
             "aux_optimizers": [None if c.aux_optimizer is None else c.aux_optimizer.state_dict() for c in self.clients],
             "buffers": [list(c.buffer) for c in self.clients],
             "ledger": self.transport.ledger.state_dict(),
+            "server_copies": [None if c.server is None else trainable_state(c.server.module) for c in self.clients],
+            "global_aux": self.global_aux,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -182,3 +240,8 @@ class Federation:
                 client.aux_optimizer.load_state_dict(aux_opt)
             client.buffer = deque(buffer)
         self.transport.ledger.load_state_dict(state["ledger"])
+        for client, params in zip(self.clients, state.get("server_copies", [None] * len(self.clients))):
+            if client.server is not None:
+                load_trainable_state(client.server.module, params)
+        if self.global_aux is not None:
+            self.global_aux = state["global_aux"]
