@@ -160,7 +160,9 @@ class FSLSageTrainer(Trainer):
                                       args.per_device_train_batch_size, args.max_steps, args.seed)
         algorithm_cls = ALGORITHMS[args.algorithm]
         self.federation = Federation(self.split, args, [len(p) for p in parts], LocalTransport(),
-                                     self._make_optimizer, with_aux=algorithm_cls.uses_aux)
+                                     self._make_optimizer, with_aux=algorithm_cls.uses_aux,
+                                     client_trains_aux=algorithm_cls.trains_aux,
+                                     server_copies=algorithm_cls.server_copies)
         self.algorithm = algorithm_cls(self.federation)
         self._round_metrics: dict[str, float] = {}
         self._server_losses: list[float] = []
@@ -203,7 +205,7 @@ class FSLSageTrainer(Trainer):
         participants = list(inputs["clients"])
         if local == 0:
             self._round_metrics.update(self.algorithm.begin_round(round_index, participants))
-        self.split.train()
+        self.federation.train()
         losses = []
         with self.accelerator.autocast():
             for c in participants:

@@ -24,6 +24,10 @@ class Algorithm:
 
     name: ClassVar[str]
     uses_aux: ClassVar[bool] = False
+    #: Each client trains its auxiliary model itself (own optimizer on the client's schedule); FedAvg'ed (CSE-FSL).
+    trains_aux: ClassVar[bool] = False
+    #: Each client has its own copy of the server model (SplitFed-V1 at the server, FedAvg on the client).
+    server_copies: ClassVar[bool] = False
 
     def __init__(self, federation: Federation):
         self.fed = federation
