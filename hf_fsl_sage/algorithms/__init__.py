@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from .base import Algorithm, StepResult
+from .cse_fsl import CSEFSL
+from .fedavg import FedAvg
 from .fsl_sage import FSLSage
+from .splitfed import SplitFedV1, SplitFedV2
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FSLSage,)}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (FedAvg, SplitFedV1, SplitFedV2, CSEFSL, FSLSage)
+}
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
@@ -14,4 +19,5 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "FSLSage", "StepResult", "register"]
+__all__ = ["ALGORITHMS", "Algorithm", "CSEFSL", "FSLSage", "FedAvg", "SplitFedV1", "SplitFedV2", "StepResult",
+           "register"]

@@ -1,0 +1,47 @@
+"""FedAvg: every client trains the whole model locally; both halves are averaged after each round."""
+
+from __future__ import annotations
+
+import torch
+
+from ..federation import Client
+from .base import Algorithm, StepResult
+
+
+class FedAvg(Algorithm):
+    """Plain federated averaging in the split framework, as the no-split reference.
+
+    Each client holds the client half and its own copy of the server half and
+    trains both on the LM loss, so nothing crosses the wire during a round. At
+    the start of a round the global halves go down to the participants
+    (``client_model`` and ``server_model`` messages); at its end the
+    participants send both halves up and they are averaged, weighted by data size.
+    The two halves form one party: their gradients are clipped together.
+    """
+
+    name = "fedavg"
+    server_copies = True
+
+    def begin_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
+        metrics = super().begin_round(round_index, participants)
+        self.fed.broadcast_copies(participants, "server", kind="server_model")
+        return metrics
+
+    def local_step(self, client: Client, batch, round_index: int, local_step: int) -> StepResult:
+        smashed = self.fed.client_forward(client, batch)  # stays on the client: the graph runs through both halves
+        loss = client.server_loss(smashed, batch["labels"], self.args.label_smoothing_factor)
+        loss.backward()
+        parties = (client.model, client.server)
+        params = [p for party in parties for p in party.module.parameters() if p.grad is not None]
+        if params and self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+        for party in parties:
+            party.optimizer.step()
+            party.optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        return StepResult(loss=value, server_loss=value)
+
+    def end_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
+        metrics = super().end_round(round_index, participants)
+        self.fed.aggregate_copies(participants, "server", kind="server_model")
+        return metrics

@@ -1,0 +1,66 @@
+"""SplitFed: clients step on the server's true gradient w.r.t. their smashed activations, every step."""
+
+from __future__ import annotations
+
+from ..federation import Client, Party, clip_and_step
+from ..loss import ChunkedLMLoss
+from ..split import Smashed
+from .base import Algorithm, StepResult
+
+
+class SplitFedV2(Algorithm):
+    """SplitFed-V2: one server model serves the participants in turn; client models are FedAvg'ed.
+
+    At every local step a client uploads its smashed activations and labels,
+    the server computes the loss, steps, and sends back the gradient w.r.t. the
+    activations, which the client backpropagates through its half before it steps.
+    """
+
+    name = "splitfed_v2"
+
+    def server_of(self, client: Client) -> tuple[Party, ChunkedLMLoss]:
+        """The server model that serves ``client``, with its loss."""
+        return self.fed.server, self.fed.server_loss
+
+    def local_step(self, client: Client, batch, round_index: int, local_step: int) -> StepResult:
+        fed, args = self.fed, self.args
+        smashed = fed.client_forward(client, batch)
+        received, labels = fed.upload(client, smashed, batch["labels"])
+
+        # Server: forward, backward to the received activations, step.
+        party, loss_fn = self.server_of(client)
+        hidden = received.hidden_states.requires_grad_(True)
+        loss = loss_fn(Smashed(hidden, received.attention_mask, received.position_ids), labels,
+                       args.label_smoothing_factor)
+        loss.backward()
+        clip_and_step(party.module, party.optimizer, args.max_grad_norm)
+
+        # Client: backpropagate the returned gradient through its half, step.
+        grad = fed.transport.to_client(client.index, "gradient", hidden.grad)
+        smashed.hidden_states.backward(grad)
+        fed.client_step(client)
+        value = float(loss.detach())
+        return StepResult(loss=value, server_loss=value)
+
+
+class SplitFedV1(SplitFedV2):
+    """SplitFed-V1: the server keeps one copy of its model per client, FedAvg'ed with the client models.
+
+    The copies live on the server, so loading and averaging them costs no traffic.
+    """
+
+    name = "splitfed_v1"
+    server_copies = True
+
+    def server_of(self, client: Client) -> tuple[Party, ChunkedLMLoss]:
+        return client.server, client.server_loss
+
+    def begin_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
+        metrics = super().begin_round(round_index, participants)
+        self.fed.broadcast_copies(participants, "server", kind=None)
+        return metrics
+
+    def end_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
+        metrics = super().end_round(round_index, participants)
+        self.fed.aggregate_copies(participants, "server", kind=None)
+        return metrics
