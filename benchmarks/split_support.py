@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,9 +142,12 @@ def run_all(families: list[str], workers: int, timeout: float) -> list[dict]:
 
 def markdown(rows: list[dict], command: str, version: str) -> str:
     exact = sum(r["status"] == "exact" for r in rows)
+    counts = Counter(r["status"] for r in rows if r["status"] != "exact")
+    others = "; ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     lines = [
         f"**{exact} of {len(rows)} causal-LM families split exactly** (tiny random models, fp32, every cut, "
-        f"no mask / right padding / left padding with and without position ids; |Δlogit| ≤ {TOLERANCE:g}).",
+        f"no mask / right padding / left padding with and without position ids; |Δlogit| ≤ {TOLERANCE:g})"
+        + (f"; {others}." if others else "."),
         f"Produced by `{command}` with transformers {version}.",
         "",
         "| family | model class | status | max \\|Δlogit\\| |",
