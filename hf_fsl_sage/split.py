@@ -5,20 +5,25 @@ model's *own* forward code on a shallow copy of the model in which the modules
 the half does not hold are replaced by weightless stand-ins.
 
 * The client runs the base model with its decoder-block list truncated to
-  ``[0, cut_layer)`` and reads the output of the last kept block with a forward
-  hook. Embedding-stage work (token and position embeddings, scaling, dropout)
-  is therefore done exactly as in the unsplit model.
+  ``[0, cut_layer)`` and stops with a forward hook on the last kept block, so
+  embedding-stage work (token and position embeddings, scaling, dropout) is done
+  exactly as in the unsplit model and nothing after the blocks runs.
 * The server runs the causal-LM forward with a zero ``inputs_embeds`` of the
   right shape, so that everything the model computes at model level from the
   shapes, the attention mask and the position ids (causal / sliding-window /
   ALiBi masks, rotary embeddings, per-layer attention types) is computed exactly
   as in the unsplit model. A forward pre-hook on block ``cut_layer`` swaps the
   zero stream for the smashed activations; blocks ``[0, cut_layer)`` are
-  weightless pass-throughs that keep their attributes (``attention_type``,
-  ``layer_idx``) and list positions, so index-based lookups stay right.
+  weightless stand-ins that keep their plain attributes (``attention_type``,
+  ``layer_idx``), output structure and list positions.
 
-Which modules run before the blocks is not guessed from names: it is observed
-once, at split time, by running the embedding stage on a two-token input.
+Nothing is guessed from names: at split time one forward pass on a two-token
+input observes which modules run before the blocks (the embedding stage) and
+what each block returns, and checks the cut: blocks run once each in order,
+block ``cut_layer`` reads exactly what block ``cut_layer - 1`` returned, and no
+other input of a server block depends on client-held weights. Families that
+fail this (recurrent depth, extra streams, token-id routing) get a ValueError.
+Family-specific knowledge is confined to the adapter tables below.
 
 Tied input/output embeddings: the client owns the input embedding, the server
 owns the LM head. When the tied matrix is frozen (the usual LoRA set-up) both
@@ -45,20 +50,17 @@ __all__ = ["Smashed", "SplitClient", "SplitServer", "SplitCausalLM", "split_caus
 # ---------------------------------------------------------------- per-family adapters
 # Everything family-specific lives here; the mechanism below is generic.
 
-# Families that cannot be cut exactly at a block boundary, with the reason. ``split_causal_lm`` also detects
-# such models generically (see ``_observe``); this table gives the known ones a precise message.
+# Families that cannot be cut exactly at a block boundary, with the reason (the generic check in ``_observe``
+# catches such models too; this table gives the known ones a precise message).
 _MULTIMODAL = "multimodal wrapper: with text only, its forward needs the token embedding on the server"
 UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "blt": "byte latent transformer: local byte encoder, global transformer over patches and local decoder, "
-           "not one stack of blocks over the token stream",
-    "cpmant": "its forward needs input_ids at every stage (segments and attention mask are computed from the "
-              "token ids; there is no inputs_embeds path)",
+    "blt": "byte latent transformer: byte encoder, patch transformer and byte decoder, not one stack of blocks",
+    "cpmant": "its forward needs input_ids (segments and mask come from the token ids; no inputs_embeds path)",
     "deepseek_v4": "hash-routed MoE layers pick experts from the token ids, which the server does not have",
     "dory": "recurrent depth: a group of blocks is run several times in a loop",
     "hrm_text": "hierarchical recurrent model: its block lists are run repeatedly in cycles",
     "gemma3n": _MULTIMODAL,
-    "gemma3n_text": "AltUp keeps several parallel residual streams and every block reads per-layer inputs "
-                    "computed from the token ids",
+    "gemma3n_text": "AltUp keeps parallel residual streams and every block reads per-layer inputs of the tokens",
     "gemma4": _MULTIMODAL + " (split the text-only Gemma4ForCausalLM instead)",
     "gemma4_unified": _MULTIMODAL + " (split the text-only Gemma4UnifiedForCausalLM instead)",
     "gemma4_assistant": "speculative-decoding assistant that reads the target model's key/value states",
@@ -264,9 +266,7 @@ def _with_replaced(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Mo
 
 
 def _first_output(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    return output[0]
+    return output if isinstance(output, torch.Tensor) else output[0]
 
 
 def _join(*parts: str) -> str:
@@ -297,13 +297,8 @@ class SplitClient(nn.Module):
 
         handle = self._last_block[0].register_forward_hook(stop)
         try:
-            self.base(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                use_cache=False,
-            )
+            self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      inputs_embeds=inputs_embeds, use_cache=False)
         except _Stop:
             pass
         finally:
@@ -335,14 +330,8 @@ class SplitServer(nn.Module):
         mask = None if smashed.attention_mask is None else smashed.attention_mask.long()
         handle = self._first_block[0].register_forward_pre_hook(inject, with_kwargs=True)
         try:
-            return self.lm(
-                inputs_embeds=zeros,
-                attention_mask=mask,
-                position_ids=smashed.position_ids,
-                labels=labels,
-                use_cache=False,
-                **kwargs,
-            )
+            return self.lm(inputs_embeds=zeros, attention_mask=mask, position_ids=smashed.position_ids, labels=labels,
+                           use_cache=False, **kwargs)
         finally:
             handle.remove()
 
@@ -446,15 +435,12 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-@dataclass
-class _Observed:
-    embedding_stage: list[str]  # paths (relative to the base model) of modules that run before the first block
-    outputs: list[int]  # per block: length of the returned tuple (0: a bare tensor)
-
-
 def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_layer: int, token_embedding: nn.Module,
-             server_runs: set[str], model_type: str) -> _Observed:
+             server_runs: set[str], model_type: str) -> tuple[list[str], list[int]]:
     """Run ``base`` once on a tiny input and check that it can be cut before block ``cut_layer``.
+
+    Returns the paths (relative to ``base``) of the modules that run before the first block (the embedding
+    stage) and, for blocks ``[0, cut_layer)``, the length of the tuple each returns (0: a bare tensor).
 
     Client-held weights (everything outside blocks ``[cut_layer, L)`` and the modules the server runs itself)
     are made to require grad for the run, so that any input of a server block that depends on them shows it.
@@ -463,7 +449,8 @@ def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_laye
     """
     called: list[str] = []
     order: list[int] = []
-    outputs: dict[int, Any] = {}
+    firsts: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
     leaks: list[str] = []
     seam: list[bool] = []
     handles = []
@@ -479,16 +466,14 @@ def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_laye
         hidden = args[0] if args else kwargs.get("hidden_states")
         rest = list(args[1:]) + [v for k, v in kwargs.items() if not (not args and k == "hidden_states")]
         if i == cut_layer:
-            before = outputs.get(cut_layer - 1)
-            seam.append(isinstance(hidden, torch.Tensor) and isinstance(before, torch.Tensor)
-                        and hidden.shape == before.shape and torch.equal(hidden, before))
+            before = firsts.get(cut_layer - 1)
+            seam.append(isinstance(hidden, torch.Tensor) and before is not None and torch.equal(hidden, before))
         if i >= cut_layer and any(t.requires_grad for t in _tensors(rest)):
             leaks.append(f"block {i}")
         order.append(i)
 
     def leave(module, args, output, i):
-        outputs[i] = _first_output(output)
-        outputs.setdefault("n", {})[i] = _output_count(output)
+        firsts[i], counts[i] = _first_output(output), _output_count(output)
 
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(lambda m, a, k, i=i: enter(m, a, k, i), with_kwargs=True))
@@ -527,7 +512,7 @@ def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_laye
     if problem:
         raise ValueError(f"model_type {model_type!r} cannot be split before block {cut_layer}: {problem}. "
                          "Use a supported family (see the README's table).")
-    return _Observed(called, [outputs["n"][i] for i in range(cut_layer)])
+    return called, [counts[i] for i in range(cut_layer)]
 
 
 def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
@@ -556,18 +541,16 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
 
     token_embedding = lm.get_input_embeddings()
     server_runs = {p for p, _ in base.named_modules() if p.rpartition(".")[2] in _SERVER_RUNS.get(model_type, ())}
-    observed = _observe(base, owners, blocks, cut_layer, token_embedding, server_runs, model_type)
-    pre, outputs = set(observed.embedding_stage), observed.outputs
+    called, outputs = _observe(base, owners, blocks, cut_layer, token_embedding, server_runs, model_type)
+    pre = set(called)
     client_repl: dict[str, nn.Module] = {blocks_path: nn.ModuleList(list(blocks[:cut_layer]))}
     skipped = [_SkippedBlock(b, n) for b, n in zip(blocks[:cut_layer], outputs)]
     server_repl: dict[str, nn.Module] = {blocks_path: nn.ModuleList(skipped + list(blocks[cut_layer:]))}
     for own in owners:
         for name, child in base.get_submodule(own).named_children():
             path = _join(own, name)
-            if child is blocks or path in owners or not _has_params(child):
-                continue
-            if path in server_runs:
-                continue  # both sides run it (a fixed table)
+            if child is blocks or path in owners or not _has_params(child) or path in server_runs:
+                continue  # (modules in ``server_runs`` are fixed tables both sides run)
             if child is token_embedding or path in pre:
                 server_repl.update(_server_stand_ins(path, child, token_embedding))
             else:
