@@ -264,6 +264,18 @@ class FSLSageTrainer(Trainer):
         return output
 
     # ------------------------------------------------------------ saving and resuming
+    def create_model_card(self, **kwargs: Any) -> None:
+        """Write ``README.md`` in ``output_dir``: the federated split learning card of :mod:`hf_fsl_sage.model_card`.
+
+        ``push_to_hub(**kwargs)`` passes its keyword arguments here: besides Trainer's (``model_name``,
+        ``finetuned_from``, ``dataset``, ``license``, ``language``, ``tags``), ``dataset_attribution`` (text)
+        and ``metrics`` (a dict added to the last evaluation's) are understood.
+        """
+        if self.is_world_process_zero():
+            from .model_card import write_model_card
+
+            write_model_card(self, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         if self.split.untied_after_training():
