@@ -196,7 +196,8 @@ class FSLSageTrainer(Trainer):
     # ------------------------------------------------------------ training
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         steps = GlobalStepDataset(self.schedule, self.train_dataset, self.data_collator)
-        return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False,
+        # Batches of one step with a batch sampler, so that resuming skips steps by index without building them.
+        return torch.utils.data.DataLoader(steps, batch_size=1, shuffle=False, collate_fn=_only_item,
                                            num_workers=self.args.dataloader_num_workers)
 
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
@@ -234,7 +235,9 @@ class FSLSageTrainer(Trainer):
         return 0
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and "eval_loss" not in logs:
+        if "train_loss" in logs:
+            logs.update(self.federation.transport.ledger.metrics())
+        elif "loss" in logs and "eval_loss" not in logs:
             if self._server_losses:
                 logs["server_loss"] = round(sum(self._server_losses) / len(self._server_losses), 4)
                 self._server_losses = []
@@ -309,6 +312,10 @@ class FSLSageTrainer(Trainer):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{checkpoint} has no {FEDERATION_STATE}: it was not written by FSLSageTrainer.")
             self.federation.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=False))
+
+
+def _only_item(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return items[0]
 
 
 def _prepare_dataset(ds: datasets.Dataset, tokenizer, name: str) -> datasets.Dataset:

@@ -1,0 +1,247 @@
+"""FSLSageTrainer end to end on real E2E rows: learning, alignment, exact byte counts, save/load, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from e2e_fixtures import PadCollator, compact_e2e, pretrained_state
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
+from hf_fsl_sage.auxiliary import trainable_parameters
+from hf_fsl_sage.schedule import GlobalStepDataset
+
+
+def tiny_gpt2(vocab: int, seed: int = 0, dropout: float = 0.0, pretrained: bool = False):
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=64, vocab_size=vocab,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    model = AutoModelForCausalLM.from_config(config)
+    if pretrained:
+        model.load_state_dict(pretrained_state(config.to_json_string(use_diff=False)))
+    return model
+
+
+def lora(dropout: float = 0.0, target_modules: tuple[str, ...] = ("c_attn",)) -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=32, lora_dropout=dropout, target_modules=list(target_modules),
+                      fan_in_fan_out=True)
+
+
+def make_trainer(tmp_path: Path, model=None, peft_config=None, **overrides) -> FSLSageTrainer:
+    train, evalset, vocab, pad = compact_e2e()
+    settings = dict(output_dir=str(tmp_path / "out"), num_clients=3, local_steps=4, max_steps=12,
+                    per_device_train_batch_size=4, per_device_eval_batch_size=16, aux_num_layers=1,
+                    server_update_interval=2, align_interval=2, align_epochs=3, align_buffer_size=8,
+                    learning_rate=3e-3, align_learning_rate=1e-3, warmup_steps=0, logging_steps=4, save_strategy="no",
+                    report_to="none", seed=0, disable_tqdm=True)
+    settings.update(overrides)
+    return FSLSageTrainer(model=model if model is not None else tiny_gpt2(vocab), args=FSLSageConfig(**settings),
+                          train_dataset=train, eval_dataset=evalset.select(range(64)),
+                          data_collator=PadCollator(pad), peft_config=peft_config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_fsl_sage_learns_and_alignment_helps(tmp_path, use_lora):
+    """Full fine-tuning from scratch, and LoRA on a briefly pre-trained base (LoRA's real use)."""
+    vocab = compact_e2e()[2]
+    peft_config = lora(target_modules=("c_attn", "c_proj", "c_fc")) if use_lora else None
+    trainer = make_trainer(tmp_path, model=tiny_gpt2(vocab, pretrained=use_lora), peft_config=peft_config,
+                           max_steps=100, local_steps=5, align_interval=4, align_epochs=10, align_buffer_size=16,
+                           aux_num_layers=2, logging_steps=20, learning_rate=1e-2 if use_lora else 1e-3)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()
+    # LoRA on a tiny briefly pre-trained base moves slowly: a centralized LoRA run with the same
+    # samples gains about as much; full fine-tuning from scratch gains several nats.
+    assert after["eval_loss"] < before - (0.03 if use_lora else 1.5), (before, after["eval_loss"])
+    assert after["eval_perplexity"] == pytest.approx(math.exp(after["eval_loss"]))
+
+    history = trainer.state.log_history
+    aligned = [h for h in history if "align_grad_cosine_before" in h]
+    assert len(aligned) == 5  # rounds 0, 4, ..., 16 of 20
+    gain = sum(h["align_grad_cosine_after"] - h["align_grad_cosine_before"] for h in aligned) / len(aligned)
+    assert gain > 0.02, aligned
+    logged = [h for h in history if "loss" in h and "comm_bytes" in h]
+    assert len(logged) == 5
+    assert all({"server_loss", "round", "comm_bytes_up", "comm_bytes_down"} <= h.keys() for h in logged)
+    assert [h["comm_bytes"] for h in logged] == sorted(h["comm_bytes"] for h in logged)
+    assert logged[-1]["comm_bytes"] == trainer.federation.transport.ledger.total
+
+
+def expected_bytes(trainer: FSLSageTrainer) -> tuple[int, int]:
+    """Analytic count of what FSL-SAGE sends in ``trainer``'s run, from the batches the schedule produced."""
+    args, fed = trainer.args, trainer.federation
+    steps = GlobalStepDataset(trainer.schedule, trainer.train_dataset, trainer.data_collator)
+    hidden = trainer.model.config.n_embd
+    client_bytes = sum(p.numel() * p.element_size() for p in trainable_parameters(trainer.split.client).values())
+    aux_bytes = sum(p.numel() * p.element_size() for p in trainable_parameters(fed.clients[0].aux).values())
+    up = down = 0
+    for step in range(args.max_steps):
+        item = steps[step]
+        participants = list(item["clients"])
+        if item["local_step"] == 0:
+            down += client_bytes * len(participants)  # broadcast of the global client model
+            if item["round"] % args.align_interval == 0:
+                down += aux_bytes * len(participants)  # aligned auxiliary models
+        if item["local_step"] % args.server_update_interval == 0:
+            for batch in item["clients"].values():
+                b, s = batch["input_ids"].shape
+                up += b * s * hidden * 4 + b * s * 1 + b * s * 8  # fp32 hidden, bool mask, int64 labels
+        if item["round_end"]:
+            up += client_bytes * len(participants)  # models up for FedAvg
+    return up, down
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_comm_bytes_match_the_analytic_count(tmp_path, use_lora):
+    trainer = make_trainer(tmp_path, peft_config=lora() if use_lora else None, max_steps=10, local_steps=4,
+                           clients_per_round=2, logging_steps=5)
+    trainer.train()
+    up, down = expected_bytes(trainer)
+    ledger = trainer.federation.transport.ledger
+    assert (ledger.up, ledger.down) == (up, down)
+    assert "gradient_down" not in ledger.by_kind  # FSL-SAGE never sends gradients
+    logged = [h for h in trainer.state.log_history if "comm_bytes" in h]
+    assert [h["step"] for h in logged] == [5, 10, 10]  # two logging steps and the end-of-training summary
+    assert (logged[-1]["comm_bytes_up"], logged[-1]["comm_bytes_down"], logged[-1]["comm_bytes"]) == (up, down, up + down)
+    if use_lora:  # model transfers are the LoRA adapters only
+        n_client = sum(p.numel() for p in trainable_parameters(trainer.split.client).values())
+        assert n_client == 4 * 64 + 3 * 64 * 4  # block 0's c_attn: A (4x64) and B (192x4)
+
+
+def test_peft_save_load_reproduces_trained_split_logits(tmp_path):
+    train, evalset, vocab, pad = compact_e2e()
+    trainer = make_trainer(tmp_path, model=tiny_gpt2(vocab, seed=1), peft_config=lora())
+    trainer.train()
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    assert (out / "adapter_config.json").is_file() and (out / "aux" / "client_0.safetensors").is_file()
+
+    batch = PadCollator(pad)([evalset[i] for i in range(4)])
+    with torch.no_grad():
+        trainer.split.eval()
+        expected = trainer.split(batch["input_ids"], batch["attention_mask"]).logits
+        loaded = PeftModel.from_pretrained(tiny_gpt2(vocab, seed=1), str(out)).eval()
+        got = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    untrained = tiny_gpt2(vocab, seed=1).eval()(input_ids=batch["input_ids"]).logits
+    assert not torch.allclose(untrained, expected, atol=1e-3)  # training changed the model
+
+
+def test_full_save_load_unties_the_trained_head(tmp_path):
+    train, evalset, vocab, pad = compact_e2e()
+    trainer = make_trainer(tmp_path)
+    trainer.train()
+    assert trainer.split.head_copied and trainer.split.untied_after_training()
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    loaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert loaded.config.tie_word_embeddings is False
+    batch = PadCollator(pad)([evalset[i] for i in range(4)])
+    with torch.no_grad():
+        trainer.split.eval()
+        expected = trainer.split(batch["input_ids"], batch["attention_mask"]).logits
+        got = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_resume_from_checkpoint_gives_the_same_weights(tmp_path):
+    train, evalset, vocab, pad = compact_e2e()
+    common = dict(peft_config=lora(), max_steps=12, save_strategy="steps", save_steps=6)
+    full = make_trainer(tmp_path / "a", model=tiny_gpt2(vocab, seed=2), **common)
+    full.train()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-6"
+    assert (checkpoint / "federation.pt").is_file() and (checkpoint / "optimizer.pt").is_file()
+
+    resumed = make_trainer(tmp_path / "b", model=tiny_gpt2(vocab, seed=2), **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 12
+    for module_a, module_b in [(full.split.client, resumed.split.client), (full.split.server, resumed.split.server),
+                               *[(a.aux, b.aux) for a, b in zip(full.federation.clients, resumed.federation.clients)]]:
+        params_a, params_b = trainable_parameters(module_a), trainable_parameters(module_b)
+        assert params_a.keys() == params_b.keys() and params_a
+        for name in params_a:
+            torch.testing.assert_close(params_a[name], params_b[name], rtol=0, atol=1e-6, msg=name)
+    assert full.federation.transport.ledger.state_dict() == resumed.federation.transport.ledger.state_dict()
+
+
+def test_tensorboard_logging(tmp_path):
+    trainer = make_trainer(tmp_path, report_to=["tensorboard"], max_steps=8)
+    trainer.train()
+    events = list((tmp_path / "out").rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/server_loss", "train/comm_bytes"} <= set(tags)
+
+
+def test_llama_family_trains(tmp_path):
+    train, evalset, vocab, pad = compact_e2e()
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=vocab, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config)
+    trainer = make_trainer(tmp_path, model=model, max_steps=40, local_steps=5, align_interval=2)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    assert trainer.evaluate()["eval_loss"] < before - 0.5
+    assert any("align_grad_cosine_after" in h for h in trainer.state.log_history)
+
+
+def test_llama_lora_split_has_adapters_on_both_halves(tmp_path):
+    train, evalset, vocab, pad = compact_e2e()
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=vocab, max_position_embeddings=64)
+    trainer = make_trainer(tmp_path, model=AutoModelForCausalLM.from_config(config), max_steps=4,
+                           peft_config=LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+    server_before = {n: p.detach().clone() for n, p in trainable_parameters(trainer.split.server).items()}
+    trainer.train()
+    assert all("lora_" in n for n in trainable_parameters(trainer.split.client))
+    moved = [n for n, p in trainable_parameters(trainer.split.server).items() if not torch.equal(p, server_before[n])]
+    assert moved and all("lora_" in n for n in moved)
+
+
+def test_text_column_and_dirichlet_partition(tmp_path):
+    import datasets
+
+    from hf_fsl_sage.data import offline_gpt2_tokenizer
+
+    texts = [f"the {c} shop serves {f} food" for c in ("coffee", "tea", "pizza", "noodle") for f in ("thai", "french")]
+    ds = datasets.Dataset.from_dict({"text": texts * 4, "group": [t.split()[1] for t in texts] * 4})
+    args = FSLSageConfig(output_dir=str(tmp_path), num_clients=2, local_steps=2, max_steps=4, partition="dirichlet",
+                         partition_column="group", per_device_train_batch_size=2, aux_num_layers=1,
+                         align_epochs=1, report_to="none", save_strategy="no", disable_tqdm=True)
+    trainer = FSLSageTrainer(model=tiny_gpt2(50257), args=args, train_dataset=ds,
+                             processing_class=offline_gpt2_tokenizer())
+    assert sorted(i for part in trainer.schedule.partitions for i in part) == list(range(len(ds)))
+    trainer.train()
+    assert trainer.state.global_step == 4
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("algorithm", "fedsgd", "algorithm='fedsgd' is unknown"),
+        ("num_clients", 0, "num_clients=0"),
+        ("clients_per_round", 11, "clients_per_round=11"),
+        ("local_steps", 0, "local_steps=0"),
+        ("aux_init", "zeros", "aux_init='zeros'"),
+        ("partition", "dirichlet", "needs partition_column"),
+        ("dirichlet_alpha", 0.0, "dirichlet_alpha=0.0"),
+        ("gradient_accumulation_steps", 2, "gradient_accumulation_steps=2"),
+    ],
+)
+def test_config_rejects_bad_values(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        FSLSageConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_aux_num_layers_larger_than_the_server_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="aux_num_layers=5 exceeds the 2 blocks"):
+        make_trainer(tmp_path, aux_num_layers=5)
