@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import datasets
@@ -69,8 +70,11 @@ class RoleSchedulers:
         self.parties = parties
 
     def step(self) -> None:
-        for p in self.parties.values():
-            p.scheduler.step()
+        with warnings.catch_warnings():
+            # A client that sat out the round has not stepped its optimizer; its schedule follows the global step.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            for p in self.parties.values():
+                p.scheduler.step()
 
     def get_last_lr(self) -> list[float]:
         return next(iter(self.parties.values())).scheduler.get_last_lr()
