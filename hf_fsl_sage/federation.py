@@ -110,7 +110,7 @@ class Federation:
             module = copy_sharing_frozen(split.client)
             client = Client(index, size, Party(module, *make_optimizer(module, None)))
             if with_aux:
-                aux = build_aux_model(split, args.aux_num_layers, args.aux_init, module.base.get_input_embeddings())
+                aux = build_aux_model(split, args.aux_num_layers, args.aux_init, module.input_embeddings())
                 client.aux, client.aux_loss = aux, ChunkedLMLoss(aux, args.loss_chunk_tokens)
                 if client_trains_aux:  # steps with the client model, on the client's learning-rate schedule
                     client.aux_optimizer, client.aux_scheduler = make_optimizer(aux, None)

@@ -277,10 +277,15 @@ def _join(*parts: str) -> str:
 class SplitClient(nn.Module):
     """Embeddings and blocks ``[0, cut_layer)``: ``client(input_ids, attention_mask, position_ids) -> Smashed``."""
 
-    def __init__(self, base: nn.Module, last_block: nn.Module):
+    def __init__(self, base: nn.Module, last_block: nn.Module, embedding_path: str):
         super().__init__()
         self.base = base
         self._last_block = [last_block]  # not a submodule: already inside ``base``
+        self.embedding_path = embedding_path
+
+    def input_embeddings(self) -> nn.Module:
+        """The token embedding this client holds (its own tensor in a client copy)."""
+        return self.base.get_submodule(self.embedding_path)
 
     def forward(
         self,
@@ -566,6 +571,7 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
         own_head.weight = nn.Parameter(head.weight.detach().clone())
         lm_repl[head_path] = own_head
 
-    client = SplitClient(_with_replaced(base, client_repl), blocks[cut_layer - 1])
+    embedding_path = next(n for n, m in base.named_modules() if m is token_embedding)
+    client = SplitClient(_with_replaced(base, client_repl), blocks[cut_layer - 1], embedding_path)
     server = SplitServer(_with_replaced(lm, lm_repl), blocks[cut_layer], token_embedding.embedding_dim)
     return SplitCausalLM(client, server, model, cut_layer, num_layers, head_copied)

@@ -245,3 +245,18 @@ def test_config_rejects_bad_values(tmp_path, field, value, message):
 def test_aux_num_layers_larger_than_the_server_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="aux_num_layers=5 exceeds the 2 blocks"):
         make_trainer(tmp_path, aux_num_layers=5)
+
+
+def test_decoder_wrapper_family_gets_its_auxiliary_head_from_the_client_embedding(tmp_path):
+    """Bart-style *ForCausalLM keeps its embedding below a wrapper; the aux head must still find it."""
+    from transformers import BartConfig
+
+    train, evalset, vocab, pad = compact_e2e()
+    config = BartConfig(vocab_size=vocab, d_model=32, decoder_layers=3, encoder_layers=1, decoder_attention_heads=4,
+                        encoder_attention_heads=4, decoder_ffn_dim=64, encoder_ffn_dim=64, max_position_embeddings=64,
+                        pad_token_id=pad, bos_token_id=0, eos_token_id=pad, decoder_start_token_id=0)
+    trainer = make_trainer(tmp_path, model=AutoModelForCausalLM.from_config(config), max_steps=4)
+    client = trainer.federation.clients[0]
+    assert client.aux.lm.get_output_embeddings()._embedding[0] is client.model.module.input_embeddings()
+    trainer.train()
+    assert trainer.state.global_step == 4
