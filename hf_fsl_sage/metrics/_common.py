@@ -32,6 +32,9 @@ Args:
         (at least one).
 """
 
+PRESERVE_CASE_ARG = """    preserve_case (`bool`, default `False`): mteval's `-c` flag (no lowercasing).
+"""
+
 COCO_TOKENIZER_ARG = """
     tokenizer (`str`, default `"ptb"`): `"ptb"` runs the Stanford PTB tokenizer jar from
         `pycocoevalcap` and drops punctuation, as the official scoring does (falls back

@@ -1,17 +1,8 @@
 """E2E NLG Challenge CIDEr: the MS-COCO caption evaluation's CIDEr (CIDEr-D variant)."""
 
-import evaluate
-
+from hf_fsl_sage.metrics import _base
 from hf_fsl_sage.metrics._coco import cider
-from hf_fsl_sage.metrics._common import (
-    COCO_CAPTION_URL,
-    COCO_TOKENIZER_ARG,
-    E2E_CITATION,
-    INPUTS_DESCRIPTION,
-    check_inputs,
-    features,
-)
-from hf_fsl_sage.metrics._tokenize import coco_tokenize_pairs
+from hf_fsl_sage.metrics._common import COCO_TOKENIZER_ARG, INPUTS_DESCRIPTION
 
 _DESCRIPTION = """
 CIDEr as the MS-COCO caption evaluation code computes it for the E2E NLG Challenge:
@@ -33,8 +24,7 @@ Returns:
 """
 )
 
-_CITATION = (
-    """\
+_CITATION = """\
 @inproceedings{vedantam2015cider,
   title     = {{CIDEr}: Consensus-based Image Description Evaluation},
   author    = {Vedantam, Ramakrishna and Zitnick, C. Lawrence and Parikh, Devi},
@@ -43,27 +33,15 @@ _CITATION = (
   year      = {2015}
 }
 """
-    + E2E_CITATION
-)
 
 
-class E2ECider(evaluate.Metric):
+class E2ECider(_base.CocoMetric):
     """COCO CIDEr."""
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=features(),
-            codebase_urls=[COCO_CAPTION_URL],
-        )
+    DESCRIPTION = _DESCRIPTION
+    CITATION = _CITATION
+    INPUTS = _KWARGS_DESCRIPTION
 
-    def _compute(self, predictions: list[str], references: list[list[str]], tokenizer: str = "ptb") -> dict:
-        check_inputs(predictions, references)
-        hyps, refs, used, fallback = coco_tokenize_pairs(predictions, references, tokenizer)
-        score, _ = cider(hyps, refs)
-        result: dict = {"cider": score, "tokenizer": used}
-        if fallback is not None:
-            result["tokenizer_fallback_reason"] = fallback
-        return result
+    def _score(self, predictions: list[str], references: list[list[str]]) -> dict:
+        score, _ = cider(predictions, references)
+        return {"cider": score}

@@ -1,14 +1,11 @@
 """E2E NLG Challenge METEOR: METEOR 1.5 (jar and paraphrase table from pycocoevalcap)."""
 
-import evaluate
-
+from hf_fsl_sage.metrics import _base
 from hf_fsl_sage.metrics._common import (
     COCO_CAPTION_URL,
     COCO_TOKENIZER_ARG,
-    E2E_CITATION,
     INPUTS_DESCRIPTION,
     check_inputs,
-    features,
 )
 from hf_fsl_sage.metrics._java import JavaToolUnavailable
 from hf_fsl_sage.metrics._meteor import meteor_scores, meteor_unavailable_reason
@@ -32,8 +29,7 @@ Returns:
 """
 )
 
-_CITATION = (
-    """\
+_CITATION = """\
 @inproceedings{denkowski2014meteor,
   title     = {Meteor Universal: Language Specific Translation Evaluation for Any Target Language},
   author    = {Denkowski, Michael and Lavie, Alon},
@@ -42,21 +38,15 @@ _CITATION = (
   year      = {2014}
 }
 """
-    + E2E_CITATION
-)
 
 
-class E2EMeteor(evaluate.Metric):
+class E2EMeteor(_base.E2EMetric):
     """METEOR 1.5 through java, or None with a reason."""
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=features(),
-            codebase_urls=[COCO_CAPTION_URL],
-        )
+    DESCRIPTION = _DESCRIPTION
+    CITATION = _CITATION
+    INPUTS = _KWARGS_DESCRIPTION
+    URLS = (COCO_CAPTION_URL,)
 
     def _compute(self, predictions: list[str], references: list[list[str]], tokenizer: str = "ptb") -> dict:
         check_inputs(predictions, references)

@@ -1,9 +1,8 @@
 """E2E NLG Challenge NIST: corpus NIST-5 of NIST mteval-v13a over multiple references."""
 
-import evaluate
-
-from hf_fsl_sage.metrics._common import E2E_CITATION, E2E_METRICS_URL, INPUTS_DESCRIPTION, check_inputs, features
-from hf_fsl_sage.metrics._mteval import corpus_stats, nist_from_stats
+from hf_fsl_sage.metrics import _base
+from hf_fsl_sage.metrics._common import INPUTS_DESCRIPTION, PRESERVE_CASE_ARG
+from hf_fsl_sage.metrics._mteval import MtevalStats, NistResult, nist_from_stats
 
 _DESCRIPTION = """
 Corpus-level NIST (n-grams up to 5) exactly as the E2E NLG Challenge computes it with
@@ -17,15 +16,14 @@ divides by the largest number of references any prediction has.
 
 _KWARGS_DESCRIPTION = (
     INPUTS_DESCRIPTION
-    + """    preserve_case (`bool`, default `False`): mteval's `-c` flag (no lowercasing).
-
+    + PRESERVE_CASE_ARG
+    + """
 Returns:
     nist (`float`), info_per_order (`list[float]`, before the penalty), brevity_penalty (`float`).
 """
 )
 
-_CITATION = (
-    """\
+_CITATION = """\
 @inproceedings{doddington2002nist,
   title     = {Automatic Evaluation of Machine Translation Quality Using N-gram
                Co-Occurrence Statistics},
@@ -35,27 +33,14 @@ _CITATION = (
   year      = {2002}
 }
 """
-    + E2E_CITATION
-)
 
 
-class E2ENist(evaluate.Metric):
+class E2ENist(_base.MtevalMetric):
     """mteval-v13a corpus NIST."""
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=features(),
-            codebase_urls=[E2E_METRICS_URL],
-        )
+    DESCRIPTION = _DESCRIPTION
+    CITATION = _CITATION
+    INPUTS = _KWARGS_DESCRIPTION
 
-    def _compute(self, predictions: list[str], references: list[list[str]], preserve_case: bool = False) -> dict:
-        check_inputs(predictions, references)
-        result = nist_from_stats(corpus_stats(predictions, references, preserve_case))
-        return {
-            "nist": result.nist,
-            "info_per_order": result.info_per_order,
-            "brevity_penalty": result.brevity_penalty,
-        }
+    def _score(self, stats: MtevalStats) -> NistResult:
+        return nist_from_stats(stats)

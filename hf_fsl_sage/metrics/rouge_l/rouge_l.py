@@ -1,17 +1,8 @@
 """E2E NLG Challenge ROUGE-L: the MS-COCO caption evaluation's sentence-averaged ROUGE-L."""
 
-import evaluate
-
+from hf_fsl_sage.metrics import _base
 from hf_fsl_sage.metrics._coco import rouge_l
-from hf_fsl_sage.metrics._common import (
-    COCO_CAPTION_URL,
-    COCO_TOKENIZER_ARG,
-    E2E_CITATION,
-    INPUTS_DESCRIPTION,
-    check_inputs,
-    features,
-)
-from hf_fsl_sage.metrics._tokenize import coco_tokenize_pairs
+from hf_fsl_sage.metrics._common import COCO_TOKENIZER_ARG, INPUTS_DESCRIPTION
 
 _DESCRIPTION = """
 ROUGE-L as the MS-COCO caption evaluation code computes it for the E2E NLG Challenge:
@@ -31,8 +22,7 @@ Returns:
 """
 )
 
-_CITATION = (
-    """\
+_CITATION = """\
 @inproceedings{lin2004rouge,
   title     = {{ROUGE}: A Package for Automatic Evaluation of Summaries},
   author    = {Lin, Chin-Yew},
@@ -41,27 +31,15 @@ _CITATION = (
   year      = {2004}
 }
 """
-    + E2E_CITATION
-)
 
 
-class E2ERougeL(evaluate.Metric):
+class E2ERougeL(_base.CocoMetric):
     """COCO ROUGE-L."""
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=features(),
-            codebase_urls=[COCO_CAPTION_URL],
-        )
+    DESCRIPTION = _DESCRIPTION
+    CITATION = _CITATION
+    INPUTS = _KWARGS_DESCRIPTION
 
-    def _compute(self, predictions: list[str], references: list[list[str]], tokenizer: str = "ptb") -> dict:
-        check_inputs(predictions, references)
-        hyps, refs, used, fallback = coco_tokenize_pairs(predictions, references, tokenizer)
-        score, _ = rouge_l(hyps, refs)
-        result: dict = {"rouge_l": score, "tokenizer": used}
-        if fallback is not None:
-            result["tokenizer_fallback_reason"] = fallback
-        return result
+    def _score(self, predictions: list[str], references: list[list[str]]) -> dict:
+        score, _ = rouge_l(predictions, references)
+        return {"rouge_l": score}
