@@ -9,7 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .loss import ChunkedLMLoss
-from .split import Smashed, SplitCausalLM, SplitServer, _has_params, _SkippedBlock, _with_replaced
+from .split import (
+    Smashed,
+    SplitCausalLM,
+    SplitServer,
+    _has_params,
+    _owner_paths,
+    _path_of,
+    _SkippedBlock,
+    _with_replaced,
+)
 
 
 class TiedHead(nn.Module):
@@ -44,10 +53,8 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
             f"aux_num_layers={num_layers} exceeds the {available} blocks the server holds after cut_layer={cut}; "
             f"choose aux_num_layers <= {available}."
         )
-    owner = blocks_path.rpartition(".")[0]
-    owner_paths = [".".join(owner.split(".")[:i]) for i in range(owner.count(".") + 2)] if owner else [""]
-    head = server_lm.get_output_embeddings()
-    head_path = next(n for n, m in server_lm.named_modules() if m is head)
+    owner_paths = _owner_paths(blocks_path)
+    head_path = _path_of(server_lm, server_lm.get_output_embeddings())
 
     aux_blocks = copy.deepcopy(blocks[cut : cut + num_layers])
     replacements: dict[str, nn.Module] = {

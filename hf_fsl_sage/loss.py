@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .split import _PassThrough, _with_replaced
+from .split import _PassThrough, _path_of, _with_replaced
 
 IGNORE_INDEX = -100
 
@@ -67,7 +67,7 @@ class ChunkedLMLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         lm = server.lm
         head = lm.get_output_embeddings()
-        head_path = next(n for n, m in lm.named_modules() if m is head)
+        head_path = _path_of(lm, head)
         trunk = copy.copy(server)
         trunk._modules = dict(server._modules)
         trunk.lm = _with_replaced(lm, {head_path: _PassThrough()})

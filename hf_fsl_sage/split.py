@@ -273,6 +273,17 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def _path_of(root: nn.Module, module: nn.Module) -> str:
+    """Dotted path of ``module`` inside ``root``."""
+    return next(n for n, m in root.named_modules() if m is module)
+
+
+def _owner_paths(blocks_path: str) -> list[str]:
+    """The block list's parent and every module above it, as paths from the base model ("" is the base)."""
+    owner = blocks_path.rpartition(".")[0]
+    return [".".join(owner.split(".")[:i]) for i in range(owner.count(".") + 2)] if owner else [""]
+
+
 # ---------------------------------------------------------------- halves
 class SplitClient(nn.Module):
     """Embeddings and blocks ``[0, cut_layer)``: ``client(input_ids, attention_mask, position_ids) -> Smashed``."""
@@ -541,8 +552,7 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
             f"cut_layer={cut_layer!r} is out of range for {model_type} with {num_layers} blocks: "
             f"choose an integer in 1 … {num_layers - 1} (the client runs blocks [0, cut_layer))."
         )
-    owner = blocks_path.rpartition(".")[0]
-    owners = [".".join(owner.split(".")[:i]) for i in range(owner.count(".") + 2)] if owner else [""]
+    owners = _owner_paths(blocks_path)
 
     token_embedding = lm.get_input_embeddings()
     server_runs = {p for p, _ in base.named_modules() if p.rpartition(".")[2] in _SERVER_RUNS.get(model_type, ())}
@@ -562,7 +572,7 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
                 client_repl[path] = _NotHeld(f"{path!r}", "server")
 
     head = lm.get_output_embeddings()
-    head_path = next(n for n, m in lm.named_modules() if m is head)
+    head_path = _path_of(lm, head)
     head_copied = head.weight is token_embedding.weight and head.weight.requires_grad
     lm_repl = {_join(base_path, p): m for p, m in server_repl.items()}
     if head_copied:
@@ -571,7 +581,7 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
         own_head.weight = nn.Parameter(head.weight.detach().clone())
         lm_repl[head_path] = own_head
 
-    embedding_path = next(n for n, m in base.named_modules() if m is token_embedding)
+    embedding_path = _path_of(base, token_embedding)
     client = SplitClient(_with_replaced(base, client_repl), blocks[cut_layer - 1], embedding_path)
     server = SplitServer(_with_replaced(lm, lm_repl), blocks[cut_layer], token_embedding.embedding_dim)
     return SplitCausalLM(client, server, model, cut_layer, num_layers, head_copied)
