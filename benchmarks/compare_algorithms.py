@@ -47,11 +47,20 @@ sys.path.insert(0, str(ROOT))
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer  # noqa: E402
 from hf_fsl_sage.auxiliary import trainable_parameters  # noqa: E402
-from hf_fsl_sage.data import load_e2e_csv, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e, tokenize_text  # noqa: E402
+from hf_fsl_sage.data import (  # noqa: E402
+    E2E_SAMPLE_PATH,
+    load_e2e_csv,
+    offline_gpt2_tokenizer,
+    split_by_mr,
+    tokenize_e2e,
+    tokenize_text,
+)
 
 ALGORITHMS = ["fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
 SPLIT_METHODS = ["splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
+# The whole E2E development set where it is at hand, else the sample shipped in the package.
 DEVSET = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
+DATA = DEVSET if DEVSET.is_file() else E2E_SAMPLE_PATH
 
 FULL = dict(n_layer=6, n_embd=128, n_head=4, max_length=96, rows=None, eval_rows=256, pretrain_steps=200,
             pretrain_batch=16, pretrain_lr=2e-3, num_clients=5, batch=8, local_steps=10, max_steps=100,
@@ -69,7 +78,7 @@ def load_data(cfg: dict[str, Any], tok, seed: int, full_vocab: bool) -> dict[str
     Unless ``full_vocab``, token ids are renumbered densely over the GPT-2 tokens that occur in the data
     (about 1.3k of 50,257), so the vocabulary rows stay in proportion to the blocks of a small model.
     """
-    raw = load_e2e_csv(DEVSET)
+    raw = load_e2e_csv(DATA)
     if cfg["rows"]:
         raw = raw.select(range(cfg["rows"]))
     parts = split_by_mr(raw, eval_fraction=0.1, test_fraction=0.3, seed=seed)
@@ -244,10 +253,13 @@ def federated(cfg, base, data, collator, algorithm: str, lora: bool, partition: 
         trainer.evaluate()
     trained, held = client_params(trainer)
     ledger = trainer.federation.transport.ledger
+    alignments = [{k: h[k] for k in ("round", "align_grad_cosine_before", "align_grad_cosine_after")}
+                  for h in trainer.state.log_history if "align_grad_cosine_before" in h]
     return {"curve": curve.points, "final_eval_loss": curve.points[-1]["eval_loss"], "total_bytes": ledger.total,
             "bytes_up": ledger.up, "bytes_down": ledger.down, "bytes_by_kind": dict(ledger.by_kind),
             "client_trainable_params": trained, "client_total_params": held,
-            "client_sizes": [len(p) for p in trainer.schedule.partitions], "train_seconds": seconds}
+            "client_sizes": [len(p) for p in trainer.schedule.partitions], "train_seconds": seconds,
+            **({"alignments": alignments} if alignments else {})}
 
 
 def bytes_to_reach(curve: list[dict[str, float]], target: float) -> int | None:
@@ -329,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{base_info['eval_loss']:.3f} after {base_info['steps']} central steps ({base_info['seconds']:.0f} s)",
           flush=True)
 
-    results: dict[str, Any] = {"config": {**cfg, "seed": opts.seed, "quick": opts.quick, "data": data["sizes"],
+    results: dict[str, Any] = {"config": {**cfg, "seed": opts.seed, "quick": opts.quick, "data_file": DATA.name, "data": data["sizes"],
                                           "vocab_size": data["vocab_size"],
                                           "partition_key": "customer rating", "dirichlet_alpha": 0.5},
                                "base": base_info, "settings": {}}
