@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .split import _PassThrough, _path_of, _with_replaced
+from .stand_ins import _PassThrough, _path_of, _with_replaced
 
 IGNORE_INDEX = -100
 

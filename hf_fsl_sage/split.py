@@ -42,59 +42,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .families import _SERVER_RUNS, UNSUPPORTED_FEATURES, UNSUPPORTED_MODEL_TYPES
+from .stand_ins import (
+    _first_output,
+    _has_params,
+    _join,
+    _NotHeld,
+    _owner_paths,
+    _path_of,
+    _SkippedBlock,
+    _Stop,
+    _server_stand_ins,
+    _with_replaced,
+)
+
 __all__ = ["Smashed", "SplitClient", "SplitServer", "SplitCausalLM", "split_causal_lm"]
-
-# ---------------------------------------------------------------- per-family adapters
-# Everything family-specific lives here; the mechanism below is generic.
-
-# Families that cannot be cut exactly at a block boundary, with the reason (the generic check in ``_observe``
-# catches such models too; this table gives the known ones a precise message).
-_MULTIMODAL = "multimodal wrapper: with text only, its forward needs the token embedding on the server"
-UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "blt": "byte latent transformer: byte encoder, patch transformer and byte decoder, not one stack of blocks",
-    "cpmant": "its forward needs input_ids (segments and mask come from the token ids; no inputs_embeds path)",
-    "deepseek_v4": "hash-routed MoE layers pick experts from the token ids, which the server does not have",
-    "dory": "recurrent depth: a group of blocks is run several times in a loop",
-    "hrm_text": "hierarchical recurrent model: its block lists are run repeatedly in cycles",
-    "gemma3n": _MULTIMODAL,
-    "gemma3n_text": "AltUp keeps parallel residual streams and every block reads per-layer inputs of the tokens",
-    "gemma4": _MULTIMODAL + " (split the text-only Gemma4ForCausalLM instead)",
-    "gemma4_unified": _MULTIMODAL + " (split the text-only Gemma4UnifiedForCausalLM instead)",
-    "gemma4_assistant": "speculative-decoding assistant that reads the target model's key/value states",
-    "gemma4_unified_assistant": "speculative-decoding assistant that reads the target model's key/value states",
-    "git": "image-text model whose text decoder runs over image and text tokens together",
-    "hy_v4": "shared sparse-attention layers reuse top-k indices computed by an earlier layer",
-    "inkling2_text": "block attention residuals: every block reads a stack of earlier blocks' outputs",
-    "inkling2_loop_text": "block attention residuals: every block reads a stack of earlier blocks' outputs",
-    "mllama": "cross-attention layers to image features are skipped without an image, so block indices shift",
-    "mllama_text_model": "cross-attention layers to image features are skipped without an image",
-    "musicgen": "audio decoder over parallel codebook streams with its own text encoder",
-    "musicgen_melody": "audio decoder over parallel codebook streams with its own text encoder",
-    "prophetnet": "n-gram decoder: besides the main stream it carries n-gram streams built from embeddings",
-    "reformer": "reversible residual layers run all blocks inside one autograd function on two streams",
-    "xlm": "per-layer modules live in parallel lists and the residual additions happen outside them",
-    "xlnet": "permutation LM: its layers take a (content, query) stream pair with relative positions",
-    "xmod": "the model reads the language-adapter table of block 0 at model level",
-    "zaya": "each block hands its router state to the next block",
-    "zamba": "hybrid layers re-read the original token embeddings and share one transformer across depths",
-    "zamba2": "hybrid layers re-read the original token embeddings and share transformers across depths",
-}
-
-# Config features that make a model of an otherwise supported family unsplittable: (attribute, reason).
-UNSUPPORTED_FEATURES: list[tuple[str, str]] = [
-    ("hidden_size_per_layer_input", "per-layer inputs computed from the token ids feed every block (set "
-                                    "hidden_size_per_layer_input=0 or use a model without them)"),
-]
-
-# Embedding-stage modules (by attribute name) that the server runs itself: their output is used by every
-# block, not only added to the token embeddings, and they are fixed tables computed from positions.
-_SERVER_RUNS: dict[str, tuple[str, ...]] = {
-    "roformer": ("embed_positions",),  # sinusoidal table feeding the rotary embedding of every layer
-}
-
 
 @dataclass
 class Smashed:
@@ -126,162 +91,6 @@ class Smashed:
 
 def _maybe(t: torch.Tensor | None, fn) -> torch.Tensor | None:
     return None if t is None else fn(t)
-
-
-# ---------------------------------------------------------------- stand-ins
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early (the client stops after its last block)."""
-
-
-class _NotHeld(nn.Module):
-    """Placeholder for a module the other side owns; calling it is a bug."""
-
-    def __init__(self, what: str, owner: str):
-        super().__init__()
-        self.what, self.owner = what, owner
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(f"{self.what} is held by the {self.owner}, not on this side of the split")
-
-
-class _PassThrough(nn.Module):
-    """Returns its first input unchanged (shape-preserving stand-in)."""
-
-    def forward(self, *args, **kwargs):
-        return args[0] if args else next(iter(kwargs.values()))
-
-
-class _SkippedBlock(nn.Module):
-    """A client-side block as seen by the server: no weights, same plain attributes, same output structure.
-
-    Plain attributes of the real block (``attention_type``, ``layer_idx``, class attributes and properties such
-    as a layer type read from the config) are copied at construction; nothing else is kept, so the server holds
-    no reference to client weights. ``outputs`` is the length of the tuple the real block returns (0: a bare
-    tensor); the stand-in returns its hidden-state input first and ``None`` for the rest.
-    """
-
-    _PLAIN = (str, int, float, bool, PretrainedConfig)
-
-    def __init__(self, block: nn.Module, outputs: int = 0):
-        super().__init__()
-        if isinstance(block, _SkippedBlock):  # a stand-in of a stand-in keeps what the first one knew
-            outputs = outputs or block.outputs
-        self.outputs = outputs
-        for key, value in self._snapshot(block).items():
-            setattr(self, key, value)
-
-    @classmethod
-    def _snapshot(cls, block: nn.Module) -> dict[str, Any]:
-        found: dict[str, Any] = {}
-        for klass in reversed(type(block).__mro__):
-            if klass in nn.Module.__mro__ or klass is _SkippedBlock:
-                continue
-            for key, value in vars(klass).items():
-                if isinstance(value, property):
-                    try:
-                        value = getattr(block, key)
-                    except Exception:  # noqa: BLE001 - a property that needs weights: not copied
-                        continue
-                found[key] = value
-        found.update(vars(block))
-        return {k: v for k, v in found.items()
-                if not k.startswith("_") and k not in ("training", "outputs") and isinstance(v, cls._PLAIN)}
-
-    def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
-        return (hidden, *[None] * (self.outputs - 1)) if self.outputs else hidden
-
-
-class _ZeroAddend(nn.Module):
-    """Stand-in for an embedding table at the embedding stage: zeros of the shape and dtype a plain
-    ``nn.Embedding`` would return (so they can be added or concatenated); a scalar zero for subclasses with
-    their own forward, whose output is only ever added."""
-
-    def __init__(self, embedding: nn.Embedding):
-        super().__init__()
-        self.embedding_dim, self.dtype = embedding.embedding_dim, embedding.weight.dtype
-        self.shaped = type(embedding) is nn.Embedding
-
-    def forward(self, ids: Any = None, *args, **kwargs) -> torch.Tensor:
-        if not (self.shaped and isinstance(ids, torch.Tensor)):
-            return torch.zeros((), dtype=self.dtype)
-        return torch.zeros(*ids.shape, self.embedding_dim, dtype=self.dtype, device=ids.device)
-
-
-class _ZeroProjection(nn.Module):
-    """Stand-in for a projection at the embedding stage: zeros of the output shape."""
-
-    def __init__(self, out_features: int):
-        super().__init__()
-        self.out_features = out_features
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], self.out_features)
-
-
-def _server_stand_in(module: nn.Module) -> nn.Module | None:
-    """Weightless stand-in for an embedding-stage module on the server, or None if there is none."""
-    if isinstance(module, nn.Embedding):
-        return _ZeroAddend(module)
-    if isinstance(module, nn.Linear):
-        return _ZeroProjection(module.out_features)
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or type(module).__name__.lower().endswith("norm"):
-        return _PassThrough()
-    return None
-
-
-def _server_stand_ins(path: str, module: nn.Module, token_embedding: nn.Module) -> dict[str, nn.Module]:
-    """Stand-ins for the weighted parts of an embedding-stage module, recursing into composite modules
-    (e.g. a BERT-style ``embeddings`` block holding token, position and type tables and a norm)."""
-    if module is token_embedding:
-        return {path: _NotHeld("the token embedding", "client")}
-    stand_in = _server_stand_in(module)
-    if stand_in is not None:
-        return {path: stand_in}
-    found: dict[str, nn.Module] = {}
-    for name, child in module.named_children():
-        if _has_params(child):
-            found.update(_server_stand_ins(_join(path, name), child, token_embedding))
-    return found
-
-
-def _has_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters())
-
-
-def _with_replaced(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
-    """Shallow copy of ``root`` with the submodules at dotted ``replacements`` paths swapped; all else shared."""
-    new = copy.copy(root)
-    new._modules = dict(root._modules)
-    nested: dict[str, dict[str, nn.Module]] = {}
-    for path, module in replacements.items():
-        head, _, rest = path.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = module
-        else:
-            new._modules[head] = module
-    for head, sub in nested.items():
-        new._modules[head] = _with_replaced(root._modules[head], sub)
-    return new
-
-
-def _first_output(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
-def _path_of(root: nn.Module, module: nn.Module) -> str:
-    """Dotted path of ``module`` inside ``root``."""
-    return next(n for n, m in root.named_modules() if m is module)
-
-
-def _owner_paths(blocks_path: str) -> list[str]:
-    """The block list's parent and every module above it, as paths from the base model ("" is the base)."""
-    owner = blocks_path.rpartition(".")[0]
-    return [".".join(owner.split(".")[:i]) for i in range(owner.count(".") + 2)] if owner else [""]
 
 
 # ---------------------------------------------------------------- halves
