@@ -173,6 +173,11 @@ class FSLSageTrainer(Trainer):
 
     # ------------------------------------------------------------ optimizers
     def _make_optimizer(self, module: nn.Module, lr: float | None):
+        """AdamW (per ``args``) over ``module``'s trainable parameters and its schedule.
+
+        With ``lr`` given, the optimizer runs at that fixed rate and no schedule is returned: building one
+        would set the rate to the warm-up's starting value (0) even if it is never stepped.
+        """
         decay = set(self.get_decay_parameter_names(module))
         params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         groups = [
@@ -183,6 +188,8 @@ class FSLSageTrainer(Trainer):
         if lr is not None:
             kwargs = {**kwargs, "lr": lr}
         optimizer = optimizer_cls([g for g in groups if g["params"]], **kwargs)
+        if lr is not None:
+            return optimizer, None
         scheduler = get_scheduler(self.args.lr_scheduler_type, optimizer,
                                   num_warmup_steps=self.args.get_warmup_steps(self.args.max_steps),
                                   num_training_steps=self.args.max_steps,
