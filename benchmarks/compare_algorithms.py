@@ -31,9 +31,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +268,53 @@ def bytes_to_reach(curve: list[dict[str, float]], target: float) -> int | None:
     return next((p["bytes"] for p in curve if p["eval_loss"] <= target), None)
 
 
+# ---------------------------------------------------------------- workers
+_WORKER: dict[str, Any] = {}
+Task = tuple[str, bool, str]  # (algorithm or "centralized", lora, partition)
+
+
+def _init_worker(cfg: dict[str, Any], seed: int, full_vocab: bool, threads: int, base_config, base_state) -> None:
+    """Every worker rebuilds the same data and base model; runs then depend only on their seed."""
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
+    data = load_data(cfg, offline_gpt2_tokenizer(), seed, full_vocab)
+    base = AutoModelForCausalLM.from_config(base_config)
+    base.load_state_dict(base_state)
+    _WORKER.update(cfg=cfg, seed=seed, data=data, collator=PadCollator(data["pad_id"]), base=base.eval())
+
+
+def _run(task: Task) -> tuple[Task, dict[str, Any]]:
+    name, lora, partition = task
+    w = _WORKER
+    if name == "centralized":
+        return task, centralized(w["cfg"], w["base"], w["data"], w["collator"], lora, w["seed"])
+    with tempfile.TemporaryDirectory() as tmp:
+        return task, federated(w["cfg"], w["base"], w["data"], w["collator"], name, lora, partition, w["seed"], tmp)
+
+
+def run_all(tasks: list[Task], jobs: int, init_args: tuple) -> dict[Task, dict[str, Any]]:
+    """Run ``tasks`` in ``jobs`` worker processes (in this process when 1), printing each as it ends."""
+    done: dict[Task, dict[str, Any]] = {}
+
+    def report(task: Task, row: dict[str, Any]) -> None:
+        done[task] = row
+        name, lora, partition = task
+        where = f"{partition}/{'lora' if lora else 'full'}"
+        print(f"[{len(done)}/{len(tasks)}] {where} {name}: eval loss {row['final_eval_loss']:.4f}, "
+              f"{mb(row['curve'][-1]['bytes'])} MB, {row['train_seconds']:.0f} s", flush=True)
+
+    if jobs <= 1:
+        _init_worker(*init_args)
+        for task in tasks:
+            report(*_run(task))
+        return done
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=init_args) as pool:
+        for future in as_completed([pool.submit(_run, task) for task in tasks]):
+            report(*future.result())
+    return done
+
+
 # ---------------------------------------------------------------- report
 def mb(n: float | None) -> str:
     return "never" if n is None else f"{n / 1e6:,.2f}"
@@ -291,6 +340,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     settings = results["settings"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 9), squeeze=False)
@@ -302,6 +352,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.axhline(setting["centralized"]["final_eval_loss"], color="k", ls="--", lw=1, label="centralized (0 MB)")
         ax.axhline(setting["target_eval_loss"], color="grey", ls=":", lw=1, label="target")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(key)
         ax.set_xlabel("cumulative MB on the wire (up + down)")
         ax.set_ylabel("eval loss")
@@ -323,8 +375,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full-vocab", action="store_true",
                         help="keep GPT-2's 50,257-row vocabulary instead of the tokens that occur in the data")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 is fastest for this model size and when other jobs share the CPU")
+                        help="torch threads per process; 1 is fastest for this model size")
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
@@ -341,30 +394,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{base_info['eval_loss']:.3f} after {base_info['steps']} central steps ({base_info['seconds']:.0f} s)",
           flush=True)
 
-    results: dict[str, Any] = {"config": {**cfg, "seed": opts.seed, "quick": opts.quick, "data_file": DATA.name, "data": data["sizes"],
-                                          "vocab_size": data["vocab_size"],
-                                          "partition_key": "customer rating", "dirichlet_alpha": 0.5},
+    results: dict[str, Any] = {"config": {**cfg, "seed": opts.seed, "quick": opts.quick, "data_file": DATA.name,
+                                          "data": data["sizes"], "vocab_size": data["vocab_size"],
+                                          "partition_key": "customer rating", "dirichlet_alpha": 0.5,
+                                          "jobs": opts.jobs, "threads": opts.threads},
                                "base": base_info, "settings": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for lora in (True, False):
-            reference = centralized(cfg, base, data, collator, lora, opts.seed)
-            print(f"centralized {'lora' if lora else 'full'}: {reference['final_eval_loss']:.4f} "
-                  f"({reference['train_seconds']:.0f} s)", flush=True)
-            for partition in ("iid", "dirichlet"):
-                key = f"{partition}/{'lora' if lora else 'full'}"
-                rows = {}
-                for name in opts.algorithms:
-                    rows[name] = federated(cfg, base, data, collator, name, lora, partition, opts.seed,
-                                           f"{tmp}/{name}")
-                    print(f"{key} {name}: {rows[name]['final_eval_loss']:.4f} after {mb(rows[name]['total_bytes'])} MB "
-                          f"({rows[name]['train_seconds']:.0f} s)", flush=True)
-                split_finals = [rows[n]["final_eval_loss"] for n in SPLIT_METHODS if n in rows]
-                target = opts.target_loss if opts.target_loss is not None else max(split_finals or
-                                                                                   [r["final_eval_loss"] for r in rows.values()])
-                for row in rows.values():
-                    row["bytes_to_target"] = bytes_to_reach(row["curve"], target)
-                results["settings"][key] = {"partition": partition, "lora": lora, "target_eval_loss": target,
-                                            "centralized": reference, "algorithms": rows}
+    settings = [(partition, lora) for lora in (True, False) for partition in ("iid", "dirichlet")]
+    tasks = [("centralized", lora, "all") for lora in (True, False)]
+    tasks += [(name, lora, partition) for partition, lora in settings for name in opts.algorithms]
+    init_args = (cfg, opts.seed, opts.full_vocab, opts.threads, base.config, base.state_dict())
+    done = run_all(tasks, opts.jobs, init_args)
+    for partition, lora in settings:
+        rows = {name: done[(name, lora, partition)] for name in opts.algorithms}
+        split_finals = [rows[n]["final_eval_loss"] for n in SPLIT_METHODS if n in rows]
+        target = opts.target_loss
+        if target is None:
+            target = max(split_finals or [r["final_eval_loss"] for r in rows.values()])
+        for row in rows.values():
+            row["bytes_to_target"] = bytes_to_reach(row["curve"], target)
+        results["settings"][f"{partition}/{'lora' if lora else 'full'}"] = {
+            "partition": partition, "lora": lora, "target_eval_loss": target,
+            "centralized": done[("centralized", lora, "all")], "algorithms": rows}
     results["seconds"] = time.time() - started
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     plot(results, out_dir / f"{stem}.png")

@@ -247,6 +247,18 @@ def test_cse_fsl_trains_and_averages_the_aux_models(tmp_path):
         torch.testing.assert_close(value, average.detach())
 
 
+def test_fsl_sage_aligns_under_warmup(tmp_path):
+    """Only alignment updates FSL-SAGE's aux models; a warm-up of the other parties must not freeze it."""
+    trainer = make_trainer(tmp_path, "fsl_sage", clients_per_round=None, warmup_steps=5, align_epochs=3)
+    before = [snapshot(c.aux) for c in trainer.federation.clients]
+    trainer.train()
+    for old, client in zip(before, trainer.federation.clients):
+        assert all(not torch.equal(old[n], p) for n, p in trainable_parameters(client.aux).items())
+    aligned = [h for h in trainer.state.log_history if "align_grad_cosine_before" in h]
+    assert [h["round"] for h in aligned] == [0, 2]
+    assert all(h["align_grad_cosine_after"] != h["align_grad_cosine_before"] for h in aligned)
+
+
 @pytest.mark.parametrize("algorithm", ["fedavg", "splitfed_v1", "cse_fsl"])
 def test_resume_gives_the_same_weights(tmp_path, algorithm):
     """Server copies (mid-round) and the global aux model (at a round boundary) survive a checkpoint."""
