@@ -260,3 +260,12 @@ def test_decoder_wrapper_family_gets_its_auxiliary_head_from_the_client_embeddin
     assert client.aux.lm.get_output_embeddings()._embedding[0] is client.model.module.input_embeddings()
     trainer.train()
     assert trainer.state.global_step == 4
+
+
+def test_alignment_trains_under_learning_rate_warm_up(tmp_path):
+    """The alignment optimizer runs at its own fixed rate, not at the clients' warm-up rate (0 at step 0)."""
+    trainer = make_trainer(tmp_path, warmup_steps=500, max_steps=4, align_interval=1)
+    trainer.train()
+    aligned = [h for h in trainer.state.log_history if "align_grad_cosine_before" in h]
+    assert aligned and all(h["align_grad_cosine_after"] != h["align_grad_cosine_before"] for h in aligned)
+    assert all(g["lr"] == 1e-3 for g in trainer.federation.clients[0].aux_optimizer.param_groups)
