@@ -67,8 +67,8 @@ def plot_loss_vs_comm(log_history: list[dict[str, Any]], path: str | Path, title
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    styles = {"train": dict(label="training loss (clients, local)", marker=".", linewidth=1.2),
-              "server": dict(label="training loss (server, on uploads)", marker=".", linewidth=1.2),
+    styles = {"train": dict(label="clients' local training loss", marker=".", linewidth=1.2),
+              "server": dict(label="server's training loss (on uploads)", marker=".", linewidth=1.2),
               "eval": dict(label="eval loss (global model, no smoothing)", marker="o", linewidth=1.6)}
     for name, points in curves.items():
         if points:

@@ -166,3 +166,32 @@ def test_push_to_hub_folder_loads_and_reproduces_the_trained_model(tmp_path, fak
                    "Novikova", "Dušek", "Rieser", "SIGDIAL", "CC BY-SA 4.0", "someone/tiny-fsl-sage"):
         assert needed in card, needed
     assert json.loads((folder / "metrics.json").read_text())["comm_bytes"] == results["comm_bytes"]
+
+
+def test_batched_left_padded_generation_matches_one_prompt_at_a_time():
+    from transformers import GPT2Config
+
+    from hf_fsl_sage.data import offline_gpt2_tokenizer
+    from hf_fsl_sage.e2e_eval import GenerationSettings, generate_texts, group_references
+
+    tokenizer = offline_gpt2_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer)))
+    rows = load_e2e_csv(recipe.E2E_SAMPLE_PATH).select(range(40))
+    mrs, refs = group_references(rows, max_mrs=3)
+    assert len(set(mrs)) == 3 and all(refs) and len({len(m) for m in mrs}) > 1  # prompts of different lengths
+    prompts = [m + E2E_SEPARATOR for m in mrs]
+    settings = GenerationSettings(num_beams=3, max_new_tokens=5, batch_size=3)
+    batched = generate_texts(model, tokenizer, prompts, settings)
+    single = [generate_texts(model, tokenizer, [p], settings)[0] for p in prompts]
+    assert batched == single
+    assert tokenizer.padding_side == "right" and model.training  # the caller's tokenizer and mode are left alone
+
+
+def test_unavailable_metric_is_reported_with_its_reason():
+    results = {"eval_loss": 2.0, "eval_perplexity": 7.4, "bleu": 0.3, "nist": 4.0, "meteor": None,
+               "meteor_unavailable_reason": "java was not found on PATH", "rouge_l": 0.5, "cider": 0.6,
+               "comm_bytes": 3_000_000, "comm_bytes_up": 2_000_000, "comm_bytes_down": 1_000_000, "rounds": 2,
+               "global_steps": 4, "runtime_seconds": 1.0, "num_generation_mrs": 3}
+    assert recipe._card_metrics(results)["test_meteor"] == "unavailable: java was not found on PATH"
+    assert "unavailable (java was not found on PATH)" in recipe._summary(results)
