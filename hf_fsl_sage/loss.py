@@ -81,15 +81,25 @@ class ChunkedLMLoss(nn.Module):
 
     def forward(self, smashed, labels: torch.Tensor, label_smoothing: float = 0.0, checkpoint: bool = True):
         if self.fast is None:
-            with torch.no_grad():
-                reference = self.server(smashed).logits
-                hidden = self._trunk[0](smashed).logits
-                self.fast = hidden.shape[:-1] == reference.shape[:-1] and torch.allclose(
-                    self.head(hidden), reference, rtol=1e-4, atol=1e-5
-                )
+            self.fast = self._head_reproduces_logits(smashed)
         if self.fast:
             hidden = self._trunk[0](smashed).logits
             return causal_lm_loss(hidden, self.head, labels, label_smoothing, self.chunk_tokens, checkpoint)
         logits = self.server(smashed).logits
         return causal_lm_loss(logits, _PassThrough(), labels, label_smoothing, self.chunk_tokens, checkpoint=False)
 
+    @torch.no_grad()
+    def _head_reproduces_logits(self, smashed) -> bool:
+        # Without dropout and without drawing from the random generators, so that the first call (whenever
+        # it comes, e.g. right after a resume) changes neither the check's outcome nor later random draws.
+        device = smashed.hidden_states.device
+        training = self.server.training
+        self.server.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                reference = self.server(smashed).logits
+                hidden = self._trunk[0](smashed).logits
+        finally:
+            self.server.train(training)
+        return hidden.shape[:-1] == reference.shape[:-1] and torch.allclose(self.head(hidden), reference, rtol=1e-4,
+                                                                            atol=1e-5)
