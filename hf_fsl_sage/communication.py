@@ -37,7 +37,7 @@ def payload_nbytes(obj: Any) -> int:
     raise TypeError(f"cannot send a {type(obj).__name__}: payloads are tensors, Smashed, or dicts/lists of them")
 
 
-def _deliver(obj: Any, device: torch.device | None) -> Any:
+def deliver(obj: Any, device: torch.device | None) -> Any:
     """What the receiver gets: detached from the sender's graph and on the receiver's device."""
     if obj is None:
         return None
@@ -48,9 +48,9 @@ def _deliver(obj: Any, device: torch.device | None) -> Any:
         moved = obj.detach()
         return moved if device is None else moved.to(device)
     if isinstance(obj, dict):
-        return {k: _deliver(v, device) for k, v in obj.items()}
+        return {k: deliver(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_deliver(v, device) for v in obj)
+        return type(obj)(deliver(v, device) for v in obj)
     raise TypeError(f"cannot send a {type(obj).__name__}")
 
 
@@ -88,23 +88,29 @@ class CommLedger:
 
 
 class Transport(ABC):
-    """The one narrow interface between clients and the server."""
+    """The one narrow interface between clients and the server.
+
+    Every process calls :meth:`to_server` / :meth:`to_client` for every
+    message, in the same order: the sending process passes the payload, the
+    receiving process gets the delivery, and any other process gets ``None``.
+    In one process (:class:`LocalTransport`) sender and receiver are the same.
+    The ledger counts each message once, where the server lives.
+    """
 
     def __init__(self) -> None:
         self.ledger = CommLedger()
+        self.context = ""  # where the run is ("round 3, global step 31"), for error messages
 
-    def to_server(self, client_id: int, kind: str, payload: T) -> T:
+    def to_server(self, client_id: int, kind: str, payload: T | None = None) -> T | None:
         """Send ``payload`` from client ``client_id`` to the server; returns what the server receives."""
-        self.ledger.record(UP, kind, payload_nbytes(payload))
-        return self._send(client_id, UP, kind, payload)
+        return self._move(client_id, UP, kind, payload)
 
-    def to_client(self, client_id: int, kind: str, payload: T) -> T:
+    def to_client(self, client_id: int, kind: str, payload: T | None = None) -> T | None:
         """Send ``payload`` from the server to client ``client_id``; returns what the client receives."""
-        self.ledger.record(DOWN, kind, payload_nbytes(payload))
-        return self._send(client_id, DOWN, kind, payload)
+        return self._move(client_id, DOWN, kind, payload)
 
     @abstractmethod
-    def _send(self, client_id: int, direction: str, kind: str, payload: T) -> T: ...
+    def _move(self, client_id: int, direction: str, kind: str, payload: T | None) -> T | None: ...
 
 
 class LocalTransport(Transport):
@@ -114,5 +120,6 @@ class LocalTransport(Transport):
         super().__init__()
         self.devices = {UP: server_device, DOWN: client_device}
 
-    def _send(self, client_id: int, direction: str, kind: str, payload: T) -> T:
-        return _deliver(payload, self.devices[direction])
+    def _move(self, client_id: int, direction: str, kind: str, payload: T | None) -> T | None:
+        self.ledger.record(direction, kind, payload_nbytes(payload))
+        return deliver(payload, self.devices[direction])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+import torch
 
 from transformers import TrainingArguments
 
@@ -72,6 +75,14 @@ class FSLSageConfig(TrainingArguments):
         align_learning_rate (`float` or `None`, defaults to `None`):
             Learning rate of the alignment optimizer; `None` uses `learning_rate`.
 
+        > Processes
+
+        client_ranks (`list[int]` or `None`, defaults to `None`):
+            Under `accelerate launch --num_processes P` (P >= 2), the process of each client (one
+            entry per client, each in 0..P-1). The server always runs on process 0, the main
+            process. `None` deals the clients round-robin over processes 1..P-1. Ignored with
+            one process. How long a process waits for a message is `ddp_timeout` (seconds).
+
         > Memory
 
         loss_chunk_tokens (`int`, defaults to `1024`):
@@ -114,6 +125,11 @@ class FSLSageConfig(TrainingArguments):
     align_learning_rate: float | None = field(
         default=None, metadata={"help": "Alignment learning rate; None = learning_rate."}
     )
+    # Processes
+    client_ranks: list[int] | None = field(
+        default=None, metadata={"help": "Process of each client under accelerate launch (server on process 0); "
+                                        "None = round-robin over processes 1..P-1."}
+    )
     # Memory
     loss_chunk_tokens: int = field(default=1024, metadata={"help": "Labelled positions per LM-head loss chunk."})
 
@@ -125,6 +141,9 @@ class FSLSageConfig(TrainingArguments):
     label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing of the training losses."})
 
     def __post_init__(self) -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not _has_accelerator():
+            # Several processes on a machine without GPUs: without this, Accelerate would set each up alone.
+            self.use_cpu = True
         super().__post_init__()
         from .algorithms import ALGORITHMS
 
@@ -167,3 +186,7 @@ class FSLSageConfig(TrainingArguments):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())

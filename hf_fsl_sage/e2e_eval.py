@@ -149,8 +149,8 @@ class GenerationEvalCallback(TrainerCallback):
         self.trainer, self.ds, self.settings, self.max_mrs = trainer, ds, settings, max_mrs
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not (state.log_history and "eval_loss" in state.log_history[-1]):
-            return control
+        if not (state.log_history and "eval_loss" in state.log_history[-1]) or not state.is_world_process_zero:
+            return control  # only the main process holds the global model
         result = evaluate_e2e_generation(self.trainer, self.ds, self.settings, max_mrs=self.max_mrs)
         scores = {f"eval_{k}": v for k, v in result.scores.items() if isinstance(v, (int, float))}
         state.log_history[-1].update(scores)

@@ -19,8 +19,10 @@ from .algorithms import ALGORITHMS
 from .communication import LocalTransport
 from .config import FSLSageConfig
 from .data import split_lm_collator, tokenize_text
+from .distributed import DistributedTransport
 from .federation import Federation, Party
 from .partition import partition
+from .placement import Placement
 from .schedule import GlobalStepDataset, RoundSchedule
 from .split import split_causal_lm
 
@@ -162,11 +164,18 @@ class FSLSageTrainer(Trainer):
         self.split = split_causal_lm(self.model, args.cut_layer)
         self.schedule = RoundSchedule(parts, args.participants_per_round, args.local_steps,
                                       args.per_device_train_batch_size, args.max_steps, args.seed)
+        self.placement = Placement.build(args.process_index, args.world_size, args.num_clients, args.client_ranks)
+        if self.placement.is_distributed:
+            transport = DistributedTransport(self.placement, args.device, args.ddp_timeout_delta)
+            logger.info(f"Federated split placement: {self.placement.describe()}")
+        else:
+            transport = LocalTransport()
         algorithm_cls = ALGORITHMS[args.algorithm]
-        self.federation = Federation(self.split, args, [len(p) for p in parts], LocalTransport(),
+        self.federation = Federation(self.split, args, [len(p) for p in parts], transport,
                                      self._make_optimizer, with_aux=algorithm_cls.uses_aux,
                                      client_trains_aux=algorithm_cls.trains_aux,
-                                     server_copies=algorithm_cls.server_copies)
+                                     server_aligns_aux=algorithm_cls.aligns_aux,
+                                     server_copies=algorithm_cls.server_copies, placement=self.placement)
         self.algorithm = algorithm_cls(self.federation)
         self._round_metrics: dict[str, float] = {}
         self._server_losses: list[float] = []
@@ -211,26 +220,39 @@ class FSLSageTrainer(Trainer):
         return torch.utils.data.DataLoader(steps, batch_size=1, shuffle=False, collate_fn=_only_item,
                                            num_workers=self.args.dataloader_num_workers)
 
+    def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
+        if self.placement.is_distributed and training:
+            # No DistributedDataParallel: the processes hold different parties and exchange messages instead.
+            # Handing Trainer another module than ``self.model`` keeps ``accelerator.prepare`` from wrapping it.
+            return self.split
+        return super()._wrap_model(model, training, dataloader)
+
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
-        """One global step: one local step on every participant, in ascending client order."""
+        """One global step: one local step on every participant, in ascending client order.
+
+        Returns this process's share of the mean client loss: Trainer averages the value over processes.
+        """
         round_index, local = inputs["round"], inputs["local_step"]
         participants = list(inputs["clients"])
+        self.federation.transport.context = f"round {round_index}, global step {inputs['step']}"
         if local == 0:
             self._round_metrics.update(self.algorithm.begin_round(round_index, participants))
         self.federation.train()
         losses = []
         with self.accelerator.autocast():
             for c in participants:
-                batch = self._prepare_inputs(inputs["clients"][c])
-                result = self.algorithm.local_step(self.federation.clients[c], batch, round_index, local)
-                losses.append(result["loss"])
+                held = self.placement.holds_client(c)
+                batch = self._prepare_inputs(inputs["clients"][c]) if held else None
+                result = self.algorithm.local_step(c, batch, round_index, local)
+                if "loss" in result:
+                    losses.append(result["loss"])
                 if "server_loss" in result:
                     self._server_losses.append(result["server_loss"])
         if inputs["round_end"]:
             self._round_metrics.update(self.algorithm.end_round(round_index, participants))
             if any(k.startswith("align_") for k in self._round_metrics):
                 self.log({"round": round_index, **self._pop_align_metrics()})
-        return torch.tensor(sum(losses) / len(losses), device=self.args.device)
+        return torch.tensor(sum(losses) * self.placement.world_size / len(participants), device=self.args.device)
 
     def _pop_align_metrics(self) -> dict[str, float]:
         keys = [k for k in self._round_metrics if k.startswith("align_")]
@@ -249,15 +271,48 @@ class FSLSageTrainer(Trainer):
         if "train_loss" in logs:
             logs.update(self.federation.transport.ledger.metrics())
         elif "loss" in logs and "eval_loss" not in logs:
-            if self._server_losses:
-                logs["server_loss"] = round(sum(self._server_losses) / len(self._server_losses), 4)
-                self._server_losses = []
+            total, count = sum(self._server_losses), len(self._server_losses)
+            if self.placement.is_distributed:  # every process logs the training loss at the same step
+                sums = torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
+                torch.distributed.all_reduce(sums)
+                total, count = float(sums[0]), int(sums[1])
+            if count:
+                logs["server_loss"] = round(total / count, 4)
+            self._server_losses = []
             logs["round"] = self.schedule.position(max(self.state.global_step - 1, 0))[0]
             logs.update(self.federation.transport.ledger.metrics())
             logs = {k: v for k, v in logs.items() if v is not None}
         super().log(logs, start_time)
 
     # ------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Evaluate the global model; with several processes, on the server's (main) process only.
+
+        The other processes receive the metrics, so callbacks that act on them (early stopping, best-model
+        saving) decide the same everywhere.
+        """
+        if not self.placement.is_distributed:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) if self.placement.is_server else None
+        shared = [metrics]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        metrics = shared[0]
+        if not self.placement.is_server:
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def get_eval_dataloader(self, eval_dataset=None) -> torch.utils.data.DataLoader:
+        if not self.placement.is_distributed:
+            return super().get_eval_dataloader(eval_dataset)
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        # Not sharded over processes: the server's process evaluates all of it.
+        return torch.utils.data.DataLoader(dataset, batch_size=self.args.eval_batch_size, collate_fn=self.data_collator,
+                                           num_workers=self.args.dataloader_num_workers,
+                                           pin_memory=self.args.dataloader_pin_memory)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Loss of the global split model (aggregated client + server), plain cross-entropy."""
         loss = self.federation.global_loss(inputs)
@@ -270,6 +325,8 @@ class FSLSageTrainer(Trainer):
         return loss.detach(), None, None
 
     def evaluation_loop(self, *args, **kwargs):
+        if self.placement.is_distributed:
+            self.gather_function = _unchanged  # only this process evaluates: nothing to gather
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         loss = output.metrics.get(f"{prefix}_loss")
@@ -295,12 +352,11 @@ class FSLSageTrainer(Trainer):
         if self.split.untied_after_training():
             self._untie_for_export()
         super()._save(output_dir, state_dict)
-        if self.args.should_save and self.algorithm.uses_aux:
-            for client in self.federation.clients:
-                path = os.path.join(output_dir, "aux", f"client_{client.index}.safetensors")
+        if self.args.should_save:
+            for name, state in self.federation.server_aux_states().items():
+                path = os.path.join(output_dir, "aux", f"{name}.safetensors")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                save_file({n: p.detach().contiguous() for n, p in client.aux.named_parameters() if p.requires_grad},
-                          path)
+                save_file({n: t.detach().contiguous() for n, t in state.items()}, path)
 
     def _untie_for_export(self) -> None:
         """The server's head was trained apart from the client's embedding: give the global model its own head."""
@@ -311,22 +367,53 @@ class FSLSageTrainer(Trainer):
             lm.config.get_text_config().tie_word_embeddings = False
         lm.get_output_embeddings().weight = server_head.weight
 
+    def _federation_state_file(self, directory: str) -> str:
+        if not self.placement.is_distributed:
+            return os.path.join(directory, FEDERATION_STATE)
+        return os.path.join(directory, f"federation-rank{self.placement.rank}-of-{self.placement.world_size}.pt")
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
-            torch.save(self.federation.state_dict(), os.path.join(output_dir, FEDERATION_STATE))
+        if not self.placement.is_distributed:
+            super()._save_optimizer_and_scheduler(output_dir)
+            if self.args.should_save:
+                torch.save(self.federation.state_dict(), self._federation_state_file(output_dir))
+            return
+        # Each process saves the parties it holds, with their optimizers and schedules.
+        os.makedirs(output_dir, exist_ok=True)
+        state = {"federation": self.federation.state_dict(), "optimizers": self.optimizer.state_dict(),
+                 "schedulers": self.lr_scheduler.state_dict()}
+        torch.save(state, self._federation_state_file(output_dir))
+        torch.distributed.barrier()  # the checkpoint is whole before Trainer writes its state and rotates old ones
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            path = os.path.join(checkpoint, FEDERATION_STATE)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{checkpoint} has no {FEDERATION_STATE}: it was not written by FSLSageTrainer.")
-            self.federation.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=False))
+        if checkpoint is None:
+            return
+        path = self._federation_state_file(checkpoint)
+        if not os.path.isfile(path):
+            written = sorted(f for f in os.listdir(checkpoint) if f.startswith("federation"))
+            raise FileNotFoundError(
+                f"{checkpoint} has no {os.path.basename(path)}"
+                + (f" (it holds {written}: resume with the number of processes that wrote it)." if written
+                   else ": it was not written by FSLSageTrainer.")
+            )
+        device = self.args.device
+        # "cpu:0" (a CPU process under torch.distributed) is not a location torch.load can restore to.
+        state = torch.load(path, map_location="cpu" if device.type == "cpu" else device, weights_only=False)
+        if not self.placement.is_distributed:
+            super()._load_optimizer_and_scheduler(checkpoint)
+            self.federation.load_state_dict(state)
+            return
+        self.federation.load_state_dict(state["federation"])
+        self.optimizer.load_state_dict(state["optimizers"])
+        self.lr_scheduler.load_state_dict(state["schedulers"])
 
 
 def _only_item(items: list[dict[str, Any]]) -> dict[str, Any]:
     return items[0]
+
+
+def _unchanged(tensors):
+    return tensors
 
 
 def _prepare_dataset(ds: datasets.Dataset, tokenizer, name: str) -> datasets.Dataset:

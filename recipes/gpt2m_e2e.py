@@ -296,6 +296,22 @@ def run(script: ScriptArguments, args: FSLSageConfig) -> tuple[FSLSageTrainer, d
                                              "step": 0})
 
     eval_metrics = trainer.evaluate()
+    results = _finish_on_main(trainer, script, args, raw, eval_metrics, started) if trainer.is_world_process_zero() else None
+    # With several processes every one calls these (Trainer writes and uploads from the main process only).
+    card = {} if results is None else dict(
+        finetuned_from=script.model_name_or_path, dataset=script.dataset_name, dataset_attribution=E2E_ATTRIBUTION,
+        metrics=_card_metrics(results), language="en", tags=["e2e-nlg", "data-to-text"])
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message="FSL-SAGE fine-tuning on E2E", **card)
+    else:
+        trainer.save_model()
+        trainer.create_model_card(**card)
+    return trainer, results
+
+
+def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLSageConfig, raw, eval_metrics,
+                    started: float) -> dict[str, Any]:
+    """Generation, scores, metrics.json and the plot, on the main process (which holds the global model)."""
     generation = evaluate_e2e_generation(trainer, raw["test"], script.generation(), max_mrs=script.max_generation_mrs)
     trainer.log({f"test_{k}": v for k, v in generation.scores.items() if isinstance(v, (int, float))})
     ledger = trainer.federation.transport.ledger
@@ -311,30 +327,21 @@ def run(script: ScriptArguments, args: FSLSageConfig) -> tuple[FSLSageTrainer, d
         "rounds": trainer.schedule.position(steps - 1)[0] + 1 if steps else 0,
         "runtime_seconds": time.time() - started,
         "algorithm": args.algorithm,
+        "processes": trainer.placement.world_size,
+        "placement": trainer.placement.describe(),
         "script_args": asdict(script),
         "training_args": args.to_dict(),
         "generation_settings": asdict(generation.settings),
         "plot": script.plot_file,
         "generations": generation.records,
     }
-
-    if trainer.is_world_process_zero():
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        plot_loss_vs_comm(trainer.state.log_history, out / script.plot_file,
-                          title=f"{args.algorithm}, {args.num_clients} clients, cut_layer={args.cut_layer}")
-        (out / script.metrics_file).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-        print(f"\nResults ({out / script.metrics_file}):\n{_summary(results)}", flush=True)
-
-    card = dict(finetuned_from=script.model_name_or_path, dataset=script.dataset_name,
-                dataset_attribution=E2E_ATTRIBUTION, metrics=_card_metrics(results), language="en",
-                tags=["e2e-nlg", "data-to-text"])
-    if args.push_to_hub:
-        trainer.push_to_hub(commit_message="FSL-SAGE fine-tuning on E2E", **card)
-    else:
-        trainer.save_model()
-        trainer.create_model_card(**card)
-    return trainer, results
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_loss_vs_comm(trainer.state.log_history, out / script.plot_file,
+                      title=f"{args.algorithm}, {args.num_clients} clients, cut_layer={args.cut_layer}")
+    (out / script.metrics_file).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print(f"\nResults ({out / script.metrics_file}):\n{_summary(results)}", flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -258,6 +258,8 @@ def test_decoder_wrapper_family_gets_its_auxiliary_head_from_the_client_embeddin
     trainer = make_trainer(tmp_path, model=AutoModelForCausalLM.from_config(config), max_steps=4)
     client = trainer.federation.clients[0]
     assert client.aux.lm.get_output_embeddings()._embedding[0] is client.model.module.input_embeddings()
+    # The server's copy, which it aligns, reads the embedding of the global client model it holds.
+    assert client.server_aux.lm.get_output_embeddings()._embedding[0] is trainer.split.client.input_embeddings()
     trainer.train()
     assert trainer.state.global_step == 4
 
@@ -268,4 +270,4 @@ def test_alignment_trains_under_learning_rate_warm_up(tmp_path):
     trainer.train()
     aligned = [h for h in trainer.state.log_history if "align_grad_cosine_before" in h]
     assert aligned and all(h["align_grad_cosine_after"] != h["align_grad_cosine_before"] for h in aligned)
-    assert all(g["lr"] == 1e-3 for g in trainer.federation.clients[0].aux_optimizer.param_groups)
+    assert all(g["lr"] == 1e-3 for g in trainer.federation.clients[0].align_optimizer.param_groups)

@@ -1,16 +1,31 @@
-"""The algorithm interface: a schedule over the shared parts of a federation (Flower-style strategy)."""
+"""The algorithm interface: a schedule over the shared parts of a federation (Flower-style strategy).
+
+A local step of one client has up to three parts, each run on the process
+that holds its party (see :mod:`hf_fsl_sage.placement`):
+
+1. :meth:`Algorithm.client_compute` on the client: forward, maybe backward and
+   step; returns what it reports and its upload;
+2. if :meth:`Algorithm.uploads_at` the step, the upload goes to the server and
+   :meth:`Algorithm.serve` runs there, returning what it reports and a reply;
+3. if :meth:`Algorithm.replies_at` the step, the reply goes down and
+   :meth:`Algorithm.client_receive` runs on the client.
+
+:meth:`Algorithm.local_step` drives the three on every process, so a subclass
+writes each half as if it were alone.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ..federation import Client, Federation
+from ..placement import party_seed
 
 
 class StepResult(dict):
-    """What one local step reports: ``loss`` (client) and, when the server stepped, ``server_loss``."""
+    """What one local step reports: ``loss`` (the client's training loss) and ``server_loss`` when the server stepped."""
 
 
 class Algorithm:
@@ -19,29 +34,79 @@ class Algorithm:
     The trainer calls, for every round: :meth:`begin_round` once, then
     :meth:`local_step` for each participant at each local step (participants
     in ascending order, which is also the order the server serves them), then
-    :meth:`end_round`. Subclasses override only what differs.
+    :meth:`end_round`. All three run on every process. Subclasses override only what differs.
     """
 
     name: ClassVar[str]
+    #: Each client computes its local loss with an auxiliary model.
     uses_aux: ClassVar[bool] = False
     #: Each client trains its auxiliary model itself (own optimizer on the client's schedule); FedAvg'ed (CSE-FSL).
     trains_aux: ClassVar[bool] = False
-    #: Each client has its own copy of the server model (SplitFed-V1 at the server, FedAvg on the client).
-    server_copies: ClassVar[bool] = False
+    #: The server keeps a copy of each client's auxiliary model and aligns it (FSL-SAGE).
+    aligns_aux: ClassVar[bool] = False
+    #: Where each client's own copy of the server model lives: "client" (FedAvg), "server" (SplitFed-V1) or None.
+    server_copies: ClassVar[str | None] = None
+    #: Message kinds of the per-step upload and reply.
+    upload_kind: ClassVar[str] = "smashed"
+    reply_kind: ClassVar[str | None] = None
 
     def __init__(self, federation: Federation):
         self.fed = federation
         self.args = federation.args
 
+    # ------------------------------------------------------------ rounds
     def begin_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
         """Broadcast the global client model to the participants. Returns metrics to log (may be empty)."""
         self.fed.broadcast(participants)
         return {}
 
-    def local_step(self, client: Client, batch: dict[str, torch.Tensor], round_index: int, local_step: int) -> StepResult:
-        raise NotImplementedError
-
     def end_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
         """FedAvg of the participants' client models into the global model."""
         self.fed.aggregate(participants)
         return {}
+
+    # ------------------------------------------------------------ one local step, in halves
+    def uploads_at(self, round_index: int, local_step: int) -> bool:
+        """Whether the client uploads at this local step (every process must answer the same)."""
+        return True
+
+    def replies_at(self, round_index: int, local_step: int) -> bool:
+        """Whether the server replies at this local step (only on steps with an upload)."""
+        return False
+
+    def client_compute(self, client: Client, batch: dict[str, torch.Tensor], round_index: int,
+                       local_step: int) -> tuple[StepResult, Any]:
+        """The client's part; returns what it reports and its upload (ignored unless :meth:`uploads_at`)."""
+        raise NotImplementedError
+
+    def serve(self, client: Client, upload: Any, round_index: int, local_step: int) -> tuple[StepResult, Any]:
+        """The server's part, on a received upload; returns what it reports and its reply."""
+        raise NotImplementedError
+
+    def client_receive(self, client: Client, reply: Any, round_index: int, local_step: int) -> StepResult:
+        """The client's part after the server's reply."""
+        raise NotImplementedError
+
+    def local_step(self, client_index: int, batch: dict[str, torch.Tensor] | None, round_index: int,
+                   local_step: int) -> StepResult:
+        """Run this process's share of one local step of client ``client_index``; returns what it computed."""
+        fed, seed = self.fed, self.args.seed
+        client, holds = fed.clients[client_index], fed.placement.holds_client(client_index)
+        result, upload = StepResult(), None
+        if holds:
+            torch.manual_seed(party_seed(seed, round_index, local_step, client_index, "client"))
+            reported, upload = self.client_compute(client, batch, round_index, local_step)
+            result.update(reported)
+        if not self.uploads_at(round_index, local_step):
+            return result
+        received = fed.transport.to_server(client_index, self.upload_kind, upload)
+        reply = None
+        if fed.placement.is_server:
+            torch.manual_seed(party_seed(seed, round_index, local_step, client_index, "server"))
+            reported, reply = self.serve(client, received, round_index, local_step)
+            result.update(reported)
+        if self.replies_at(round_index, local_step):
+            received_reply = fed.transport.to_client(client_index, self.reply_kind, reply)
+            if holds:
+                result.update(self.client_receive(client, received_reply, round_index, local_step))
+        return result

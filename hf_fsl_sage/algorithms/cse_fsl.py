@@ -28,18 +28,20 @@ class CSEFSL(Algorithm):
         self.fed.broadcast_copies(participants, "aux", kind="aux_model")
         return metrics
 
-    def local_step(self, client: Client, batch, round_index: int, local_step: int) -> StepResult:
+    def uploads_at(self, round_index: int, local_step: int) -> bool:
+        return local_step % self.args.server_update_interval == 0
+
+    def client_compute(self, client: Client, batch, round_index: int, local_step: int):
         fed, args = self.fed, self.args
         smashed = fed.client_forward(client, batch)
         loss = client.aux_loss(smashed, batch["labels"], args.label_smoothing_factor)
         loss.backward()  # into the auxiliary model and, through the activations, the client half
         fed.client_step(client)
         clip_and_step(client.aux, client.aux_optimizer, args.max_grad_norm)
-        result = StepResult(loss=float(loss.detach()))
-        if local_step % args.server_update_interval == 0:
-            received, labels = fed.upload(client, smashed, batch["labels"])
-            result["server_loss"] = fed.server_step(received, labels)
-        return result
+        return StepResult(loss=float(loss.detach())), (smashed, batch["labels"])
+
+    def serve(self, client: Client, upload, round_index: int, local_step: int):
+        return StepResult(server_loss=self.fed.server_step(*upload)), None
 
     def end_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
         metrics = super().end_round(round_index, participants)

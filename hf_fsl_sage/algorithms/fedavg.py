@@ -20,14 +20,17 @@ class FedAvg(Algorithm):
     """
 
     name = "fedavg"
-    server_copies = True
+    server_copies = "client"
 
     def begin_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
         metrics = super().begin_round(round_index, participants)
         self.fed.broadcast_copies(participants, "server", kind="server_model")
         return metrics
 
-    def local_step(self, client: Client, batch, round_index: int, local_step: int) -> StepResult:
+    def uploads_at(self, round_index: int, local_step: int) -> bool:
+        return False
+
+    def client_compute(self, client: Client, batch, round_index: int, local_step: int):
         smashed = self.fed.client_forward(client, batch)  # stays on the client: the graph runs through both halves
         loss = client.server_loss(smashed, batch["labels"], self.args.label_smoothing_factor)
         loss.backward()
@@ -39,7 +42,7 @@ class FedAvg(Algorithm):
             party.optimizer.step()
             party.optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
-        return StepResult(loss=value, server_loss=value)
+        return StepResult(loss=value, server_loss=value), None
 
     def end_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
         metrics = super().end_round(round_index, participants)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..auxiliary import align
-from ..federation import Client
+from ..federation import Client, load_trainable_state, trainable_state
 from .base import Algorithm, StepResult
 
 
@@ -15,13 +15,15 @@ class FSLSage(Algorithm):
     Every ``server_update_interval`` local steps (from the first) a client
     uploads its activations and labels; the server steps on them and keeps them
     in the client's alignment buffer. In every ``align_interval``-th round,
-    right after a client's first upload, the server aligns that client's
-    auxiliary model on the buffer (gradient matching) and sends it back. The
-    auxiliary model is never trained by the client itself.
+    right after a client's first upload, the server aligns its copy of that
+    client's auxiliary model on the buffer (gradient matching) and sends it
+    down; the client loads it. The auxiliary model is never trained by the client itself.
     """
 
     name = "fsl_sage"
     uses_aux = True
+    aligns_aux = True
+    reply_kind = "aux_model"
 
     def __init__(self, federation):
         super().__init__(federation)
@@ -31,7 +33,13 @@ class FSLSage(Algorithm):
         self._cosines = []
         return super().begin_round(round_index, participants)
 
-    def local_step(self, client: Client, batch, round_index: int, local_step: int) -> StepResult:
+    def uploads_at(self, round_index: int, local_step: int) -> bool:
+        return local_step % self.args.server_update_interval == 0
+
+    def replies_at(self, round_index: int, local_step: int) -> bool:
+        return round_index % self.args.align_interval == 0 and local_step == 0
+
+    def client_compute(self, client: Client, batch, round_index: int, local_step: int):
         fed, args = self.fed, self.args
         smashed = fed.client_forward(client, batch)
         hidden = smashed.hidden_states
@@ -39,24 +47,25 @@ class FSLSage(Algorithm):
         (estimate,) = torch.autograd.grad(loss, hidden, retain_graph=True)
         hidden.backward(estimate)
         fed.client_step(client)
-        result = StepResult(loss=float(loss.detach()))
-        if local_step % args.server_update_interval == 0:
-            received, labels = fed.upload(client, smashed, batch["labels"])
-            result["server_loss"] = fed.server_step(received, labels)
-            fed.remember(client, received, labels)
-            if round_index % args.align_interval == 0 and local_step == 0:
-                self._align(client)
-        return result
+        return StepResult(loss=float(loss.detach())), (smashed, batch["labels"])
 
-    def _align(self, client: Client) -> None:
+    def serve(self, client: Client, upload, round_index: int, local_step: int):
         fed, args = self.fed, self.args
+        smashed, labels = upload
+        result = StepResult(server_loss=fed.server_step(smashed, labels))
+        fed.remember(client, smashed, labels)
+        if not self.replies_at(round_index, local_step):
+            return result, None
         before, after = align(
-            client.aux, client.aux_loss, fed.server_loss, fed.server.module, list(client.buffer),
-            args.align_epochs, client.aux_optimizer, args.label_smoothing_factor,
+            client.server_aux, client.server_aux_loss, fed.server_loss, fed.server.module, list(client.buffer),
+            args.align_epochs, client.align_optimizer, args.label_smoothing_factor,
         )
-        fed.transport.to_client(client.index, "aux_model", {n: p for n, p in client.aux.named_parameters()
-                                                            if p.requires_grad})
         self._cosines.append((before, after, sum(s.hidden_states.shape[0] for s, _ in client.buffer)))
+        return result, trainable_state(client.server_aux)
+
+    def client_receive(self, client: Client, reply, round_index: int, local_step: int) -> StepResult:
+        load_trainable_state(client.aux, reply)
+        return StepResult()
 
     def end_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
         metrics = super().end_round(round_index, participants)

@@ -17,30 +17,39 @@ class SplitFedV2(Algorithm):
     """
 
     name = "splitfed_v2"
+    reply_kind = "gradient"
+
+    def __init__(self, federation):
+        super().__init__(federation)
+        self._waiting: dict[int, Smashed] = {}  # each client's activations, until the gradient comes back
 
     def server_of(self, client: Client) -> tuple[Party, ChunkedLMLoss]:
         """The server model that serves ``client``, with its loss."""
         return self.fed.server, self.fed.server_loss
 
-    def local_step(self, client: Client, batch, round_index: int, local_step: int) -> StepResult:
-        fed, args = self.fed, self.args
-        smashed = fed.client_forward(client, batch)
-        received, labels = fed.upload(client, smashed, batch["labels"])
+    def replies_at(self, round_index: int, local_step: int) -> bool:
+        return True
 
-        # Server: forward, backward to the received activations, step.
+    def client_compute(self, client: Client, batch, round_index: int, local_step: int):
+        smashed = self.fed.client_forward(client, batch)
+        self._waiting[client.index] = smashed
+        return StepResult(), (smashed, batch["labels"])
+
+    def serve(self, client: Client, upload, round_index: int, local_step: int):
+        received, labels = upload
         party, loss_fn = self.server_of(client)
-        hidden = received.hidden_states.requires_grad_(True)
+        hidden = received.hidden_states.detach().requires_grad_(True)
         loss = loss_fn(Smashed(hidden, received.attention_mask, received.position_ids), labels,
-                       args.label_smoothing_factor)
+                       self.args.label_smoothing_factor)
         loss.backward()
-        clip_and_step(party.module, party.optimizer, args.max_grad_norm)
-
-        # Client: backpropagate the returned gradient through its half, step.
-        grad = fed.transport.to_client(client.index, "gradient", hidden.grad)
-        smashed.hidden_states.backward(grad)
-        fed.client_step(client)
+        clip_and_step(party.module, party.optimizer, self.args.max_grad_norm)
         value = float(loss.detach())
-        return StepResult(loss=value, server_loss=value)
+        return StepResult(loss=value, server_loss=value), hidden.grad
+
+    def client_receive(self, client: Client, reply, round_index: int, local_step: int) -> StepResult:
+        self._waiting.pop(client.index).hidden_states.backward(reply)
+        self.fed.client_step(client)
+        return StepResult()
 
 
 class SplitFedV1(SplitFedV2):
@@ -50,7 +59,7 @@ class SplitFedV1(SplitFedV2):
     """
 
     name = "splitfed_v1"
-    server_copies = True
+    server_copies = "server"
 
     def server_of(self, client: Client) -> tuple[Party, ChunkedLMLoss]:
         return client.server, client.server_loss

@@ -1,0 +1,89 @@
+"""A tiny federated split run, the same in one process or under ``accelerate launch`` (used by test_distributed).
+
+    python tests/distributed_run.py --output_dir D [--algorithm fsl_sage]
+    accelerate launch --config_file accelerate_configs/cpu_3_processes.yaml tests/distributed_run.py --output_dir D
+
+Writes ``D/final`` (the global model as a PEFT adapter) and, on the main process, ``D/result.json``
+(ledger, log history, placement). ``--kill_rank R --kill_step S`` makes process R die (SIGKILL) at the end of global step S;
+``--stall_rank R`` makes it hang there instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, GPT2Config, TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_fixtures import PadCollator, compact_e2e  # noqa: E402
+
+from hf_fsl_sage import FSLSageConfig, FSLSageTrainer  # noqa: E402
+
+
+class DieAt(TrainerCallback):
+    """Process ``rank`` dies (SIGKILL), or hangs with ``stall``, at the end of global step ``step``."""
+
+    def __init__(self, rank: int, step: int, stall: bool = False):
+        self.rank, self.step, self.stall = rank, step, stall
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.process_index == self.rank and state.global_step == self.step:
+            if self.stall:
+                time.sleep(3600)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--algorithm", default="fsl_sage")
+    parser.add_argument("--max_steps", type=int, default=8)
+    parser.add_argument("--save_steps", type=int, default=0)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--kill_rank", type=int, default=None)
+    parser.add_argument("--stall_rank", type=int, default=None)
+    parser.add_argument("--kill_step", type=int, default=None)
+    parser.add_argument("--ddp_timeout", type=int, default=120)
+    cli = parser.parse_args()
+    torch.set_num_threads(1)
+
+    train, evalset, vocab, pad = compact_e2e()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=64,
+                                                        vocab_size=vocab, resid_pdrop=0.1, embd_pdrop=0.1,
+                                                        attn_pdrop=0.1))
+    args = FSLSageConfig(
+        output_dir=cli.output_dir, algorithm=cli.algorithm, num_clients=4, local_steps=2, max_steps=cli.max_steps,
+        per_device_train_batch_size=4, per_device_eval_batch_size=16, aux_num_layers=1, server_update_interval=1,
+        align_interval=1, align_epochs=2, align_buffer_size=8, learning_rate=3e-3, align_learning_rate=1e-3,
+        warmup_steps=0, logging_steps=2, eval_strategy="steps", eval_steps=4, report_to="none", seed=0,
+        disable_tqdm=True, save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
+        ddp_timeout=cli.ddp_timeout,
+    )
+    peft_config = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
+    callbacks = None
+    if cli.kill_rank is not None or cli.stall_rank is not None:
+        callbacks = [DieAt(cli.stall_rank if cli.kill_rank is None else cli.kill_rank, cli.kill_step,
+                           stall=cli.kill_rank is None)]
+    trainer = FSLSageTrainer(model=model, args=args, train_dataset=train, eval_dataset=evalset.select(range(32)),
+                             data_collator=PadCollator(pad), peft_config=peft_config, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=cli.resume)
+    metrics = trainer.evaluate()
+    trainer.save_model(os.path.join(cli.output_dir, "final"))
+    if trainer.is_world_process_zero():
+        result = {"ledger": trainer.federation.transport.ledger.state_dict(), "log_history": trainer.state.log_history,
+                  "eval": metrics, "world_size": trainer.placement.world_size,
+                  "placement": trainer.placement.describe()}
+        Path(cli.output_dir, "result.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Server and clients in separate processes: placement, the wire format, equality with one process, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_fsl_sage.communication import payload_nbytes
+from hf_fsl_sage.distributed import flatten, pack, unflatten, unpack
+from hf_fsl_sage.placement import Placement, party_seed
+from hf_fsl_sage.split import Smashed
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "tests" / "distributed_run.py"
+CPU_CONFIG = ROOT / "accelerate_configs" / "cpu_3_processes.yaml"
+ALGORITHMS = ["fsl_sage", "splitfed_v1", "splitfed_v2", "cse_fsl", "fedavg"]
+
+
+# ---------------------------------------------------------------- placement and wire format (no processes)
+def test_round_robin_placement_puts_the_server_alone_on_process_0():
+    p = Placement.build(rank=0, world_size=3, num_clients=5)
+    assert p.client_ranks == (1, 2, 1, 2, 1) and p.is_server and not p.holds_client(0)
+    assert p.describe() == "process 0: server; process 1: clients [0, 2, 4]; process 2: clients [1, 3]"
+    assert Placement.build(rank=2, world_size=3, num_clients=5).clients_of(2) == [1, 3]
+    single = Placement.build(rank=0, world_size=1, num_clients=4)
+    assert single.is_server and all(single.holds_client(c) for c in range(4)) and not single.is_distributed
+    explicit = Placement.build(rank=1, world_size=3, num_clients=3, client_ranks=[0, 1, 2])
+    assert explicit.holds_client(1) and not explicit.is_server and explicit.clients_of(0) == [0]
+
+
+@pytest.mark.parametrize("world, clients, ranks, message", [
+    (4, 2, None, "processes [3] of 4 would run no client"),
+    (3, 2, [1, 3], "must give one process in 0..2 to each of the 2 clients"),
+    (3, 2, [1], "must give one process in 0..2 to each of the 2 clients"),
+    (1, 2, [0, 1], "this run has a single process"),
+])
+def test_bad_placements_are_refused_with_the_fix(world, clients, ranks, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Placement.build(rank=0, world_size=world, num_clients=clients, client_ranks=ranks)
+
+
+def test_party_seed_depends_on_the_party_and_step_only():
+    assert party_seed(0, 3, 1, 2, "client") == party_seed(0, 3, 1, 2, "client")
+    seeds = {party_seed(0, r, s, c, role) for r in range(3) for s in range(3) for c in range(3)
+             for role in ("client", "server")}
+    assert len(seeds) == 54
+
+
+def test_wire_format_round_trips_every_payload_exactly():
+    torch.manual_seed(0)
+    smashed = Smashed(torch.randn(2, 5, 8, dtype=torch.bfloat16), torch.tensor([[1, 1, 1, 0, 0]] * 2, dtype=torch.bool),
+                      None)
+    payload = {"act": (smashed, torch.randint(0, 50, (2, 5))), "w": [torch.randn(3, 3), torch.tensor(2.5)], "n": None}
+    spec, tensors = flatten(payload)
+    buffer = pack(tensors, torch.device("cpu"))
+    assert buffer.dtype == torch.uint8 and buffer.numel() % 16 == 0 and buffer.numel() >= payload_nbytes(payload)
+    back = unflatten(spec, unpack(buffer, [(tuple(t.shape), t.dtype) for t in tensors]))
+    assert back["n"] is None and back["act"][0].position_ids is None and isinstance(back["act"], tuple)
+    assert torch.equal(back["act"][0].hidden_states, smashed.hidden_states)
+    assert back["act"][0].attention_mask.dtype == torch.bool and torch.equal(back["act"][0].attention_mask,
+                                                                             smashed.attention_mask)
+    assert torch.equal(back["act"][1], payload["act"][1]) and torch.equal(back["w"][0], payload["w"][0])
+    assert back["w"][1].shape == () and float(back["w"][1]) == 2.5
+    assert payload_nbytes(back) == payload_nbytes(payload) == 2 * 5 * 8 * 2 + 10 + 10 * 8 + 9 * 4 + 4
+
+
+# ---------------------------------------------------------------- real processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _single(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RUN), "--output_dir", str(out), *extra], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def _three(out: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
+               "--main_process_port", str(_free_port()), str(RUN), "--output_dir", str(out), *extra]
+    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _check(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "adapter_model.safetensors"))
+
+
+def _result(out: Path) -> dict:
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_three_processes_train_exactly_like_one(tmp_path, algorithm):
+    """Server on process 0, clients round-robin on 1 and 2: same adapters, same bytes, same losses."""
+    _check(_single(tmp_path / "one", "--algorithm", algorithm))
+    _check(_three(tmp_path / "three", "--algorithm", algorithm))
+    one, three = _result(tmp_path / "one"), _result(tmp_path / "three")
+    assert three["world_size"] == 3 and three["placement"].startswith("process 0: server; process 1: clients [0, 2]")
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "three")
+    assert a.keys() == b.keys() and len(a) == 6
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert any(float(t.abs().max()) > 1e-3 for k, t in a.items() if "lora_B" in k)  # the adapters did train
+    assert three["ledger"] == one["ledger"] and one["ledger"]["up"] > 0
+    assert three["eval"]["eval_loss"] == pytest.approx(one["eval"]["eval_loss"], abs=1e-5)
+    for key in ("loss", "server_loss"):
+        logged = [[h[key] for h in r["log_history"] if "loss" in h] for r in (one, three)]
+        assert len(logged[0]) == 4 and logged[0] == pytest.approx(logged[1], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoint_resumes(tmp_path):
+    """Process 2 dies (SIGKILL) in round 1: the job exits non-zero well within the timeout, the server names
+    the process and the round, and resuming the last checkpoint in three processes gives the uninterrupted result."""
+    started = time.time()
+    died = _three(tmp_path / "killed", "--save_steps", "2", "--kill_rank", "2", "--kill_step", "3",
+                  "--ddp_timeout", "60")
+    elapsed = time.time() - started
+    assert died.returncode != 0 and elapsed < 60, (died.returncode, elapsed)
+    assert "FederationCommError: the server's process could not receive the smashed message of client 1 from " \
+           "process 2 (client 1) at round 1, global step 3" in died.stderr
+    checkpoint = tmp_path / "killed" / "checkpoint-2"
+    written = sorted(p.name for p in checkpoint.iterdir())
+    assert [f"federation-rank{r}-of-3.pt" for r in range(3)] == [n for n in written if n.startswith("federation")]
+    assert "trainer_state.json" in written and "adapter_model.safetensors" in written
+    assert not (tmp_path / "killed" / "checkpoint-4").exists()
+
+    _check(_three(tmp_path / "killed", "--save_steps", "2", "--resume", str(checkpoint)))
+    _check(_three(tmp_path / "whole"))
+    a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "killed")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert _result(tmp_path / "killed")["ledger"] == _result(tmp_path / "whole")["ledger"]
+
+    # A checkpoint written by three processes cannot silently resume in one.
+    wrong = _single(tmp_path / "one", "--resume", str(checkpoint))
+    assert wrong.returncode != 0
+    assert "has no federation.pt (it holds ['federation-rank0-of-3.pt'" in wrong.stderr
+    assert "resume with the number of processes that wrote it" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_silent_client_process_times_out_with_a_clear_error(tmp_path):
+    """Process 2 hangs in round 1: the server gives up after ddp_timeout and the job exits non-zero."""
+    started = time.time()
+    hung = _three(tmp_path / "hung", "--stall_rank", "2", "--kill_step", "3", "--ddp_timeout", "10", timeout=300)
+    elapsed = time.time() - started
+    assert hung.returncode != 0 and elapsed < 60, (hung.returncode, elapsed)
+    assert "could not receive the smashed message of client 1 from process 2 (client 1) at round 1, global step 3: " \
+           "that process stopped, died, or did not answer within the 10 s timeout (ddp_timeout)" in hung.stderr
+
+
+@pytest.mark.parametrize("name, processes, machines, distributed", [
+    ("one_gpu", 1, 1, "NO"), ("eight_gpus", 8, 1, "MULTI_GPU"), ("two_machines", 16, 2, "MULTI_GPU"),
+    ("cpu_3_processes", 3, 1, "MULTI_GPU"),  # MULTI_GPU selects the torchrun launcher; the processes run on CPU
+])
+def test_shipped_accelerate_configs_load_with_the_documented_sizes(name, processes, machines, distributed):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "accelerate_configs" / f"{name}.yaml"))
+    assert (config.num_processes, config.num_machines, config.distributed_type.value) == (processes, machines,
+                                                                                          distributed)
+    assert f"accelerate_configs/{name}.yaml" in (ROOT / "README.md").read_text()
