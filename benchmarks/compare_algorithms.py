@@ -48,7 +48,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer  # noqa: E402
-from hf_fsl_sage.auxiliary import trainable_parameters  # noqa: E402
 from hf_fsl_sage.data import (  # noqa: E402
     E2E_SAMPLE_PATH,
     load_e2e_csv,

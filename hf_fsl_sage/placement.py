@@ -72,7 +72,7 @@ class Placement:
         return [c for c, r in enumerate(self.client_ranks) if r == rank]
 
     def describe(self) -> str:
-        parts = [f"process 0: server" + (f" + clients {self.clients_of(0)}" if self.clients_of(0) else "")]
+        parts = ["process 0: server" + (f" + clients {self.clients_of(0)}" if self.clients_of(0) else "")]
         parts += [f"process {r}: clients {self.clients_of(r)}" for r in range(1, self.world_size)]
         return "; ".join(parts)
 
