@@ -2,8 +2,9 @@
 
 An algorithm never touches another party's tensors directly: it sends them
 with :meth:`Transport.to_server` / :meth:`Transport.to_client` and works on
-what arrives. :class:`LocalTransport` runs both parties in one process; a
-distributed transport can replace it without changing any algorithm.
+what arrives. :class:`LocalTransport` runs both parties in one process;
+:class:`~hf_fsl_sage.distributed.DistributedTransport` carries the same
+messages between processes, without any change to the algorithms.
 """
 
 from __future__ import annotations
