@@ -52,20 +52,28 @@ def main() -> None:
     parser.add_argument("--stall_rank", type=int, default=None)
     parser.add_argument("--kill_step", type=int, default=None)
     parser.add_argument("--ddp_timeout", type=int, default=120)
+    parser.add_argument("--n_layer", type=int, default=3)
+    parser.add_argument("--n_embd", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--num_clients", type=int, default=4)
+    parser.add_argument("--local_steps", type=int, default=2)
+    parser.add_argument("--server_update_interval", type=int, default=1)
+    parser.add_argument("--align_interval", type=int, default=1)
     cli = parser.parse_args()
     torch.set_num_threads(1)
 
     train, evalset, vocab, pad = compact_e2e()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=64,
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=cli.n_layer, n_embd=cli.n_embd, n_head=2, n_positions=64,
                                                         vocab_size=vocab, resid_pdrop=0.1, embd_pdrop=0.1,
                                                         attn_pdrop=0.1))
     args = FSLSageConfig(
-        output_dir=cli.output_dir, algorithm=cli.algorithm, num_clients=4, local_steps=2, max_steps=cli.max_steps,
-        per_device_train_batch_size=4, per_device_eval_batch_size=16, aux_num_layers=1, server_update_interval=1,
-        align_interval=1, align_epochs=2, align_buffer_size=8, learning_rate=3e-3, align_learning_rate=1e-3,
-        warmup_steps=0, logging_steps=2, eval_strategy="steps", eval_steps=4, report_to="none", seed=0,
-        disable_tqdm=True, save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
+        output_dir=cli.output_dir, algorithm=cli.algorithm, num_clients=cli.num_clients, local_steps=cli.local_steps,
+        max_steps=cli.max_steps, per_device_train_batch_size=cli.batch, per_device_eval_batch_size=16,
+        aux_num_layers=1, server_update_interval=cli.server_update_interval, align_interval=cli.align_interval,
+        align_epochs=2, align_buffer_size=8, learning_rate=3e-3, align_learning_rate=1e-3, warmup_steps=0,
+        logging_steps=2, eval_strategy="steps", eval_steps=4, report_to="none", seed=0, disable_tqdm=True,
+        save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
         ddp_timeout=cli.ddp_timeout,
     )
     peft_config = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
@@ -81,6 +89,7 @@ def main() -> None:
     if trainer.is_world_process_zero():
         result = {"ledger": trainer.federation.transport.ledger.state_dict(), "log_history": trainer.state.log_history,
                   "eval": metrics, "world_size": trainer.placement.world_size,
+                  "train_runtime": next(h["train_runtime"] for h in trainer.state.log_history if "train_runtime" in h),
                   "placement": trainer.placement.describe()}
         Path(cli.output_dir, "result.json").write_text(json.dumps(result, indent=1))
 
