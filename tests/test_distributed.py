@@ -180,3 +180,20 @@ def test_shipped_accelerate_configs_load_with_the_documented_sizes(name, process
     assert (config.num_processes, config.num_machines, config.distributed_type.value) == (processes, machines,
                                                                                           distributed)
     assert f"accelerate_configs/{name}.yaml" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_recipe_runs_unchanged_in_three_processes(tmp_path):
+    """The E2E recipe under accelerate launch: process 0 evaluates, generates and writes everything once."""
+    out = tmp_path / "recipe"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
+               "--main_process_port", str(_free_port()), str(ROOT / "recipes" / "gpt2m_e2e.py"), "--preset", "tiny",
+               "--max_steps", "4", "--local_steps", "2", "--eval_every_rounds", "1", "--max_generation_mrs", "2",
+               "--max_new_tokens", "8", "--num_beams", "2", "--output_dir", str(out)]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
+    _check(done)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 3 and metrics["placement"].startswith("process 0: server; process 1: clients")
+    assert metrics["global_steps"] == 4 and metrics["num_generation_mrs"] == 2 and metrics["comm_bytes"] > 0
+    assert done.stdout.count("Results (") == 1  # written once, by the main process
+    assert (out / "model.safetensors").is_file() and (out / "loss_vs_comm.png").is_file()
