@@ -23,36 +23,64 @@ T = TypeVar("T")
 UP, DOWN = "up", "down"
 
 
+Layout = list[tuple[tuple[int, ...], torch.dtype]]
+
+
+def flatten(obj: Any) -> tuple[tuple[Any, Layout], list[torch.Tensor]]:
+    """``((structure, layout), tensors)`` of a payload: tensors, Smashed, None, and dicts/lists/tuples of them.
+
+    ``layout`` holds the shape and dtype of each tensor, in order: with the structure it is all a receiver
+    needs to rebuild the payload from the tensors (:func:`unflatten`).
+    """
+    tensors: list[torch.Tensor] = []
+
+    def walk(o: Any) -> Any:
+        if o is None:
+            return ("none",)
+        if isinstance(o, torch.Tensor):
+            tensors.append(o)
+            return ("tensor",)
+        if isinstance(o, Smashed):
+            return ("smashed", walk(o.hidden_states), walk(o.attention_mask), walk(o.position_ids))
+        if isinstance(o, dict):
+            return ("dict", [(k, walk(v)) for k, v in o.items()])
+        if isinstance(o, (list, tuple)):
+            return ("list" if isinstance(o, list) else "tuple", [walk(v) for v in o])
+        raise TypeError(f"cannot send a {type(o).__name__}: payloads are tensors, Smashed, or dicts/lists of them")
+
+    structure = walk(obj)
+    return (structure, [(tuple(t.shape), t.dtype) for t in tensors]), tensors
+
+
+def unflatten(spec: tuple[Any, Layout], tensors: list[torch.Tensor]) -> Any:
+    """The payload described by ``spec`` (from :func:`flatten`), with ``tensors`` in its places."""
+    it = iter(tensors)
+
+    def build(s: Any) -> Any:
+        tag = s[0]
+        if tag == "none":
+            return None
+        if tag == "tensor":
+            return next(it)
+        if tag == "smashed":
+            return Smashed(build(s[1]), build(s[2]), build(s[3]))
+        if tag == "dict":
+            return {k: build(v) for k, v in s[1]}
+        items = [build(v) for v in s[1]]
+        return items if tag == "list" else tuple(items)
+
+    return build(spec[0])
+
+
 def payload_nbytes(obj: Any) -> int:
     """Bytes of every tensor inside ``obj`` (tensors, Smashed, dicts, lists, tuples), in the dtype sent."""
-    if obj is None:
-        return 0
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, Smashed):
-        return obj.nbytes
-    if isinstance(obj, dict):
-        return sum(payload_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(payload_nbytes(v) for v in obj)
-    raise TypeError(f"cannot send a {type(obj).__name__}: payloads are tensors, Smashed, or dicts/lists of them")
+    return sum(t.numel() * t.element_size() for t in flatten(obj)[1])
 
 
 def deliver(obj: Any, device: torch.device | None) -> Any:
     """What the receiver gets: detached from the sender's graph and on the receiver's device."""
-    if obj is None:
-        return None
-    if isinstance(obj, torch.Tensor):
-        obj = obj.detach()
-        return obj if device is None else obj.to(device)
-    if isinstance(obj, Smashed):
-        moved = obj.detach()
-        return moved if device is None else moved.to(device)
-    if isinstance(obj, dict):
-        return {k: deliver(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(deliver(v, device) for v in obj)
-    raise TypeError(f"cannot send a {type(obj).__name__}")
+    spec, tensors = flatten(obj)
+    return unflatten(spec, [t.detach() if device is None else t.detach().to(device) for t in tensors])
 
 
 @dataclass

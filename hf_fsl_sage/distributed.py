@@ -23,9 +23,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .communication import DOWN, UP, Transport, deliver, payload_nbytes
+from .communication import DOWN, UP, Layout, Transport, deliver, flatten, payload_nbytes, unflatten
 from .placement import SERVER_RANK, Placement
-from .split import Smashed
 
 T = TypeVar("T")
 _ALIGN = 16  # bytes; every tensor starts at an aligned offset of the buffer, so it can be viewed in place
@@ -33,46 +32,6 @@ _ALIGN = 16  # bytes; every tensor starts at an aligned offset of the buffer, so
 
 class FederationCommError(RuntimeError):
     """A message between the server's and a client's process did not get through."""
-
-
-def flatten(obj: Any) -> tuple[Any, list[torch.Tensor]]:
-    """(structure, tensors) of a payload: tensors, Smashed, None, and dicts/lists/tuples of them."""
-    tensors: list[torch.Tensor] = []
-
-    def walk(o: Any) -> Any:
-        if o is None:
-            return ("none",)
-        if isinstance(o, torch.Tensor):
-            tensors.append(o)
-            return ("tensor", tuple(o.shape), o.dtype)
-        if isinstance(o, Smashed):
-            return ("smashed", walk(o.hidden_states), walk(o.attention_mask), walk(o.position_ids))
-        if isinstance(o, dict):
-            return ("dict", [(k, walk(v)) for k, v in o.items()])
-        if isinstance(o, (list, tuple)):
-            return (type(o).__name__, [walk(v) for v in o])
-        raise TypeError(f"cannot send a {type(o).__name__}: payloads are tensors, Smashed, or dicts/lists of them")
-
-    return walk(obj), tensors
-
-
-def unflatten(spec: Any, tensors: list[torch.Tensor]) -> Any:
-    it = iter(tensors)
-
-    def build(s: Any) -> Any:
-        tag = s[0]
-        if tag == "none":
-            return None
-        if tag == "tensor":
-            return next(it)
-        if tag == "smashed":
-            return Smashed(build(s[1]), build(s[2]), build(s[3]))
-        if tag == "dict":
-            return {k: build(v) for k, v in s[1]}
-        items = [build(v) for v in s[1]]
-        return items if tag == "list" else tuple(items)
-
-    return build(spec)
 
 
 def _padded(nbytes: int) -> int:
@@ -89,34 +48,19 @@ def pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8, device=device)
 
 
-def unpack(buffer: torch.Tensor, spec_tensors: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * dtype.itemsize
+
+
+def unpack(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """The tensors of ``layout`` (shapes and dtypes, in order) out of a buffer made by :func:`pack`."""
     out, offset = [], 0
-    for shape, dtype in spec_tensors:
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    for shape, dtype in layout:
+        nbytes = _nbytes(shape, dtype)
         # A copy per tensor: views of one buffer as different dtypes could not be saved in a checkpoint.
         out.append(buffer[offset:offset + nbytes].view(dtype).view(shape).clone())
         offset += _padded(nbytes)
     return out
-
-
-def _tensor_specs(spec: Any) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    found: list[tuple[tuple[int, ...], torch.dtype]] = []
-
-    def walk(s: Any) -> None:
-        if s[0] == "tensor":
-            found.append((s[1], s[2]))
-        elif s[0] == "smashed":
-            for part in s[1:]:
-                walk(part)
-        elif s[0] == "dict":
-            for _, v in s[1]:
-                walk(v)
-        elif s[0] in ("list", "tuple"):
-            for v in s[1]:
-                walk(v)
-
-    walk(spec)
-    return found
 
 
 class DistributedTransport(Transport):
@@ -169,9 +113,9 @@ class DistributedTransport(Transport):
                 f"{got_kind} of client {got_client} ({self.context}): the processes are not running the same "
                 "schedule; launch every process with the same script, arguments and seed."
             )
-        specs = _tensor_specs(spec)
-        size = sum(_padded(torch.Size(s).numel() * torch.empty((), dtype=d).element_size()) for s, d in specs)
-        return unflatten(spec, unpack(self._receive(size, torch.uint8, src), specs))
+        layout = spec[1]
+        size = sum(_padded(_nbytes(shape, dtype)) for shape, dtype in layout)
+        return unflatten(spec, unpack(self._receive(size, torch.uint8, src), layout))
 
     def _guarded(self, fn, action: str, kind: str, client_id: int, peer: int):
         try:
