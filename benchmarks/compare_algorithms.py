@@ -48,11 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer  # noqa: E402
-from hf_fsl_sage.data import (  # noqa: E402
+from hf_fsl_sage.e2e.data import (  # noqa: E402
     E2E_SAMPLE_PATH,
     load_e2e_csv,
     offline_gpt2_tokenizer,
     split_by_mr,
+    with_mr_slot_column,
     tokenize_e2e,
     tokenize_text,
 )
@@ -97,7 +98,7 @@ def load_data(cfg: dict[str, Any], tok, seed: int, full_vocab: bool) -> dict[str
         for name in names:
             out[name] = out[name].map(lambda row: {"input_ids": [index[t] for t in row["input_ids"]],
                                                    "labels": [t if t < 0 else index[t] for t in row["labels"]]})
-    out["train"] = out["train"].add_column("mr", parts["train"]["mr"])
+    out["train"] = with_mr_slot_column(out["train"].add_column("mr", parts["train"]["mr"]), "customer rating")
     if cfg["eval_rows"]:
         out["eval"] = out["eval"].select(range(min(cfg["eval_rows"], len(out["eval"]))))
     out["sizes"] = {name: len(out[name]) for name in names}
@@ -233,7 +234,7 @@ def federated(cfg, base, data, collator, algorithm: str, lora: bool, partition: 
     eval_steps = cfg["local_steps"] * cfg["eval_every_rounds"]
     args = FSLSageConfig(
         output_dir=out_dir, algorithm=algorithm, num_clients=cfg["num_clients"], local_steps=cfg["local_steps"],
-        max_steps=cfg["max_steps"], partition=partition, partition_column="mr", partition_key="customer rating",
+        max_steps=cfg["max_steps"], partition=partition, partition_column="customer rating",
         dirichlet_alpha=0.5, per_device_train_batch_size=cfg["batch"], per_device_eval_batch_size=32,
         cut_layer=cfg["cut_layer"], aux_num_layers=cfg["aux_num_layers"],
         server_update_interval=cfg["server_update_interval"], align_interval=cfg["align_interval"],
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {"config": {**cfg, "seed": opts.seed, "quick": opts.quick, "data_file": DATA.name,
                                           "data": data["sizes"], "vocab_size": data["vocab_size"],
-                                          "partition_key": "customer rating", "dirichlet_alpha": 0.5,
+                                          "partition_column": "customer rating", "dirichlet_alpha": 0.5,
                                           "jobs": opts.jobs, "threads": opts.threads},
                                "base": base_info, "settings": {}}
     settings = [(partition, lora) for lora in (True, False) for partition in ("iid", "dirichlet")]

@@ -46,8 +46,8 @@ def check_family(model_type: str) -> dict:
     import torch
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from hf_fsl_sage.split import UNSUPPORTED_MODEL_TYPES
-    from hf_fsl_sage.testing import FAMILY_NOTES, max_split_diff, tiny_causal_lm
+    from hf_fsl_sage.splitting.split import UNSUPPORTED_MODEL_TYPES
+    from hf_fsl_sage.testing_utils import FAMILY_NOTES, max_split_diff, tiny_causal_lm
 
     row = {"family": model_type, "model_class": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}
     if model_type in FAMILY_NOTES:

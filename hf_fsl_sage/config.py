@@ -9,7 +9,8 @@ import torch
 
 from transformers import TrainingArguments
 
-PARTITIONS = ("iid", "dirichlet")
+from .federation.partition import SCHEMES as PARTITIONS
+
 AUX_INITS = ("server_blocks", "random")
 
 
@@ -45,9 +46,6 @@ class FSLSageConfig(TrainingArguments):
         partition_column (`str` or `None`, defaults to `None`):
             Column of the training set whose values define the groups of the Dirichlet partition.
             Required with `partition="dirichlet"`.
-        partition_key (`str` or `None`, defaults to `None`):
-            With an E2E `mr` column as `partition_column`, the meaning-representation attribute
-            (e.g. `"eatType"`, `"food"`) whose value is the group.
 
         > Split and auxiliary model
 
@@ -108,9 +106,6 @@ class FSLSageConfig(TrainingArguments):
     partition_column: str | None = field(
         default=None, metadata={"help": "Column whose values group examples for the Dirichlet partition."}
     )
-    partition_key: str | None = field(
-        default=None, metadata={"help": "E2E meaning-representation attribute used as the group (e.g. eatType)."}
-    )
     # Split and auxiliary model
     cut_layer: int = field(default=1, metadata={"help": "Clients hold blocks [0, cut_layer); 1..num_blocks-1."})
     aux_num_layers: int = field(default=3, metadata={"help": "Decoder blocks in each auxiliary model (>= 1)."})
@@ -170,7 +165,7 @@ class FSLSageConfig(TrainingArguments):
         if self.partition == "dirichlet":
             need(self.partition_column is not None,
                  "partition='dirichlet' needs partition_column (the column whose values define the groups, "
-                 "e.g. partition_column='mr', partition_key='eatType' for E2E).")
+                 "e.g. a label column; for E2E, hf_fsl_sage.e2e.data.with_mr_slot_column(ds, 'food') adds one).")
         if self.align_learning_rate is not None:
             need(self.align_learning_rate > 0, f"align_learning_rate={self.align_learning_rate!r} must be > 0.")
         need(self.gradient_accumulation_steps == 1,

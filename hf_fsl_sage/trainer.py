@@ -16,20 +16,19 @@ from transformers.modeling_outputs import CausalLMOutput
 from transformers.utils import logging
 
 from .algorithms import ALGORITHMS
-from .communication import LocalTransport
+from .transport.base import LocalTransport
 from .config import FSLSageConfig
-from .data import split_lm_collator, tokenize_text
-from .distributed import DistributedTransport
-from .federation import Federation, Party
-from .partition import partition
-from .placement import Placement
-from .schedule import GlobalStepDataset, RoundSchedule
-from .split import split_causal_lm
+from .federation.data import prepare_dataset, split_lm_collator
+from .transport.distributed import DistributedTransport
+from .federation.federation import Federation, Party
+from .federation.partition import partition
+from .transport.placement import Placement
+from .federation.schedule import GlobalStepDataset, RoundSchedule
+from .splitting.split import split_causal_lm
 
 logger = logging.get_logger(__name__)
 
 FEDERATION_STATE = "federation.pt"
-MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
 class RoleOptimizers:
@@ -142,12 +141,12 @@ class FSLSageTrainer(Trainer):
         if train_dataset is None:
             raise ValueError("FSLSageTrainer needs a train_dataset (its rows are partitioned among the clients).")
         parts = partition(train_dataset, args.num_clients, args.partition, args.seed, args.dirichlet_alpha,
-                          args.partition_column, args.partition_key)
-        train_dataset = _prepare_dataset(train_dataset, processing_class, "train_dataset")
+                          args.partition_column)
+        train_dataset = prepare_dataset(train_dataset, processing_class, "train_dataset")
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: _prepare_dataset(v, processing_class, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
+            eval_dataset = {k: prepare_dataset(v, processing_class, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
-            eval_dataset = _prepare_dataset(eval_dataset, processing_class, "eval_dataset")
+            eval_dataset = prepare_dataset(eval_dataset, processing_class, "eval_dataset")
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("Pass processing_class (the tokenizer) or a data_collator to pad batches.")
@@ -343,7 +342,7 @@ class FSLSageTrainer(Trainer):
         and ``metrics`` (a dict added to the last evaluation's) are understood.
         """
         if self.is_world_process_zero():
-            from .model_card import write_model_card
+            from .integrations.model_card import write_model_card
 
             write_model_card(self, **kwargs)
 
@@ -414,20 +413,3 @@ def _only_item(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _unchanged(tensors):
     return tensors
-
-
-def _prepare_dataset(ds: datasets.Dataset, tokenizer, name: str) -> datasets.Dataset:
-    """Tokenize a ``text`` column if needed, add ``labels`` if missing, keep only model columns."""
-    if "input_ids" not in ds.column_names:
-        if "text" not in ds.column_names:
-            raise ValueError(f"{name} needs an 'input_ids' column or a 'text' column; it has {ds.column_names}.")
-        if tokenizer is None:
-            raise ValueError(f"{name} has a 'text' column: pass processing_class (the tokenizer) to tokenize it.")
-        ds = tokenize_text(ds, tokenizer, max_length=min(getattr(tokenizer, "model_max_length", 1024), 1024))
-    if "labels" not in ds.column_names:
-        def add_labels(row):
-            mask = row.get("attention_mask") or [1] * len(row["input_ids"])
-            return {"labels": [t if m else -100 for t, m in zip(row["input_ids"], mask)]}
-
-        ds = ds.map(add_labels)
-    return ds.remove_columns([c for c in ds.column_names if c not in MODEL_COLUMNS])

@@ -61,11 +61,10 @@ except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
-from hf_fsl_sage.comm_plot import CommBytesAtEvaluation, plot_loss_vs_comm
-from hf_fsl_sage.data import E2E_SAMPLE_PATH, load_e2e, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
-from hf_fsl_sage.e2e_eval import GenerationEvalCallback, GenerationSettings, evaluate_e2e_generation
-from hf_fsl_sage.metrics import METRIC_NAMES
-from hf_fsl_sage.model_card import E2E_ATTRIBUTION
+from hf_fsl_sage.integrations.plotting import CommBytesAtEvaluation, plot_loss_vs_comm
+from hf_fsl_sage.e2e.data import E2E_ATTRIBUTION, E2E_SAMPLE_PATH, load_e2e, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
+from hf_fsl_sage.e2e.evaluation import GenerationEvalCallback, GenerationSettings, evaluate_e2e_generation
+from hf_fsl_sage.e2e.metrics import METRIC_NAMES
 
 logger = logging.getLogger("gpt2m_e2e")
 

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import datasets
 
-from hf_fsl_sage.data import E2E_SAMPLE_PATH, load_e2e_csv, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
+from hf_fsl_sage.e2e.data import E2E_SAMPLE_PATH, load_e2e_csv, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
 
 
 @lru_cache(maxsize=None)

@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.algorithms import ALGORITHMS
-from hf_fsl_sage.auxiliary import trainable_parameters
-from hf_fsl_sage.data import E2E_SAMPLE_PATH, load_e2e_csv, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
-from hf_fsl_sage.schedule import GlobalStepDataset
+from hf_fsl_sage.algorithms.auxiliary import trainable_parameters
+from hf_fsl_sage.e2e.data import E2E_SAMPLE_PATH, load_e2e_csv, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
+from hf_fsl_sage.federation.schedule import GlobalStepDataset
 
 ALGORITHM_NAMES = ["fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
 SPLITFED = ("splitfed_v1", "splitfed_v2")

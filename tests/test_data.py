@@ -4,8 +4,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from hf_fsl_sage import data
-from hf_fsl_sage.data import (
+from hf_fsl_sage.e2e import data
+from hf_fsl_sage.e2e.data import (
     E2E_SAMPLE_PATH,
     IGNORE_INDEX,
     e2e_prompt,

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_fsl_sage.communication import payload_nbytes
-from hf_fsl_sage.distributed import flatten, pack, unflatten, unpack
-from hf_fsl_sage.placement import Placement, party_seed
-from hf_fsl_sage.split import Smashed
+from hf_fsl_sage.transport.base import payload_nbytes
+from hf_fsl_sage.transport.distributed import flatten, pack, unflatten, unpack
+from hf_fsl_sage.transport.placement import Placement, party_seed
+from hf_fsl_sage.splitting.split import Smashed
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "distributed_run.py"

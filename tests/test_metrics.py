@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_fsl_sage.metrics import METRIC_NAMES, METRICS_DIR, _coco, _mteval, _tokenize, compute_e2e_metrics, load_metric
+from hf_fsl_sage.e2e.metrics import METRIC_NAMES, METRICS_DIR, _coco, _mteval, _tokenize, compute_e2e_metrics, load_metric
 
 HAS_JAVA = shutil.which("java") is not None
 HAS_COCO = importlib.util.find_spec("pycocoevalcap") is not None
@@ -258,7 +258,7 @@ def test_evaluate_load_works_offline(tmp_path: Path) -> None:
     script = f"""
 import json
 import evaluate
-from hf_fsl_sage.metrics import METRICS_DIR
+from hf_fsl_sage.e2e.metrics import METRICS_DIR
 out = {{}}
 for name in {list(METRIC_NAMES)!r}:
     module = evaluate.load(str(METRICS_DIR / name))

@@ -4,8 +4,8 @@ import datasets
 import numpy as np
 import pytest
 
-from hf_fsl_sage.data import E2E_SAMPLE_PATH, load_e2e_csv
-from hf_fsl_sage.partition import (
+from hf_fsl_sage.e2e.data import E2E_SAMPLE_PATH, load_e2e_csv, mr_slot
+from hf_fsl_sage.federation.partition import (
     NONE_GROUP,
     client_datasets,
     describe_partition,
@@ -42,7 +42,7 @@ def test_iid_too_few_examples():
 
 @pytest.mark.parametrize("alpha", [0.01, 0.5, 100.0])
 def test_dirichlet_cover_and_min_size(sample, alpha):
-    groups = partition_groups(sample, key="customer rating")
+    groups = partition_groups(sample, mr_slot("customer rating"))
     parts = partition_dirichlet(groups, num_clients=10, alpha=alpha, seed=0, min_size=5)
     _assert_exact_cover(parts, len(sample))
     assert len(parts) == 10
@@ -57,7 +57,7 @@ def test_dirichlet_impossible_min_size():
 
 
 def test_dirichlet_small_alpha_is_more_skewed(sample):
-    groups = partition_groups(sample, key="customer rating")
+    groups = partition_groups(sample, mr_slot("customer rating"))
 
     def skew(alpha):
         return np.mean(
@@ -75,33 +75,33 @@ def test_dirichlet_small_alpha_is_more_skewed(sample):
 
 
 def test_dirichlet_reproducible(sample):
-    groups = partition_groups(sample, key="eatType")
+    groups = partition_groups(sample, mr_slot("eatType"))
     a = partition_dirichlet(groups, 5, 0.5, seed=3)
     assert partition_dirichlet(groups, 5, 0.5, seed=3) == a
     assert partition_dirichlet(groups, 5, 0.5, seed=4) != a
 
 
 def test_partition_groups_by_mr_key(sample):
-    groups = partition_groups(sample, key="eatType")
+    groups = partition_groups(sample, mr_slot("eatType"))
     assert Counter(groups) == {"coffee shop": 937, NONE_GROUP: 266}
-    food = Counter(partition_groups(sample, key="food"))
+    food = Counter(partition_groups(sample, mr_slot("food")))
     assert food == {"English": 448, "Chinese": 406, NONE_GROUP: 349}
-    with pytest.raises(ValueError, match="column= .* or key="):
-        partition_groups(sample)
     with pytest.raises(ValueError, match="No column 'label'"):
-        partition_groups(sample, column="label")
+        partition_groups(sample, "label")
 
 
 def test_partition_dispatch(sample):
     iid = partition(sample, 4, scheme="iid", seed=0)
     assert iid == partition_iid(len(sample), 4, seed=0)
-    by_food = partition(sample, 4, scheme="dirichlet", seed=0, alpha=0.3, key="food")
+    by_food = partition(sample, 4, scheme="dirichlet", seed=0, alpha=0.3, group_by=mr_slot("food"))
     _assert_exact_cover(by_food, len(sample))
+    with pytest.raises(ValueError, match="needs group_by"):
+        partition(sample, 4, scheme="dirichlet")
     with pytest.raises(ValueError, match="Unknown partition scheme 'shards'"):
         partition(sample, 4, scheme="shards")
 
     labelled = datasets.Dataset.from_dict({"text": ["x"] * 40, "label": [i % 4 for i in range(40)]})
-    parts = partition(labelled, 4, scheme="dirichlet", seed=0, alpha=1.0, column="label")
+    parts = partition(labelled, 4, scheme="dirichlet", seed=0, alpha=1.0, group_by="label")
     _assert_exact_cover(parts, 40)
     assert [len(d) for d in client_datasets(labelled, parts)] == [len(p) for p in parts]
 

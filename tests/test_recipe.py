@@ -17,8 +17,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from hf_fsl_sage.data import E2E_SEPARATOR, IGNORE_INDEX, load_e2e_csv
-from hf_fsl_sage.metrics import METRIC_NAMES
+from hf_fsl_sage.e2e.data import E2E_SEPARATOR, IGNORE_INDEX, load_e2e_csv
+from hf_fsl_sage.e2e.metrics import METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "gpt2m_e2e.py"
@@ -171,8 +171,8 @@ def test_push_to_hub_folder_loads_and_reproduces_the_trained_model(tmp_path, fak
 def test_batched_left_padded_generation_matches_one_prompt_at_a_time():
     from transformers import GPT2Config
 
-    from hf_fsl_sage.data import offline_gpt2_tokenizer
-    from hf_fsl_sage.e2e_eval import GenerationSettings, generate_texts, group_references
+    from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer
+    from hf_fsl_sage.e2e.evaluation import GenerationSettings, generate_texts, group_references
 
     tokenizer = offline_gpt2_tokenizer()
     torch.manual_seed(0)

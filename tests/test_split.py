@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from hf_fsl_sage import Smashed, split_causal_lm
-from hf_fsl_sage.testing import SLIDING_WINDOW, max_split_diff, sample_batch, tiny_causal_lm, tiny_config
+from hf_fsl_sage.testing_utils import SLIDING_WINDOW, max_split_diff, sample_batch, tiny_causal_lm, tiny_config
 
 FAMILIES = [
     "gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "falcon", "gpt_bigcode", "mpt", "llama", "mistral",

@@ -12,8 +12,8 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
-from hf_fsl_sage.auxiliary import trainable_parameters
-from hf_fsl_sage.schedule import GlobalStepDataset
+from hf_fsl_sage.algorithms.auxiliary import trainable_parameters
+from hf_fsl_sage.federation.schedule import GlobalStepDataset
 
 
 def tiny_gpt2(vocab: int, seed: int = 0, dropout: float = 0.0, pretrained: bool = False):
@@ -210,7 +210,7 @@ def test_llama_lora_split_has_adapters_on_both_halves(tmp_path):
 def test_text_column_and_dirichlet_partition(tmp_path):
     import datasets
 
-    from hf_fsl_sage.data import offline_gpt2_tokenizer
+    from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer
 
     texts = [f"the {c} shop serves {f} food" for c in ("coffee", "tea", "pizza", "noodle") for f in ("thai", "french")]
     ds = datasets.Dataset.from_dict({"text": texts * 4, "group": [t.split()[1] for t in texts] * 4})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .base import Algorithm, StepResult
 from .cse_fsl import CSEFSL
 from .fedavg import FedAvg
-from .fsl_sage import FSLSage
+from .fsl_sage.algorithm import FSLSage
 from .splitfed import SplitFedV1, SplitFedV2
 
 ALGORITHMS: dict[str, type[Algorithm]] = {

@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..federation import Client, Federation
-from ..placement import party_seed
+from ..federation.federation import Client, Federation
+from ..transport.placement import party_seed
 
 
 class StepResult(dict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..federation import Client, clip_and_step
+from ..federation.federation import Client, clip_and_step
 from .base import Algorithm, StepResult
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..federation import Client
+from ..federation.federation import Client
 from .base import Algorithm, StepResult
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..federation import Client, Party, clip_and_step
-from ..loss import ChunkedLMLoss
-from ..split import Smashed
+from ..federation.federation import Client, Party, clip_and_step
+from ..splitting.loss import ChunkedLMLoss
+from ..splitting.split import Smashed
 from .base import Algorithm, StepResult
 
 

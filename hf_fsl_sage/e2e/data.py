@@ -24,15 +24,23 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from transformers import DataCollatorForSeq2Seq, GPT2TokenizerFast, PreTrainedTokenizerBase
+from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase
+
+from ..federation.data import split_lm_collator, tokenize_text
+from ..splitting.loss import IGNORE_INDEX
 
 RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
 GPT2_TOKENIZER_DIR = RESOURCES_DIR / "gpt2-tokenizer"
 E2E_SAMPLE_PATH = RESOURCES_DIR / "e2e" / "e2e_sample.csv"
 
+E2E_ATTRIBUTION = """\
+Trained on the **E2E NLG** dataset by Jekaterina Novikova, Ondřej Dušek and Verena Rieser,
+"The E2E Dataset: New Challenges for End-to-End Generation", Proceedings of the 18th Annual
+SIGDIAL Meeting on Discourse and Dialogue, 2017 (arXiv:1706.09254), licensed under
+[CC BY-SA 4.0](https://creativecommons.org/licenses/by-sa/4.0/)."""
+
 E2E_SEPARATOR = " |||"
 E2E_COLUMNS = ("mr", "ref")
-IGNORE_INDEX = -100
 
 # Column names used by the Hub versions of E2E, mapped to ours.
 _HUB_COLUMN_MAP = {
@@ -190,6 +198,23 @@ def mr_attribute(mr: str, key: str) -> str | None:
     return parse_mr(mr).get(key)
 
 
+def mr_slot(key: str, column: str = "mr"):
+    """A ``group_by`` for :func:`~hf_fsl_sage.federation.partition.partition`: the slot ``key`` of a row's
+    meaning representation (``None``, its own group, when the slot is absent)."""
+
+    def group(row: dict) -> str | None:
+        return mr_attribute(row[column], key)
+
+    group.__name__ = f"mr_slot({key!r})"
+    return group
+
+
+def with_mr_slot_column(ds: datasets.Dataset, key: str, name: str | None = None, column: str = "mr") -> datasets.Dataset:
+    """``ds`` with a column (``name``, default ``key``) holding each row's slot ``key`` (``None`` where absent),
+    ready to be an :class:`~hf_fsl_sage.FSLSageConfig` ``partition_column``."""
+    return ds.add_column(name or key, [mr_attribute(mr, key) for mr in ds[column]])
+
+
 def e2e_prompt(mr: str, separator: str = E2E_SEPARATOR) -> str:
     """Generation prompt for a meaning representation: ``mr`` + ``separator``.
 
@@ -241,56 +266,3 @@ def tokenize_e2e(
         return out
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names, num_proc=num_proc)
-
-
-def tokenize_text(
-    ds: datasets.Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int = 128,
-    text_column: str = "text",
-    add_eos: bool = True,
-    num_proc: int | None = None,
-) -> datasets.Dataset:
-    """Tokenize a plain-text column for causal LM training (``labels`` = ``input_ids``).
-
-    Blank rows are dropped. Texts are truncated to ``max_length`` tokens, the EOS
-    included when ``add_eos``. The original columns are removed.
-    """
-    if text_column not in ds.column_names:
-        raise ValueError(f"No {text_column!r} column (found {ds.column_names}); pass text_column=...")
-    if add_eos and tokenizer.eos_token_id is None:
-        raise ValueError("add_eos=True but the tokenizer has no EOS token.")
-    ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b[text_column]], batched=True)
-    budget = max_length - 1 if add_eos else max_length
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
-        ids = [x[:budget] + ([tokenizer.eos_token_id] if add_eos else []) for x in ids]
-        return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": [list(x) for x in ids]}
-
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, num_proc=num_proc)
-
-
-# --------------------------------------------------------------------------- batching
-
-
-def split_lm_collator(
-    tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None
-) -> DataCollatorForSeq2Seq:
-    """Collator padding on the right: ``input_ids`` with the pad id, ``attention_mask``
-    with 0 and ``labels`` with -100.
-
-    transformers' ``DataCollatorForSeq2Seq`` does exactly this for a decoder-only
-    model when no ``model`` is passed and the tokenizer pads on the right.
-    """
-    if tokenizer.pad_token_id is None:
-        raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token.")
-    if tokenizer.padding_side != "right":
-        raise ValueError(
-            f"tokenizer.padding_side is {tokenizer.padding_side!r}; training batches must be padded on "
-            "the right. Set tokenizer.padding_side = 'right' (use left padding only for generation)."
-        )
-    return DataCollatorForSeq2Seq(
-        tokenizer, padding=True, pad_to_multiple_of=pad_to_multiple_of, label_pad_token_id=IGNORE_INDEX
-    )
-

@@ -1,8 +1,8 @@
 """E2E NLG Challenge NIST: corpus NIST-5 of NIST mteval-v13a over multiple references."""
 
-from hf_fsl_sage.metrics import _base
-from hf_fsl_sage.metrics._common import INPUTS_DESCRIPTION, PRESERVE_CASE_ARG
-from hf_fsl_sage.metrics._mteval import MtevalStats, NistResult, nist_from_stats
+from hf_fsl_sage.e2e.metrics import _base
+from hf_fsl_sage.e2e.metrics._common import INPUTS_DESCRIPTION, PRESERVE_CASE_ARG
+from hf_fsl_sage.e2e.metrics._mteval import MtevalStats, NistResult, nist_from_stats
 
 _DESCRIPTION = """
 Corpus-level NIST (n-grams up to 5) exactly as the E2E NLG Challenge computes it with

@@ -1,15 +1,15 @@
 """E2E NLG Challenge METEOR: METEOR 1.5 (jar and paraphrase table from pycocoevalcap)."""
 
-from hf_fsl_sage.metrics import _base
-from hf_fsl_sage.metrics._common import (
+from hf_fsl_sage.e2e.metrics import _base
+from hf_fsl_sage.e2e.metrics._common import (
     COCO_CAPTION_URL,
     COCO_TOKENIZER_ARG,
     INPUTS_DESCRIPTION,
     check_inputs,
 )
-from hf_fsl_sage.metrics._java import JavaToolUnavailable
-from hf_fsl_sage.metrics._meteor import meteor_scores, meteor_unavailable_reason
-from hf_fsl_sage.metrics._tokenize import coco_tokenize_pairs
+from hf_fsl_sage.e2e.metrics._java import JavaToolUnavailable
+from hf_fsl_sage.e2e.metrics._meteor import meteor_scores, meteor_unavailable_reason
+from hf_fsl_sage.e2e.metrics._tokenize import coco_tokenize_pairs
 
 _DESCRIPTION = """
 METEOR as the E2E NLG Challenge reports it: the official METEOR 1.5 jar (English,

@@ -326,7 +326,7 @@ def _labels(inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
 def max_split_diff(model: PreTrainedModel, cut_layers: list[int] | None = None, seq_len: int = 12,
                    cases: list[str] | None = None) -> tuple[float, float]:
     """Largest |Δlogit| and |Δloss| between ``server(client(x))`` and ``model(x)`` over cuts and padding cases."""
-    from .split import split_causal_lm
+    from .splitting.split import split_causal_lm
 
     num_layers = split_causal_lm(model, 1).num_layers
     batches = sample_batch(model, seq_len=seq_len)

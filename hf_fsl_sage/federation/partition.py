@@ -1,8 +1,8 @@
 """Partition a training set among federated clients.
 
 * ``iid``: a random permutation cut into ``num_clients`` near-equal parts.
-* ``dirichlet``: non-IID by group (a label, or for E2E a slot of the meaning
-  representation such as ``eatType`` or ``food``). For every group, client
+* ``dirichlet``: non-IID by group (the value of a column, or of any function
+  of a row, e.g. a slot of E2E's meaning representation). For every group, client
   shares are drawn from Dirichlet(alpha): small ``alpha`` concentrates each
   group on few clients, large ``alpha`` approaches IID.
 
@@ -13,13 +13,11 @@ each index of the dataset appears in exactly one client.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import datasets
 import numpy as np
-
-from .data import mr_attribute
 
 NONE_GROUP = "<none>"
 SCHEMES = ("iid", "dirichlet")
@@ -104,22 +102,24 @@ def _repair(parts: list[list[int]], min_size: int, rng: np.random.Generator) -> 
         parts[low].append(donor.pop())
 
 
-def partition_groups(ds: datasets.Dataset, column: str | None = None, key: str | None = None) -> list[Hashable]:
-    """Group of every row: the value of ``column``, or with ``key`` the slot ``key`` of the
-    meaning representation in ``column`` (default ``"mr"``); rows without that slot
-    form the group :data:`NONE_GROUP`.
+GroupBy = str | Callable[[dict[str, Any]], Hashable]
+
+
+def partition_groups(ds: datasets.Dataset, group_by: GroupBy) -> list[Hashable]:
+    """Group of every row: the value of column ``group_by``, or ``group_by(row)`` for a callable.
+
+    ``None`` values form the group :data:`NONE_GROUP`.
     """
-    if column is None and key is None:
-        raise ValueError("Pass column= (a label column) or key= (an E2E slot such as 'eatType') to group rows.")
-    column = column or "mr"
-    if column not in ds.column_names:
-        raise ValueError(f"No column {column!r} to group by (found {ds.column_names}).")
-    values = ds[column]
-    if key is not None:
-        return [mr_attribute(v, key) or NONE_GROUP for v in values]
-    if values and not isinstance(values[0], Hashable):
-        raise ValueError(f"Column {column!r} holds unhashable values ({type(values[0]).__name__}); group by another.")
-    return list(values)
+    if callable(group_by):
+        values = [group_by(row) for row in ds]
+    else:
+        if group_by not in ds.column_names:
+            raise ValueError(f"No column {group_by!r} to group by (found {ds.column_names}); pass the name of a "
+                             "column of the training set, or a function of a row.")
+        values = ds[group_by]
+    if values and not all(isinstance(v, Hashable) for v in values):
+        raise ValueError(f"The groups of {group_by!r} are unhashable ({type(values[0]).__name__}); group by another.")
+    return [NONE_GROUP if v is None else v for v in values]
 
 
 def partition(
@@ -128,21 +128,20 @@ def partition(
     scheme: str = "iid",
     seed: int = 0,
     alpha: float = 0.5,
-    column: str | None = None,
-    key: str | None = None,
+    group_by: GroupBy | None = None,
     min_size: int = 1,
 ) -> list[list[int]]:
     """Partition the rows of ``ds`` among ``num_clients`` clients.
 
-    ``scheme="iid"`` ignores ``alpha``/``column``/``key``. ``scheme="dirichlet"``
-    groups rows by ``column`` or, for E2E, by the ``key`` slot of the ``mr``
-    column (e.g. ``key="eatType"``), and calls :func:`partition_dirichlet`.
+    ``scheme="iid"`` ignores ``alpha`` and ``group_by``. ``scheme="dirichlet"`` groups rows by
+    ``group_by`` (a column name or a function of a row) and calls :func:`partition_dirichlet`.
     """
     if scheme == "iid":
         return partition_iid(len(ds), num_clients, seed)
     if scheme == "dirichlet":
-        groups = partition_groups(ds, column, key)
-        return partition_dirichlet(groups, num_clients, alpha, seed, min_size=min_size)
+        if group_by is None:
+            raise ValueError("scheme='dirichlet' needs group_by: a column name or a function of a row.")
+        return partition_dirichlet(partition_groups(ds, group_by), num_clients, alpha, seed, min_size=min_size)
     raise ValueError(f"Unknown partition scheme {scheme!r}; choose one of {SCHEMES}.")
 
 

@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from .aggregation import weighted_average
-from .auxiliary import build_aux_model, trainable_parameters
-from .communication import Transport
-from .config import FSLSageConfig
-from .loss import ChunkedLMLoss
-from .placement import Placement, party_seed
-from .split import Smashed, SplitCausalLM
+from ..algorithms.auxiliary import build_aux_model, trainable_parameters
+from ..transport.base import Transport
+from ..config import FSLSageConfig
+from ..splitting.loss import ChunkedLMLoss
+from ..transport.placement import Placement, party_seed
+from ..splitting.split import Smashed, SplitCausalLM
 
 OptimizerFactory = Callable[[nn.Module, float | None], tuple[torch.optim.Optimizer, object]]
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .split import Smashed
+from ..splitting.split import Smashed
 
 T = TypeVar("T")
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loss import ChunkedLMLoss
-from .split import Smashed, SplitCausalLM, SplitServer
-from .stand_ins import _has_params, _owner_paths, _path_of, _SkippedBlock, _with_replaced
+from ..splitting.loss import ChunkedLMLoss
+from ..splitting.split import Smashed, SplitCausalLM, SplitServer
+from ..splitting.stand_ins import _has_params, _owner_paths, _path_of, _SkippedBlock, _with_replaced
 
 
 class TiedHead(nn.Module):

@@ -1,8 +1,8 @@
 """E2E NLG Challenge ROUGE-L: the MS-COCO caption evaluation's sentence-averaged ROUGE-L."""
 
-from hf_fsl_sage.metrics import _base
-from hf_fsl_sage.metrics._coco import rouge_l
-from hf_fsl_sage.metrics._common import COCO_TOKENIZER_ARG, INPUTS_DESCRIPTION
+from hf_fsl_sage.e2e.metrics import _base
+from hf_fsl_sage.e2e.metrics._coco import rouge_l
+from hf_fsl_sage.e2e.metrics._common import COCO_TOKENIZER_ARG, INPUTS_DESCRIPTION
 
 _DESCRIPTION = """
 ROUGE-L as the MS-COCO caption evaluation code computes it for the E2E NLG Challenge:

@@ -15,7 +15,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-__all__ = ["E2E_ATTRIBUTION", "FSL_SAGE_CITATION", "render_model_card", "write_model_card"]
+__all__ = ["FSL_SAGE_CITATION", "render_model_card", "write_model_card"]
 
 FSL_SAGE_CITATION = """\
 @inproceedings{nair2025fslsage,
@@ -26,12 +26,6 @@ FSL_SAGE_CITATION = """\
   eprint    = {2505.23182},
   archivePrefix = {arXiv}
 }"""
-
-E2E_ATTRIBUTION = """\
-Trained on the **E2E NLG** dataset by Jekaterina Novikova, Ondřej Dušek and Verena Rieser,
-"The E2E Dataset: New Challenges for End-to-End Generation", Proceedings of the 18th Annual
-SIGDIAL Meeting on Discourse and Dialogue, 2017 (arXiv:1706.09254), licensed under
-[CC BY-SA 4.0](https://creativecommons.org/licenses/by-sa/4.0/)."""
 
 _ALGORITHM_NAMES = {
     "fsl_sage": "FSL-SAGE (federated split learning with smashed-activation gradient estimation)",
@@ -83,8 +77,7 @@ def _parameters(trainer: Any) -> list[tuple[str, Any]]:
         ("clients per round", args.participants_per_round),
         ("local steps per round", args.local_steps),
         ("partition", args.partition if args.partition == "iid" else
-         f"dirichlet(alpha={args.dirichlet_alpha}) over `{args.partition_column}`"
-         + (f" / `{args.partition_key}`" if args.partition_key else "")),
+         f"dirichlet(alpha={args.dirichlet_alpha}) over `{args.partition_column}`"),
         ("batch size per client", args.per_device_train_batch_size),
         ("learning rate / warm-up / schedule",
          f"{args.learning_rate} / {args.warmup_steps} / {_fmt(args.lr_scheduler_type)}"),

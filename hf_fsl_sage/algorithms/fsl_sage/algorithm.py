@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..auxiliary import align
-from ..federation import Client, load_trainable_state, trainable_state
-from .base import Algorithm, StepResult
+from ...federation.federation import Client, load_trainable_state, trainable_state
+from ..base import Algorithm, StepResult
 
 
 class FSLSage(Algorithm):

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .communication import DOWN, UP, Layout, Transport, deliver, flatten, payload_nbytes, unflatten
+from .base import DOWN, UP, Layout, Transport, deliver, flatten, payload_nbytes, unflatten
 from .placement import SERVER_RANK, Placement
 
 T = TypeVar("T")
