@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from hf_fsl_sage.e2e.metrics import METRIC_NAMES, METRICS_DIR, _coco, _mteval, _tokenize, compute_e2e_metrics, load_metric
+from hf_fsl_sage.e2e.metrics import (
+    METRIC_NAMES,
+    METRICS_DIR,
+    _coco,
+    _mteval,
+    _tokenize,
+    compute_e2e_metrics,
+    load_metric,
+)
 
 HAS_JAVA = shutil.which("java") is not None
 HAS_COCO = importlib.util.find_spec("pycocoevalcap") is not None
@@ -46,10 +54,11 @@ REFERENCES = [
     ],
     ["The Rice Boat restaurant is not family-friendly."],
 ]
-# Printed (12 decimals) by the scoring subroutines of mteval-v13a-sig.pl on the corpus
-# above, references padded with empty ones to 4 per segment as the E2E scripts do.
+# The E2E challenge's scorer (its adapted mteval-v13a-sig.pl, references padded with empty
+# ones to 4 per segment as its scripts do) on the corpus above: BLEU printed to 12 decimals,
+# NIST to 10. (Unadapted mteval-v13a, dividing by 4 references, prints NIST 4.911705673398.)
 MTEVAL_BLEU = 0.404703570150
-MTEVAL_NIST = 4.911705673398
+E2E_NIST = 4.8316847837
 
 
 def _bleu(predictions: list[str], references: list[list[str]]) -> float:
@@ -128,9 +137,27 @@ def test_nist_information_weights_and_brevity_penalty() -> None:
 
 
 def test_bleu_nist_match_mteval_on_e2e_sample() -> None:
-    # Varying reference counts exercise the padded average reference length of NIST.
+    # Varying reference counts (3, 2, 4, 1) exercise NIST's average reference length.
     assert _bleu(PREDICTIONS, REFERENCES) == pytest.approx(MTEVAL_BLEU, abs=1e-11)
-    assert _nist(PREDICTIONS, REFERENCES) == pytest.approx(MTEVAL_NIST, abs=1e-11)
+    assert _nist(PREDICTIONS, REFERENCES) == pytest.approx(E2E_NIST, abs=1e-10)
+
+
+def test_nist_length_penalty_of_short_outputs_uses_the_mean_number_of_references() -> None:
+    # Refs "a b c d" + "e f g h" (segment 1) and "a b c d" (segment 2): 12 words, a, b, c, d twice.
+    # Both predictions are "a b": info(a) = info(b) = log2(12/2), info(a b) = log2(count(a)/count(a b)) = 0,
+    # so the information per order is log2(6) for 1-grams and 0 for 2-grams.
+    # Average reference length: 12 words / (3 references / 2 segments) = 8, against 4 predicted words:
+    # ratio 1/2 and penalty exp(-beta ln(1/2)^2). Dividing by the largest reference count (2) instead
+    # would give 6, ratio 2/3 and penalty 1/2.
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    result = load_metric("nist").compute(predictions=["a b", "a b"], references=[["a b c d", "e f g h"], ["a b c d"]])
+    assert result["brevity_penalty"] == pytest.approx(math.exp(-beta * math.log(0.5) ** 2), abs=1e-12)
+    assert result["nist"] == pytest.approx(math.log2(6) * math.exp(-beta * math.log(0.5) ** 2), abs=1e-12)
+    assert result["info_per_order"] == pytest.approx([math.log2(6), 0, 0, 0, 0], abs=1e-12)
+    # Padding with empty references, as the E2E scripts do, changes nothing.
+    padded = load_metric("nist").compute(predictions=["a b", "a b"],
+                                         references=[["a b c d", "e f g h"], ["a b c d", ""]])
+    assert padded["nist"] == pytest.approx(result["nist"], abs=1e-12)
 
 
 def test_nist_reproduces_perl_truthiness_of_prefix_zero() -> None:
@@ -238,7 +265,7 @@ def test_e2e_metrics_match_official_pipeline() -> None:
     for name, value in official.items():
         assert scores[name] == pytest.approx(value, abs=1e-6), name
     assert scores["bleu"] == pytest.approx(MTEVAL_BLEU, abs=1e-11)
-    assert scores["nist"] == pytest.approx(MTEVAL_NIST, abs=1e-11)
+    assert scores["nist"] == pytest.approx(E2E_NIST, abs=1e-10)
 
 
 def test_without_java_meteor_is_none_with_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

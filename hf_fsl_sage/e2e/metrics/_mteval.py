@@ -8,9 +8,10 @@ n-gram precisions that have no match, and NIST information weights estimated fro
 references of the corpus.
 
 The E2E scripts pad every instance to the largest number of references with empty
-references; the only place where that padding matters is NIST's average reference
-length, which divides the total reference length by the *padded* number of
-references per segment. :func:`corpus_stats` reproduces this.
+references, and their adapted mteval skips those pads: NIST's average reference length
+is the total number of reference words divided by the *mean* number of non-empty
+references per segment (unadapted mteval-v13a, which expects the same number of
+references everywhere, divides by that number). :func:`corpus_stats` counts both.
 
 sacrebleu is not used: it has no NIST, and its BLEU lowercases with Unicode rules.
 """
@@ -98,7 +99,8 @@ class MtevalStats:
     """Sufficient statistics accumulated over a corpus (index ``n - 1`` holds n-grams)."""
 
     ref_length: int = 0
-    num_refs: int = 0
+    num_segments: int = 0
+    num_refs: int = 0  # non-empty references (at least one token) over all segments
     matches: list[int] = field(default_factory=lambda: [0] * NIST_MAX_N)
     hyp_ngrams: list[int] = field(default_factory=lambda: [0] * NIST_MAX_N)
     ref_ngrams: list[int] = field(default_factory=lambda: [0] * NIST_MAX_N)
@@ -115,7 +117,7 @@ def corpus_stats(
     hyps = [normalize(p, preserve_case) for p in predictions]
     refs = [[normalize(r, preserve_case) for r in rs] for rs in references]
     info = _information_weights(refs, max_n)
-    stats = MtevalStats(num_refs=max((len(rs) for rs in refs), default=0))
+    stats = MtevalStats(num_segments=len(refs), num_refs=sum(1 for rs in refs for r in rs if r))
     for hyp, seg_refs in zip(hyps, refs, strict=True):
         hyp_counts = _ngram_counts(hyp, max_n)
         max_ref_counts: dict[tuple[str, ...], int] = {}
@@ -193,12 +195,17 @@ class NistResult:
 
 
 def nist_from_stats(stats: MtevalStats, max_n: int = NIST_MAX_N) -> NistResult:
-    """NIST as mteval-v13a's ``nist_score`` (cumulative over orders 1..max_n)."""
+    """NIST as the E2E challenge's mteval-v13a scores it (cumulative over orders 1..max_n).
+
+    The length penalty compares the predicted words with the average reference length: total reference
+    words divided by the mean number of non-empty references per segment.
+    """
     per_order = [stats.matched_info[n] / max(stats.hyp_ngrams[n], 1) for n in range(max_n)]
     ref_words = stats.ref_ngrams[0]
     if ref_words == 0 or stats.num_refs == 0:
         penalty = 0.0  # mteval divides by zero here; no reference words means no score
     else:
-        penalty = nist_length_penalty(stats.hyp_ngrams[0] / (ref_words / stats.num_refs))
+        mean_refs = stats.num_refs / stats.num_segments
+        penalty = nist_length_penalty(stats.hyp_ngrams[0] / (ref_words / mean_refs))
     return NistResult(sum(per_order) * penalty, per_order, penalty)
 

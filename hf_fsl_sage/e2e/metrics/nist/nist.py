@@ -11,7 +11,8 @@ info(w1..wn) = log2(count(w1..wn-1) / count(w1..wn)) estimated on all references
 corpus, matched information summed per order and divided by the number of predicted
 n-grams of that order, times NIST's brevity penalty (0.5 when the output is 2/3 of
 the average reference length). As in the E2E scripts, the average reference length
-divides by the largest number of references any prediction has.
+is the total number of reference words divided by the mean number of non-empty
+references per prediction.
 """
 
 _KWARGS_DESCRIPTION = (
