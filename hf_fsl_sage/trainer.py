@@ -19,7 +19,7 @@ from .algorithms import ALGORITHMS
 from .transport.base import LocalTransport
 from .config import FSLSageConfig
 from .federation.data import prepare_dataset, split_lm_collator
-from .transport.distributed import DistributedTransport
+from .transport.distributed import DistributedTransport, broadcast_json
 from .federation.federation import Federation, Party
 from .federation.partition import partition
 from .transport.placement import Placement
@@ -293,9 +293,7 @@ class FSLSageTrainer(Trainer):
         if not self.placement.is_distributed:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) if self.placement.is_server else None
-        shared = [metrics]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        metrics = shared[0]
+        metrics = broadcast_json(metrics, self.args.device)
         if not self.placement.is_server:
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

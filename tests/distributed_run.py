@@ -5,7 +5,8 @@
 
 Writes ``D/final`` (the global model as a PEFT adapter) and, on the main process, ``D/result.json``
 (ledger, log history, placement). ``--kill_rank R --kill_step S`` makes process R die (SIGKILL) at the end of global step S;
-``--stall_rank R`` makes it hang there instead.
+``--stall_rank R`` makes it hang there instead. The moment of the kill (``D/killed_at``) and of the error the
+server's process raises (``D/failed_at``) are written as Unix times, so a test can time the detection alone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_fixtures import PadCollator, compact_e2e  # noqa: E402
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer  # noqa: E402
+from hf_fsl_sage.transport.base import FederationCommError  # noqa: E402
 
 
 class DieAt(TrainerCallback):
@@ -36,6 +38,8 @@ class DieAt(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if args.process_index == self.rank and state.global_step == self.step:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            Path(args.output_dir, "killed_at").write_text(repr(time.time()))
             if self.stall:
                 time.sleep(3600)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -83,7 +87,13 @@ def main() -> None:
                            stall=cli.kill_rank is None)]
     trainer = FSLSageTrainer(model=model, args=args, train_dataset=train, eval_dataset=evalset.select(range(32)),
                              data_collator=PadCollator(pad), peft_config=peft_config, callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=cli.resume)
+    try:
+        trainer.train(resume_from_checkpoint=cli.resume)
+    except FederationCommError:
+        if trainer.is_world_process_zero():
+            Path(cli.output_dir).mkdir(parents=True, exist_ok=True)
+            Path(cli.output_dir, "failed_at").write_text(repr(time.time()))
+        raise
     metrics = trainer.evaluate()
     trainer.save_model(os.path.join(cli.output_dir, "final"))
     if trainer.is_world_process_zero():

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,9 @@ from hf_fsl_sage.transport.base import payload_nbytes
 from hf_fsl_sage.transport.distributed import flatten, pack, unflatten, unpack
 from hf_fsl_sage.transport.placement import Placement, party_seed
 from hf_fsl_sage.splitting.split import Smashed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launching import accelerate_launch, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "distributed_run.py"
@@ -74,12 +75,6 @@ def test_wire_format_round_trips_every_payload_exactly():
 
 
 # ---------------------------------------------------------------- real processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -87,14 +82,16 @@ def _env() -> dict[str, str]:
 
 
 def _single(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(RUN), "--output_dir", str(out), *extra], env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    return run([sys.executable, str(RUN), "--output_dir", str(out), *extra], _env(), timeout=600)
 
 
 def _three(out: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-               "--main_process_port", str(_free_port()), str(RUN), "--output_dir", str(out), *extra]
-    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return accelerate_launch(CPU_CONFIG, [str(RUN), "--output_dir", str(out), *extra], _env(), timeout)
+
+
+def _detection_seconds(out: Path) -> float:
+    """Seconds from the moment a process was killed or stalled to the server's error, both inside the run."""
+    return float((out / "failed_at").read_text()) - float((out / "killed_at").read_text())
 
 
 def _check(done: subprocess.CompletedProcess) -> None:
@@ -132,11 +129,10 @@ def test_three_processes_train_exactly_like_one(tmp_path, algorithm):
 def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoint_resumes(tmp_path):
     """Process 2 dies (SIGKILL) in round 1: the job exits non-zero well within the timeout, the server names
     the process and the round, and resuming the last checkpoint in three processes gives the uninterrupted result."""
-    started = time.time()
     died = _three(tmp_path / "killed", "--save_steps", "2", "--kill_rank", "2", "--kill_step", "3",
                   "--ddp_timeout", "60")
-    elapsed = time.time() - started
-    assert died.returncode != 0 and elapsed < 60, (died.returncode, elapsed)
+    assert died.returncode != 0, died.stderr[-3000:]
+    assert _detection_seconds(tmp_path / "killed") < 30  # a dead peer is seen at once, not after the 60 s timeout
     assert "FederationCommError: the server's process could not receive the smashed message of client 1 from " \
            "process 2 (client 1) at round 1, global step 3" in died.stderr
     checkpoint = tmp_path / "killed" / "checkpoint-2"
@@ -161,10 +157,9 @@ def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoi
 @pytest.mark.slow
 def test_silent_client_process_times_out_with_a_clear_error(tmp_path):
     """Process 2 hangs in round 1: the server gives up after ddp_timeout and the job exits non-zero."""
-    started = time.time()
     hung = _three(tmp_path / "hung", "--stall_rank", "2", "--kill_step", "3", "--ddp_timeout", "10", timeout=300)
-    elapsed = time.time() - started
-    assert hung.returncode != 0 and elapsed < 60, (hung.returncode, elapsed)
+    assert hung.returncode != 0, hung.stderr[-3000:]
+    assert 10 <= _detection_seconds(tmp_path / "hung") < 40  # the timeout, plus the rest of a step on 2 shared cores
     assert "could not receive the smashed message of client 1 from process 2 (client 1) at round 1, global step 3: " \
            "that process stopped, died, or did not answer within the 10 s timeout (ddp_timeout)" in hung.stderr
 
@@ -186,11 +181,10 @@ def test_shipped_accelerate_configs_load_with_the_documented_sizes(name, process
 def test_recipe_runs_unchanged_in_three_processes(tmp_path):
     """The E2E recipe under accelerate launch: process 0 evaluates, generates and writes everything once."""
     out = tmp_path / "recipe"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-               "--main_process_port", str(_free_port()), str(ROOT / "recipes" / "gpt2m_e2e.py"), "--preset", "tiny",
-               "--max_steps", "4", "--local_steps", "2", "--eval_every_rounds", "1", "--max_generation_mrs", "2",
-               "--max_new_tokens", "8", "--num_beams", "2", "--output_dir", str(out)]
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
+    done = accelerate_launch(CPU_CONFIG, [str(ROOT / "recipes" / "gpt2m_e2e.py"), "--preset", "tiny",
+                                          "--max_steps", "4", "--local_steps", "2", "--eval_every_rounds", "1",
+                                          "--max_generation_mrs", "2", "--max_new_tokens", "8", "--num_beams", "2",
+                                          "--output_dir", str(out)], _env(), timeout=900)
     _check(done)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 3 and metrics["placement"].startswith("process 0: server; process 1: clients")

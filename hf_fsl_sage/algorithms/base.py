@@ -21,7 +21,12 @@ from typing import Any, ClassVar
 import torch
 
 from ..federation.federation import Client, Federation
+from ..splitting.split import Smashed
+from ..transport.base import TensorSpec
 from ..transport.placement import party_seed
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INTEGERS = (torch.int64, torch.int32)
 
 
 class StepResult(dict):
@@ -87,6 +92,20 @@ class Algorithm:
         """The client's part after the server's reply."""
         raise NotImplementedError
 
+    def expected_upload(self, client: Client) -> tuple[Any, dict[str, int]]:
+        """What an upload must look like on the server (see :func:`~hf_fsl_sage.transport.base.conforms`), with
+        the limits of its named sizes: smashed activations of the model's width and their labels, at most one
+        batch of sequences."""
+        seq = ("batch", "seq")
+        smashed = Smashed(TensorSpec((*seq, self.fed.split.server.embed_dim), FLOATS),
+                          TensorSpec(seq, (torch.bool,), optional=True),
+                          TensorSpec((None, "seq"), INTEGERS, optional=True))
+        return (smashed, TensorSpec(seq, INTEGERS)), {"batch": self.args.per_device_train_batch_size}
+
+    def expected_reply(self, client: Client) -> Any:
+        """What a reply must look like on the client (``None``: not checked)."""
+        return None
+
     def local_step(self, client_index: int, batch: dict[str, torch.Tensor] | None, round_index: int,
                    local_step: int) -> StepResult:
         """Run this process's share of one local step of client ``client_index``; returns what it computed."""
@@ -99,14 +118,16 @@ class Algorithm:
             result.update(reported)
         if not self.uploads_at(round_index, local_step):
             return result
-        received = fed.transport.to_server(client_index, self.upload_kind, upload)
+        expected, limits = self.expected_upload(client) if fed.placement.is_server else (None, None)
+        received = fed.transport.to_server(client_index, self.upload_kind, upload, expected, limits)
         reply = None
         if fed.placement.is_server:
             torch.manual_seed(party_seed(seed, round_index, local_step, client_index, "server"))
             reported, reply = self.serve(client, received, round_index, local_step)
             result.update(reported)
         if self.replies_at(round_index, local_step):
-            received_reply = fed.transport.to_client(client_index, self.reply_kind, reply)
+            expected = self.expected_reply(client) if holds else None
+            received_reply = fed.transport.to_client(client_index, self.reply_kind, reply, expected)
             if holds:
                 result.update(self.client_receive(client, received_reply, round_index, local_step))
         return result

@@ -46,6 +46,9 @@ class SplitFedV2(Algorithm):
         value = float(loss.detach())
         return StepResult(loss=value, server_loss=value), hidden.grad
 
+    def expected_reply(self, client: Client):
+        return self._waiting[client.index].hidden_states  # the gradient has the activations' shape and dtype
+
     def client_receive(self, client: Client, reply, round_index: int, local_step: int) -> StepResult:
         self._waiting.pop(client.index).hidden_states.backward(reply)
         self.fed.client_step(client)

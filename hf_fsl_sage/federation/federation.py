@@ -177,13 +177,14 @@ class Federation:
         """Send the global client model to each of ``clients``, which load it."""
         state = trainable_state(self.split.client) if self.placement.is_server else None
         for c in clients:
-            received = self.transport.to_client(c, "client_model", state)
+            received = self.transport.to_client(c, "client_model", state, self._held_state(c, lambda cl: cl.model.module))
             if self.placement.holds_client(c):
                 load_trainable_state(self.clients[c].model.module, received)
 
     def aggregate(self, clients: list[int]) -> None:
         """Clients upload their models; the server averages them, weighted by data size, into the global model."""
-        states = [self.transport.to_server(c, "client_model", self._held_state(c, lambda cl: cl.model.module))
+        expected = trainable_state(self.split.client) if self.placement.is_server else None
+        states = [self.transport.to_server(c, "client_model", self._held_state(c, lambda cl: cl.model.module), expected)
                   for c in clients]
         if self.placement.is_server:
             load_trainable_state(self.split.client, self._average(states, clients))
@@ -202,7 +203,7 @@ class Federation:
                 if self.placement.is_server:
                     load_trainable_state(self._copy(c, role), state)
                 continue
-            received = self.transport.to_client(c, kind, state)
+            received = self.transport.to_client(c, kind, state, self._held_state(c, lambda cl: self._copy(cl.index, role)))
             if self.placement.holds_client(c):
                 load_trainable_state(self._copy(c, role), received)
 
@@ -211,8 +212,11 @@ class Federation:
         if kind is None:
             states = [trainable_state(self._copy(c, role)) for c in clients] if self.placement.is_server else []
         else:
-            states = [self.transport.to_server(c, kind, self._held_state(c, lambda cl: self._copy(cl.index, role)))
-                      for c in clients]
+            expected = None
+            if self.placement.is_server:
+                expected = trainable_state(self.server.module) if role == "server" else self.global_aux
+            states = [self.transport.to_server(c, kind, self._held_state(c, lambda cl: self._copy(cl.index, role)),
+                                               expected) for c in clients]
         if not self.placement.is_server:
             return
         averaged = self._average(states, clients)

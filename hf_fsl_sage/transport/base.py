@@ -23,6 +23,10 @@ T = TypeVar("T")
 UP, DOWN = "up", "down"
 
 
+class FederationCommError(RuntimeError):
+    """A message between the server and a client did not get through, or was not what the protocol expects."""
+
+
 Layout = list[tuple[tuple[int, ...], torch.dtype]]
 
 
@@ -43,6 +47,8 @@ def flatten(obj: Any) -> tuple[tuple[Any, Layout], list[torch.Tensor]]:
         if isinstance(o, Smashed):
             return ("smashed", walk(o.hidden_states), walk(o.attention_mask), walk(o.position_ids))
         if isinstance(o, dict):
+            if not all(isinstance(k, str) for k in o):
+                raise TypeError("cannot send a dict with non-string keys: payload dict keys are strings")
             return ("dict", [(k, walk(v)) for k, v in o.items()])
         if isinstance(o, (list, tuple)):
             return ("list" if isinstance(o, list) else "tuple", [walk(v) for v in o])
@@ -81,6 +87,72 @@ def deliver(obj: Any, device: torch.device | None) -> Any:
     """What the receiver gets: detached from the sender's graph and on the receiver's device."""
     spec, tensors = flatten(obj)
     return unflatten(spec, [t.detach() if device is None else t.detach().to(device) for t in tensors])
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a received tensor must look like, where the receiver cannot know it exactly.
+
+    Each entry of ``shape`` is an ``int`` (that size), a name (the same size wherever the name recurs in the
+    message, and at most ``limits[name]`` when :func:`conforms` is given a limit) or ``None`` (any size).
+    ``optional`` accepts ``None`` in the tensor's place.
+    """
+
+    shape: tuple[int | str | None, ...]
+    dtypes: tuple[torch.dtype, ...]
+    optional: bool = False
+
+
+Expected = Any  # a payload whose tensors give exact shapes and dtypes, TensorSpecs in place of tensors, or None
+
+
+def conforms(received: Any, expected: Expected, limits: dict[str, int] | None = None) -> str | None:
+    """``None`` if ``received`` has the structure, shapes and dtypes of ``expected``; else what differs, and where."""
+    sizes: dict[str, int] = {}
+    limits = limits or {}
+
+    def tensor(path: str, got: Any, shape: tuple, dtypes: tuple[torch.dtype, ...]) -> str | None:
+        if not isinstance(got, torch.Tensor):
+            return f"{path}: a {type(got).__name__} where a tensor belongs"
+        if got.dtype not in dtypes:
+            return f"{path}: dtype {got.dtype}, expected {' or '.join(map(str, dtypes))}"
+        wanted = tuple(d if d is not None else "*" for d in shape)
+        if got.dim() != len(shape):
+            return f"{path}: shape {tuple(got.shape)}, expected {wanted}"
+        for size, want in zip(got.shape, shape):
+            if isinstance(want, str):
+                bound = sizes.setdefault(want, size)
+                if size != bound or size > limits.get(want, size):
+                    limit = f" <= {limits[want]}" if want in limits else ""
+                    return f"{path}: shape {tuple(got.shape)}, expected {wanted} with {want} = {bound}{limit}"
+            elif want is not None and size != want:
+                return f"{path}: shape {tuple(got.shape)}, expected {wanted}"
+        return None
+
+    def walk(path: str, got: Any, want: Any) -> str | None:
+        if isinstance(want, TensorSpec):
+            return None if got is None and want.optional else tensor(path, got, want.shape, want.dtypes)
+        if isinstance(want, torch.Tensor):
+            return tensor(path, got, tuple(want.shape), (want.dtype,))
+        if want is None:
+            return None if got is None else f"{path}: a {type(got).__name__} where nothing belongs"
+        if type(got) is not type(want):
+            return f"{path}: a {type(got).__name__} where a {type(want).__name__} belongs"
+        if isinstance(want, Smashed):
+            pairs = [(f"{path}.{name}", getattr(got, name), getattr(want, name))
+                     for name in ("hidden_states", "attention_mask", "position_ids")]
+        elif isinstance(want, dict):
+            if got.keys() != want.keys():
+                missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+                return f"{path}: keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+            pairs = [(f"{path}[{k!r}]", got[k], want[k]) for k in want]
+        else:
+            if len(got) != len(want):
+                return f"{path}: {len(got)} items, expected {len(want)}"
+            pairs = [(f"{path}[{i}]", g, w) for i, (g, w) in enumerate(zip(got, want))]
+        return next((problem for p, g, w in pairs if (problem := walk(p, g, w))), None)
+
+    return walk("payload", received, expected)
 
 
 @dataclass
@@ -130,16 +202,40 @@ class Transport(ABC):
         self.ledger = CommLedger()
         self.context = ""  # where the run is ("round 3, global step 31"), for error messages
 
-    def to_server(self, client_id: int, kind: str, payload: T | None = None) -> T | None:
-        """Send ``payload`` from client ``client_id`` to the server; returns what the server receives."""
-        return self._move(client_id, UP, kind, payload)
+    def to_server(self, client_id: int, kind: str, payload: T | None = None, expect: Expected = None,
+                  limits: dict[str, int] | None = None) -> T | None:
+        """Send ``payload`` from client ``client_id`` to the server; returns what the server receives.
 
-    def to_client(self, client_id: int, kind: str, payload: T | None = None) -> T | None:
+        ``expect`` (given by the receiving process; see :func:`conforms`) is what the message must look like
+        when it comes from another process; a message that differs raises :class:`FederationCommError`.
+        """
+        return self._checked(client_id, UP, kind, self._move(client_id, UP, kind, payload), expect, limits)
+
+    def to_client(self, client_id: int, kind: str, payload: T | None = None, expect: Expected = None,
+                  limits: dict[str, int] | None = None) -> T | None:
         """Send ``payload`` from the server to client ``client_id``; returns what the client receives."""
-        return self._move(client_id, DOWN, kind, payload)
+        return self._checked(client_id, DOWN, kind, self._move(client_id, DOWN, kind, payload), expect, limits)
 
     @abstractmethod
     def _move(self, client_id: int, direction: str, kind: str, payload: T | None) -> T | None: ...
+
+    def _from_peer(self, client_id: int, direction: str) -> str | None:
+        """Who sent the message this process just received, if it came from another process; else ``None``."""
+        return None
+
+    def _checked(self, client_id: int, direction: str, kind: str, received: Any, expect: Expected,
+                 limits: dict[str, int] | None) -> Any:
+        sender = self._from_peer(client_id, direction)
+        if expect is None or sender is None:
+            return received
+        problem = conforms(received, expect, limits)
+        if problem:
+            raise FederationCommError(
+                f"rejected the {kind} message of client {client_id} from {sender} at {self.context or 'set-up'}: "
+                f"{problem}. The sender runs other code, another model or other settings than this process; "
+                "launch every process with the same script, arguments and seed."
+            )
+        return received
 
 
 class LocalTransport(Transport):

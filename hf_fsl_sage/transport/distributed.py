@@ -1,8 +1,15 @@
 """The transport between processes: torch.distributed point-to-point messages (gloo on CPU, NCCL on GPU).
 
 A message is three point-to-point transfers on the sender's device: the
-header's length, the header (what the message is, its structure, shapes and
-dtypes; pickled), and one flat byte buffer holding every tensor. Each message
+header's length, the header, and one flat byte buffer holding every tensor.
+The header is plain JSON (never pickle: nothing a peer sends is ever run):
+the message's kind, the client, the payload's structure and each tensor's
+shape and dtype (from :data:`WIRE_DTYPES`). The receiver checks it against
+what it expects at that point of the protocol (kind, client, sender, a
+well-formed structure with as many tensors as shapes, sizes within bounds)
+before it allocates anything, then the payload against the caller's
+expectation (:func:`~hf_fsl_sage.transport.base.conforms`), and raises
+:class:`FederationCommError` naming the sender on any mismatch. Each message
 is counted once, on the server's process, with the same
 :func:`payload_nbytes` as in one process.
 
@@ -16,22 +23,101 @@ peer, the message and the round; ``accelerate launch`` then stops the others.
 
 from __future__ import annotations
 
-import pickle
+import atexit
+import json
+import math
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .base import DOWN, UP, Layout, Transport, deliver, flatten, payload_nbytes, unflatten
+from .base import DOWN, UP, FederationCommError, Layout, Transport, deliver, flatten, payload_nbytes, unflatten
 from .placement import SERVER_RANK, Placement
 
 T = TypeVar("T")
 _ALIGN = 16  # bytes; every tensor starts at an aligned offset of the buffer, so it can be viewed in place
+#: The dtypes a tensor may have on the wire, by the name the header gives them.
+WIRE_DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool)}
+MAX_HEADER_BYTES = 1 << 24
+MAX_MESSAGE_BYTES = 1 << 34  # 16 GiB: a header may not make the receiver allocate more than this
+_MAX_DEPTH = 16
+_LEAVES = {"none": 1, "tensor": 1}  # tag -> number of entries
+_NODES = {"smashed": 4, "dict": 2, "list": 2, "tuple": 2}
 
 
-class FederationCommError(RuntimeError):
-    """A message between the server's and a client's process did not get through."""
+class MalformedMessage(ValueError):
+    """A header that is not a well-formed description of a payload."""
+
+
+def encode_header(kind: str, client_id: int, spec: tuple[Any, Layout]) -> bytes:
+    """The JSON header of a message (structure as nested lists, each dtype by its wire name)."""
+    structure, layout = spec
+    names = {d: n for n, d in WIRE_DTYPES.items()}
+    for _, dtype in layout:
+        if dtype not in names:
+            raise TypeError(f"cannot send a {dtype} tensor: the wire carries {sorted(WIRE_DTYPES)}")
+    wire_layout = [[list(shape), names[dtype]] for shape, dtype in layout]
+    return json.dumps({"kind": kind, "client": client_id, "structure": structure, "layout": wire_layout},
+                      separators=(",", ":")).encode()
+
+
+def _check_structure(node: Any, depth: int = 0) -> int:
+    """The number of tensors in a well-formed structure; raises :class:`MalformedMessage` otherwise."""
+    if depth > _MAX_DEPTH:
+        raise MalformedMessage(f"structure nested deeper than {_MAX_DEPTH}")
+    if not isinstance(node, list) or not node or not isinstance(node[0], str):
+        raise MalformedMessage(f"structure node {str(node)[:60]!r} is not a tagged list")
+    tag = node[0]
+    arity = _LEAVES.get(tag) or _NODES.get(tag)
+    if arity is None or len(node) != arity:
+        raise MalformedMessage(f"structure node {str(node)[:60]!r} has an unknown tag or the wrong length")
+    if tag in _LEAVES:
+        return int(tag == "tensor")
+    if tag == "smashed":
+        return sum(_check_structure(child, depth + 1) for child in node[1:])
+    if not isinstance(node[1], list):
+        raise MalformedMessage(f"{tag} node does not hold a list")
+    if tag != "dict":
+        return sum(_check_structure(child, depth + 1) for child in node[1])
+    count = 0
+    for entry in node[1]:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise MalformedMessage(f"dict entry {str(entry)[:60]!r} is not a [string key, node] pair")
+        count += _check_structure(entry[1], depth + 1)
+    return count
+
+
+def decode_header(raw: bytes) -> tuple[str, int, tuple[Any, Layout]]:
+    """``(kind, client, spec)`` of a header made by :func:`encode_header`; :class:`MalformedMessage` otherwise."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MalformedMessage(f"the header is not JSON ({error})") from None
+    if not isinstance(header, dict) or set(header) != {"kind", "client", "structure", "layout"}:
+        raise MalformedMessage("the header is not an object with exactly kind, client, structure and layout")
+    kind, client, structure, wire_layout = (header[k] for k in ("kind", "client", "structure", "layout"))
+    if not isinstance(kind, str) or type(client) is not int:
+        raise MalformedMessage("the header's kind is not a string or its client not an integer")
+    count = _check_structure(structure)
+    if not isinstance(wire_layout, list) or len(wire_layout) != count:
+        raise MalformedMessage(f"the structure holds {count} tensors but the layout describes "
+                               f"{len(wire_layout) if isinstance(wire_layout, list) else 'no list of'} tensors")
+    layout, total = [], 0
+    for entry in wire_layout:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
+                and all(type(d) is int and 0 <= d < MAX_MESSAGE_BYTES for d in entry[0])):
+            raise MalformedMessage(f"layout entry {str(entry)[:60]!r} is not [shape of sizes, dtype]")
+        if entry[1] not in WIRE_DTYPES:
+            raise MalformedMessage(f"dtype {str(entry[1])[:30]!r} is not one of {sorted(WIRE_DTYPES)}")
+        shape, dtype = tuple(entry[0]), WIRE_DTYPES[entry[1]]
+        total += _padded(_nbytes(shape, dtype))
+        if total > MAX_MESSAGE_BYTES:
+            raise MalformedMessage(f"the payload would exceed {MAX_MESSAGE_BYTES} bytes")
+        layout.append((shape, dtype))
+    return kind, client, (structure, layout)
 
 
 def _padded(nbytes: int) -> int:
@@ -49,7 +135,7 @@ def pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return torch.Size(shape).numel() * dtype.itemsize
+    return math.prod(shape) * dtype.itemsize
 
 
 def unpack(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
@@ -63,6 +149,24 @@ def unpack(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
     return out
 
 
+def _tear_down() -> None:
+    """Destroy the process group while the interpreter is whole: left to interpreter shutdown, gloo's worker
+    threads may free tensors after Python is gone and abort the process (SIGABRT) after a successful run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_json(obj: Any, device: torch.device, src: int = SERVER_RANK) -> Any:
+    """``obj`` (JSON-serialisable, given on ``src``) on every process, as plain JSON rather than pickle."""
+    raw = json.dumps(obj).encode() if dist.get_rank() == src else b""
+    length = torch.tensor([len(raw)], dtype=torch.int64, device=device)
+    dist.broadcast(length, src=src)
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device) if raw else torch.empty(
+        int(length[0]), dtype=torch.uint8, device=device)
+    dist.broadcast(data, src=src)
+    return json.loads(data.cpu().numpy().tobytes().decode()) if dist.get_rank() != src else obj
+
+
 class DistributedTransport(Transport):
     """Messages between the server's process and the clients' processes (see :mod:`hf_fsl_sage.placement`)."""
 
@@ -74,10 +178,16 @@ class DistributedTransport(Transport):
         self.placement = placement
         self.device = torch.device("cpu") if device.type == "cpu" else device  # not "cpu:0"
         self.timeout = timeout
+        atexit.unregister(_tear_down)  # once, however many transports are built
+        atexit.register(_tear_down)
+
+    def _ends(self, client_id: int, direction: str) -> tuple[int, int]:
+        """The sending and the receiving process of a message."""
+        client_rank = self.placement.rank_of(client_id)
+        return (client_rank, SERVER_RANK) if direction == UP else (SERVER_RANK, client_rank)
 
     def _move(self, client_id: int, direction: str, kind: str, payload: T | None) -> T | None:
-        client_rank = self.placement.rank_of(client_id)
-        src, dst = (client_rank, SERVER_RANK) if direction == UP else (SERVER_RANK, client_rank)
+        src, dst = self._ends(client_id, direction)
         rank = self.placement.rank
         if rank not in (src, dst):
             return None
@@ -93,9 +203,19 @@ class DistributedTransport(Transport):
             self.ledger.record(direction, kind, nbytes)
         return out
 
+    def _from_peer(self, client_id: int, direction: str) -> str | None:
+        src, dst = self._ends(client_id, direction)
+        if src == dst or self.placement.rank != dst:
+            return None
+        return self._describe(src, client_id)
+
+    @staticmethod
+    def _describe(rank: int, client_id: int) -> str:
+        return "the server's process 0" if rank == SERVER_RANK else f"process {rank} (client {client_id})"
+
     def _send(self, payload: Any, dst: int, kind: str, client_id: int) -> None:
         spec, tensors = flatten(payload)
-        header = torch.frombuffer(bytearray(pickle.dumps((kind, client_id, spec))), dtype=torch.uint8)
+        header = torch.frombuffer(bytearray(encode_header(kind, client_id, spec)), dtype=torch.uint8)
         for part in (torch.tensor([header.numel()], dtype=torch.int64), header, pack(tensors, self.device)):
             dist.isend(part.to(self.device), dst=dst).wait(self.timeout)
 
@@ -106,11 +226,19 @@ class DistributedTransport(Transport):
 
     def _recv(self, src: int, kind: str, client_id: int) -> Any:
         length = int(self._receive(1, torch.int64, src)[0])
-        got_kind, got_client, spec = pickle.loads(self._receive(length, torch.uint8, src).cpu().numpy().tobytes())
+        sender = self._describe(src, client_id)
+        if not 0 < length <= MAX_HEADER_BYTES:
+            raise FederationCommError(f"rejected a message from {sender} at {self.context or 'set-up'}: its header "
+                                      f"would be {length} bytes (at most {MAX_HEADER_BYTES}).")
+        try:
+            got_kind, got_client, spec = decode_header(self._receive(length, torch.uint8, src).cpu().numpy().tobytes())
+        except MalformedMessage as error:
+            raise FederationCommError(f"rejected a malformed message from {sender} at {self.context or 'set-up'} "
+                                      f"(expected {kind} of client {client_id}): {error}.") from None
         if (got_kind, got_client) != (kind, client_id):
             raise FederationCommError(
-                f"process {self.placement.rank} expected {kind} of client {client_id} from process {src} but got "
-                f"{got_kind} of client {got_client} ({self.context}): the processes are not running the same "
+                f"process {self.placement.rank} expected {kind} of client {client_id} from {sender} but got "
+                f"{got_kind[:40]} of client {got_client} ({self.context}): the processes are not running the same "
                 "schedule; launch every process with the same script, arguments and seed."
             )
         layout = spec[1]
@@ -124,7 +252,7 @@ class DistributedTransport(Transport):
             raise
         except Exception as error:  # gloo / NCCL raise RuntimeError subclasses with transport details
             me = "the server's process" if self.placement.is_server else f"process {self.placement.rank}"
-            whose = "the server's process 0" if peer == SERVER_RANK else f"process {peer} (client {client_id})"
+            whose = self._describe(peer, client_id)
             limit = f" within the {int(self.timeout.total_seconds())} s timeout (ddp_timeout)"
             raise FederationCommError(
                 f"{me} could not {action} the {kind} message of client {client_id} "
@@ -134,4 +262,6 @@ class DistributedTransport(Transport):
             ) from error
 
 
-__all__ = ["DOWN", "UP", "DistributedTransport", "FederationCommError", "flatten", "pack", "unflatten", "unpack"]
+__all__ = ["DOWN", "UP", "WIRE_DTYPES", "DistributedTransport", "FederationCommError", "broadcast_json",
+           "decode_header",
+           "encode_header", "flatten", "pack", "unflatten", "unpack"]

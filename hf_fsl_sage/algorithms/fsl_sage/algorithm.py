@@ -63,6 +63,9 @@ class FSLSage(Algorithm):
         self._cosines.append((before, after, sum(s.hidden_states.shape[0] for s, _ in client.buffer)))
         return result, trainable_state(client.server_aux)
 
+    def expected_reply(self, client: Client):
+        return trainable_state(client.aux)
+
     def client_receive(self, client: Client, reply, round_index: int, local_step: int) -> StepResult:
         load_trainable_state(client.aux, reply)
         return StepResult()

@@ -1,0 +1,124 @@
+"""Run the multi-process scenarios of tests/test_distributed.py many times and count failures.
+
+    python benchmarks/stress_multiprocess.py --runs 30
+
+Each run launches, with the shipped 3-process CPU config: the equality scenario (one algorithm per run, in turn,
+compared with its one-process reference, which is computed once per algorithm), the kill scenario (process 2 is
+killed at global step 3; the job must stop with the server naming it, within 30 s of the kill) and the stall
+scenario (process 2 hangs; the server must give up 10 to 40 s after the stall, with ddp_timeout 10). Every launch
+runs in its own process group, killed as a group when it ends. Writes benchmarks/results/stress_multiprocess.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from launching import accelerate_launch, run  # noqa: E402
+
+RUN = ROOT / "tests" / "distributed_run.py"
+CONFIG = ROOT / "accelerate_configs" / "cpu_3_processes.yaml"
+ALGORITHMS = ["fsl_sage", "splitfed_v1", "splitfed_v2", "cse_fsl", "fedavg"]
+KILLED = "could not receive the smashed message of client 1 from process 2 (client 1) at round 1, global step 3"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _three(out: Path, *extra: str):
+    return accelerate_launch(CONFIG, [str(RUN), "--output_dir", str(out), *extra], _env(), timeout=900)
+
+
+def _ok(done) -> None:
+    if done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}: {done.stderr[-2000:]}")
+
+
+def _detection(out: Path) -> float:
+    return float((out / "failed_at").read_text()) - float((out / "killed_at").read_text())
+
+
+def equality(work: Path, algorithm: str, references: dict[str, Path]) -> dict:
+    if algorithm not in references:
+        one = work / f"one-{algorithm}"
+        _ok(run([sys.executable, str(RUN), "--output_dir", str(one), "--algorithm", algorithm], _env(), 900))
+        references[algorithm] = one
+    three = work / f"three-{algorithm}-{time.monotonic_ns()}"
+    _ok(_three(three, "--algorithm", algorithm))
+    a = load_file(str(references[algorithm] / "final" / "adapter_model.safetensors"))
+    b = load_file(str(three / "final" / "adapter_model.safetensors"))
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    ledgers = [json.loads((d / "result.json").read_text())["ledger"] for d in (references[algorithm], three)]
+    if a.keys() != b.keys() or diff > 1e-5 or ledgers[0] != ledgers[1]:
+        raise AssertionError(f"{algorithm}: adapters differ by {diff} or ledgers differ")
+    return {"algorithm": algorithm, "max_abs_diff": diff}
+
+
+def failure(work: Path, stall: bool) -> dict:
+    out = work / f"{'stall' if stall else 'kill'}-{time.monotonic_ns()}"
+    flag = ["--stall_rank", "2", "--ddp_timeout", "10"] if stall else ["--kill_rank", "2", "--ddp_timeout", "60"]
+    done = _three(out, *flag, "--kill_step", "3")
+    if done.returncode == 0 or KILLED not in done.stderr:
+        raise AssertionError(f"exit {done.returncode} without the expected error: {done.stderr[-2000:]}")
+    seconds = _detection(out)
+    low, high = (10, 40) if stall else (0, 30)
+    if not low <= seconds < high:
+        raise AssertionError(f"detected after {seconds:.1f} s, expected [{low}, {high})")
+    return {"detection_s": round(seconds, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "stress_multiprocess.json"))
+    cli = parser.parse_args()
+    torch.set_num_threads(1)
+    records, references = [], {}
+    started, cpu_started = time.time(), os.times()
+    with tempfile.TemporaryDirectory(prefix="stress-") as tmp:
+        for i in range(cli.runs):
+            algorithm = ALGORITHMS[i % len(ALGORITHMS)]
+            for name, scenario, kwargs in (("equality", equality, {"algorithm": algorithm, "references": references}),
+                                           ("kill", failure, {"stall": False}), ("stall", failure, {"stall": True})):
+                t0 = time.time()
+                try:
+                    record = {"run": i, "scenario": name, "ok": True, **scenario(Path(tmp), **kwargs)}
+                except Exception as error:  # noqa: BLE001 -- a failure is a result here: count it and go on
+                    record = {"run": i, "scenario": name, "ok": False, "error": str(error)[-1500:],
+                              "trace": traceback.format_exc()[-1500:]}
+                record["wall_s"] = round(time.time() - t0, 1)
+                records.append(record)
+                print(json.dumps({k: v for k, v in record.items() if k != "trace"}), flush=True)
+    cpu = os.times()
+    failures = [r for r in records if not r["ok"]]
+    summary = {
+        "runs": cli.runs, "launches": len(records), "failures": len(failures),
+        "by_scenario": {s: sum(1 for r in failures if r["scenario"] == s) for s in ("equality", "kill", "stall")},
+        "wall_s": round(time.time() - started, 1),
+        "children_cpu_s": round(cpu.children_user + cpu.children_system - cpu_started.children_user
+                                - cpu_started.children_system, 1),
+        "note": "2-core machine shared with other jobs; wall times include start-up under that load",
+        "records": records,
+    }
+    Path(cli.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(cli.output).write_text(json.dumps(summary, indent=1))
+    print(f"{len(failures)} failures in {cli.runs} runs ({len(records)} launches); "
+          f"{summary['by_scenario']}; wall {summary['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()
