@@ -215,11 +215,11 @@ class Curve(TrainerCallback):
 
 def client_params(trainer: FSLSageTrainer) -> tuple[int, int]:
     """(trained, held) parameters of one client: its half, plus the server half (FedAvg) and the aux model."""
-    client, name = trainer.federation.clients[0], trainer.args.algorithm
-    held = [client.model.module] + ([client.server.module] if name == "fedavg" else []) + (
-        [client.aux] if client.aux is not None else [])
-    trained = [client.model.module] + ([client.server.module] if name == "fedavg" else []) + (
-        [client.aux] if name == "cse_fsl" else [])
+    client, name, algorithm = trainer.federation.clients[0], trainer.args.algorithm, trainer.algorithm
+    server_copy = [algorithm.server_copies[0].module] if name == "fedavg" else []
+    aux = [algorithm.aux[0].module] if hasattr(algorithm, "aux") else []
+    held = [client.model.module] + server_copy + aux
+    trained = [client.model.module] + server_copy + (aux if name == "cse_fsl" else [])
 
     def count(modules, only_trainable: bool) -> int:
         unique = {id(p): p for m in modules for p in m.parameters() if p.requires_grad or not only_trainable}

@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-
 from transformers import TrainingArguments
 
+from .algorithms.registry import available as available_algorithms
 from .federation.partition import SCHEMES as PARTITIONS
 
 AUX_INITS = ("server_blocks", "random")
@@ -140,13 +140,14 @@ class FSLSageConfig(TrainingArguments):
             # Several processes on a machine without GPUs: without this, Accelerate would set each up alone.
             self.use_cpu = True
         super().__post_init__()
-        from .algorithms import ALGORITHMS
 
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(f"FSLSageConfig: {message}")
 
-        need(self.algorithm in ALGORITHMS, f"algorithm={self.algorithm!r} is unknown; choose one of {sorted(ALGORITHMS)}.")
+        need(self.algorithm in available_algorithms(),
+             f"algorithm={self.algorithm!r} is unknown; choose one of {available_algorithms()} (or import the module "
+             "that registers yours with hf_fsl_sage.algorithms.register).")
         need(_is_int(self.num_clients) and self.num_clients >= 1, f"num_clients={self.num_clients!r} must be an integer >= 1.")
         if self.clients_per_round is not None:
             need(

@@ -15,16 +15,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, T
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.utils import logging
 
-from .algorithms import ALGORITHMS
-from .transport.base import LocalTransport
+from .algorithms.registry import get as get_algorithm
 from .config import FSLSageConfig
 from .federation.data import prepare_dataset, split_lm_collator
-from .transport.distributed import DistributedTransport, broadcast_json
 from .federation.federation import Federation, Party
 from .federation.partition import partition
-from .transport.placement import Placement
 from .federation.schedule import GlobalStepDataset, RoundSchedule
 from .splitting.split import split_causal_lm
+from .transport.base import LocalTransport
+from .transport.distributed import DistributedTransport, broadcast_json
+from .transport.placement import Placement
 
 logger = logging.get_logger(__name__)
 
@@ -169,13 +169,12 @@ class FSLSageTrainer(Trainer):
             logger.info(f"Federated split placement: {self.placement.describe()}")
         else:
             transport = LocalTransport()
-        algorithm_cls = ALGORITHMS[args.algorithm]
-        self.federation = Federation(self.split, args, [len(p) for p in parts], transport,
-                                     self._make_optimizer, with_aux=algorithm_cls.uses_aux,
-                                     client_trains_aux=algorithm_cls.trains_aux,
-                                     server_aligns_aux=algorithm_cls.aligns_aux,
-                                     server_copies=algorithm_cls.server_copies, placement=self.placement)
-        self.algorithm = algorithm_cls(self.federation)
+        self.federation = Federation(self.split, [len(p) for p in parts], transport, self._make_optimizer,
+                                     self.placement, seed=args.seed, max_grad_norm=args.max_grad_norm,
+                                     label_smoothing=args.label_smoothing_factor,
+                                     loss_chunk_tokens=args.loss_chunk_tokens,
+                                     batch_size=args.per_device_train_batch_size)
+        self.algorithm = get_algorithm(args.algorithm).from_config(args, self.federation)
         self._round_metrics: dict[str, float] = {}
         self._server_losses: list[float] = []
 
@@ -204,12 +203,16 @@ class FSLSageTrainer(Trainer):
                                   scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
         return optimizer, scheduler
 
+    def parties(self) -> dict[str, Party]:
+        """Every party this process steps: the federation's (server, clients) and the algorithm's own."""
+        return {**self.federation.parties(), **self.algorithm.parties()}
+
     def create_optimizer(self, model=None):
-        self.optimizer = RoleOptimizers(self.federation.parties())
+        self.optimizer = RoleOptimizers(self.parties())
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        self.lr_scheduler = RoleSchedulers(self.federation.parties())
+        self.lr_scheduler = RoleSchedulers(self.parties())
         return self.lr_scheduler
 
     # ------------------------------------------------------------ training
@@ -236,7 +239,7 @@ class FSLSageTrainer(Trainer):
         self.federation.transport.context = f"round {round_index}, global step {inputs['step']}"
         if local == 0:
             self._round_metrics.update(self.algorithm.begin_round(round_index, participants))
-        self.federation.train()
+        self.algorithm.train()
         losses = []
         with self.accelerator.autocast():
             for c in participants:
@@ -350,8 +353,8 @@ class FSLSageTrainer(Trainer):
             self._untie_for_export()
         super()._save(output_dir, state_dict)
         if self.args.should_save:
-            for name, state in self.federation.server_aux_states().items():
-                path = os.path.join(output_dir, "aux", f"{name}.safetensors")
+            for name, state in self.algorithm.exported_states().items():
+                path = os.path.join(output_dir, f"{name}.safetensors")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 save_file({n: t.detach().contiguous() for n, t in state.items()}, path)
 
@@ -369,15 +372,22 @@ class FSLSageTrainer(Trainer):
             return os.path.join(directory, FEDERATION_STATE)
         return os.path.join(directory, f"federation-rank{self.placement.rank}-of-{self.placement.world_size}.pt")
 
+    def _federation_state(self) -> dict[str, Any]:
+        return {**self.federation.state_dict(), "algorithm": self.algorithm.state_dict()}
+
+    def _load_federation_state(self, state: dict[str, Any]) -> None:
+        self.federation.load_state_dict(state)
+        self.algorithm.load_state_dict(state["algorithm"])
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.placement.is_distributed:
             super()._save_optimizer_and_scheduler(output_dir)
             if self.args.should_save:
-                torch.save(self.federation.state_dict(), self._federation_state_file(output_dir))
+                torch.save(self._federation_state(), self._federation_state_file(output_dir))
             return
         # Each process saves the parties it holds, with their optimizers and schedules.
         os.makedirs(output_dir, exist_ok=True)
-        state = {"federation": self.federation.state_dict(), "optimizers": self.optimizer.state_dict(),
+        state = {"federation": self._federation_state(), "optimizers": self.optimizer.state_dict(),
                  "schedulers": self.lr_scheduler.state_dict()}
         torch.save(state, self._federation_state_file(output_dir))
         torch.distributed.barrier()  # the checkpoint is whole before Trainer writes its state and rotates old ones
@@ -398,9 +408,9 @@ class FSLSageTrainer(Trainer):
         state = torch.load(path, map_location="cpu" if device.type == "cpu" else device, weights_only=False)
         if not self.placement.is_distributed:
             super()._load_optimizer_and_scheduler(checkpoint)
-            self.federation.load_state_dict(state)
+            self._load_federation_state(state)
             return
-        self.federation.load_state_dict(state["federation"])
+        self._load_federation_state(state["federation"])
         self.optimizer.load_state_dict(state["optimizers"])
         self.lr_scheduler.load_state_dict(state["schedulers"])
 

@@ -16,9 +16,10 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
-from hf_fsl_sage.algorithms import ALGORITHMS
-from hf_fsl_sage.algorithms.auxiliary import trainable_parameters
+from hf_fsl_sage.algorithms import ALGORITHMS, Algorithm, StepResult, register
+from hf_fsl_sage.algorithms.auxiliary import AuxiliaryLossAlgorithm
 from hf_fsl_sage.e2e.data import E2E_SAMPLE_PATH, load_e2e_csv, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
+from hf_fsl_sage.federation.federation import trainable_parameters
 from hf_fsl_sage.federation.schedule import GlobalStepDataset
 
 ALGORITHM_NAMES = ["fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
@@ -146,8 +147,8 @@ def test_schedule_and_bytes_are_exact(tmp_path, algorithm, use_lora):
     sizes = model_bytes(trainer, use_lora)
     assert trainable_bytes(trainer.split.client) == sizes["client"]
     assert trainable_bytes(trainer.split.server) == sizes["server"]
-    if trainer.algorithm.uses_aux:
-        assert trainable_bytes(trainer.federation.clients[0].aux) == sizes["aux"]
+    if isinstance(trainer.algorithm, AuxiliaryLossAlgorithm):
+        assert trainable_bytes(trainer.algorithm.aux[0].module) == sizes["aux"]
     client_before, server_before = snapshot(trainer.split.client), snapshot(trainer.split.server)
 
     trainer.train()
@@ -215,12 +216,12 @@ def test_with_one_client_splitfed_and_fedavg_train_the_same_model(tmp_path):
 
 def test_splitfed_v1_averages_per_client_server_copies(tmp_path):
     trainer = make_trainer(tmp_path, "splitfed_v1", clients_per_round=None, max_steps=4)
-    fed = trainer.federation
-    assert all(c.server is not None and c.server.module is not fed.server.module for c in fed.clients)
-    assert {f"server_{i}" for i in range(3)} <= fed.parties().keys()
+    fed, copies = trainer.federation, trainer.algorithm.server_copies
+    assert all(copies[c.index].module is not fed.server.module for c in fed.clients)
+    assert {f"server_{i}" for i in range(3)} <= trainer.parties().keys()
     global_before = snapshot(fed.server.module)
     trainer.train()
-    copies = [trainable_parameters(c.server.module) for c in fed.clients]
+    copies = [trainable_parameters(copies[c.index].module) for c in fed.clients]
     weights = [c.num_examples for c in fed.clients]
     for name, p in trainable_parameters(fed.server.module).items():
         assert not torch.equal(copies[0][name], copies[1][name])  # the copies trained apart ...
@@ -232,15 +233,16 @@ def test_splitfed_v1_averages_per_client_server_copies(tmp_path):
 
 def test_cse_fsl_trains_and_averages_the_aux_models(tmp_path):
     trainer = make_trainer(tmp_path, "cse_fsl", clients_per_round=None, max_steps=4, use_lora=True)
-    fed = trainer.federation
-    assert {f"aux_{i}" for i in range(3)} <= fed.parties().keys()  # aux optimizer and schedule checkpointed
+    fed, algorithm = trainer.federation, trainer.algorithm
+    assert {f"aux_{i}" for i in range(3)} <= trainer.parties().keys()  # aux optimizer and schedule checkpointed
     embedding = fed.clients[0].model.module.input_embeddings().weight
-    assert fed.clients[0].aux.lm.get_output_embeddings()._embedding[0].weight is embedding  # head tied to the client
-    initial = {n: t.clone() for n, t in fed.global_aux.items()}
+    head = algorithm.aux[0].module.lm.get_output_embeddings()
+    assert head._embedding[0].weight is embedding  # head tied to the client
+    initial = {n: t.clone() for n, t in algorithm.global_aux.items()}
     trainer.train()
-    auxes = [trainable_parameters(c.aux) for c in fed.clients]
+    auxes = [trainable_parameters(algorithm.aux[c.index].module) for c in fed.clients]
     weights = [c.num_examples for c in fed.clients]
-    for name, value in fed.global_aux.items():
+    for name, value in algorithm.global_aux.items():
         assert not torch.equal(value, initial[name])
         assert not torch.equal(auxes[0][name], auxes[1][name])
         average = sum(w * a[name] for w, a in zip(weights, auxes)) / sum(weights)
@@ -250,10 +252,11 @@ def test_cse_fsl_trains_and_averages_the_aux_models(tmp_path):
 def test_fsl_sage_aligns_under_warmup(tmp_path):
     """Only alignment updates FSL-SAGE's aux models; a warm-up of the other parties must not freeze it."""
     trainer = make_trainer(tmp_path, "fsl_sage", clients_per_round=None, warmup_steps=5, align_epochs=3)
-    before = [snapshot(c.aux) for c in trainer.federation.clients]
+    auxes = [aux.module for aux in trainer.algorithm.aux.values()]
+    before = [snapshot(aux) for aux in auxes]
     trainer.train()
-    for old, client in zip(before, trainer.federation.clients):
-        assert all(not torch.equal(old[n], p) for n, p in trainable_parameters(client.aux).items())
+    for old, aux in zip(before, auxes):
+        assert all(not torch.equal(old[n], p) for n, p in trainable_parameters(aux).items())
     aligned = [h for h in trainer.state.log_history if "align_grad_cosine_before" in h]
     assert [h["round"] for h in aligned] == [0, 2]
     assert all(h["align_grad_cosine_after"] != h["align_grad_cosine_before"] for h in aligned)
@@ -271,8 +274,9 @@ def test_resume_gives_the_same_weights(tmp_path, algorithm):
         pairs = [(full.split.client, resumed.split.client), (full.split.server, resumed.split.server)]
         for a, b in zip(full.federation.clients, resumed.federation.clients):
             pairs += [(a.model.module, b.model.module)]
-            pairs += [(a.server.module, b.server.module)] if a.server is not None else []
-            pairs += [(a.aux, b.aux)] if a.aux is not None else []
+        for own in ("server_copies", "aux"):  # the algorithm's own copies of the server model or aux models
+            a, b = getattr(full.algorithm, own, {}), getattr(resumed.algorithm, own, {})
+            pairs += [(a[c].module, b[c].module) for c in a]
         for module_a, module_b in pairs:
             params_a, params_b = trainable_parameters(module_a), trainable_parameters(module_b)
             for name in params_a:
@@ -282,8 +286,65 @@ def test_resume_gives_the_same_weights(tmp_path, algorithm):
 
 def test_all_algorithms_are_registered():
     assert set(ALGORITHM_NAMES) <= ALGORITHMS.keys()
-    assert {name: ALGORITHMS[name].uses_aux for name in ALGORITHM_NAMES} == {
+    assert {name: issubclass(ALGORITHMS[name], AuxiliaryLossAlgorithm) for name in ALGORITHM_NAMES} == {
         "fedavg": False, "splitfed_v1": False, "splitfed_v2": False, "cse_fsl": True, "fsl_sage": True}
+
+
+# ---------------------------------------------------------------- a sixth algorithm, from this file only
+@register("server_only_test")
+class ServerOnly(Algorithm):
+    """Frozen clients upload their activations every ``upload_interval`` steps; only the server trains."""
+
+    display_name = "Server-only fine-tuning (test)"
+
+    def __init__(self, federation, *, upload_interval: int):
+        super().__init__(federation)
+        self.upload_interval, self.served = upload_interval, 0
+
+    @classmethod
+    def from_config(cls, args, federation):
+        return cls(federation, upload_interval=args.server_update_interval)
+
+    def uploads_at(self, round_index, local_step):
+        return local_step % self.upload_interval == 0
+
+    def client_compute(self, client, batch, round_index, local_step):
+        with torch.no_grad():
+            smashed = self.fed.client_forward(client, batch)
+        return StepResult(loss=0.0), (smashed, batch["labels"])
+
+    def serve(self, client, upload, round_index, local_step):
+        self.served += 1
+        return StepResult(server_loss=self.fed.server_step(*upload)), None
+
+    def state_dict(self):
+        return {"served": self.served}
+
+    def load_state_dict(self, state):
+        self.served = state["served"]
+
+    def model_card_rows(self):
+        return [("upload interval (local steps)", self.upload_interval)]
+
+
+def test_an_algorithm_registered_outside_the_package_trains(tmp_path):
+    from hf_fsl_sage.integrations.model_card import render_model_card
+
+    trainer = make_trainer(tmp_path, "server_only_test", clients_per_round=None, max_steps=8, local_steps=4,
+                           server_update_interval=2)
+    assert isinstance(trainer.algorithm, ServerOnly) and trainer.algorithm.upload_interval == 2
+    client_before, server_before = snapshot(trainer.split.client), snapshot(trainer.split.server)
+    trainer.train()
+    # 8 global steps x 3 clients, an upload at local steps 0 and 2 of each 4-step round: 12 uploads, no reply.
+    ledger = trainer.federation.transport.ledger
+    assert trainer.algorithm.served == 12 and ledger.messages["smashed_up"] == 12
+    assert set(ledger.by_kind) == {"client_model_down", "client_model_up", "smashed_up"}
+    server_after = dict(trainer.split.server.named_parameters())
+    assert all(not torch.equal(server_before[n], server_after[n]) for n in trainable_parameters(trainer.split.server))
+    for name, p in trainer.split.client.named_parameters():  # averaged, never stepped: equal up to rounding
+        torch.testing.assert_close(p.detach(), client_before[name], rtol=1e-6, atol=1e-7)
+    card = str(render_model_card(trainer))
+    assert "Server-only fine-tuning (test)" in card and "| upload interval (local steps) | 2 |" in card
 
 
 # ---------------------------------------------------------------- benchmark

@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
-from hf_fsl_sage.algorithms.auxiliary import trainable_parameters
+from hf_fsl_sage.federation.federation import trainable_parameters
 from hf_fsl_sage.federation.schedule import GlobalStepDataset
 
 
@@ -75,11 +75,12 @@ def test_fsl_sage_learns_and_alignment_helps(tmp_path, use_lora):
 
 def expected_bytes(trainer: FSLSageTrainer) -> tuple[int, int]:
     """Analytic count of what FSL-SAGE sends in ``trainer``'s run, from the batches the schedule produced."""
-    args, fed = trainer.args, trainer.federation
+    args = trainer.args
     steps = GlobalStepDataset(trainer.schedule, trainer.train_dataset, trainer.data_collator)
     hidden = trainer.model.config.n_embd
     client_bytes = sum(p.numel() * p.element_size() for p in trainable_parameters(trainer.split.client).values())
-    aux_bytes = sum(p.numel() * p.element_size() for p in trainable_parameters(fed.clients[0].aux).values())
+    aux = trainer.algorithm.aux[0].module
+    aux_bytes = sum(p.numel() * p.element_size() for p in trainable_parameters(aux).values())
     up = down = 0
     for step in range(args.max_steps):
         item = steps[step]
@@ -162,7 +163,8 @@ def test_resume_from_checkpoint_gives_the_same_weights(tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 12
     for module_a, module_b in [(full.split.client, resumed.split.client), (full.split.server, resumed.split.server),
-                               *[(a.aux, b.aux) for a, b in zip(full.federation.clients, resumed.federation.clients)]]:
+                               *[(a.module, b.module) for a, b in zip(full.algorithm.aux.values(),
+                                                                       resumed.algorithm.aux.values())]]:
         params_a, params_b = trainable_parameters(module_a), trainable_parameters(module_b)
         assert params_a.keys() == params_b.keys() and params_a
         for name in params_a:
@@ -256,10 +258,11 @@ def test_decoder_wrapper_family_gets_its_auxiliary_head_from_the_client_embeddin
                         encoder_attention_heads=4, decoder_ffn_dim=64, encoder_ffn_dim=64, max_position_embeddings=64,
                         pad_token_id=pad, bos_token_id=0, eos_token_id=pad, decoder_start_token_id=0)
     trainer = make_trainer(tmp_path, model=AutoModelForCausalLM.from_config(config), max_steps=4)
-    client = trainer.federation.clients[0]
-    assert client.aux.lm.get_output_embeddings()._embedding[0] is client.model.module.input_embeddings()
+    client, aux = trainer.federation.clients[0], trainer.algorithm.aux[0].module
+    assert aux.lm.get_output_embeddings()._embedding[0] is client.model.module.input_embeddings()
     # The server's copy, which it aligns, reads the embedding of the global client model it holds.
-    assert client.server_aux.lm.get_output_embeddings()._embedding[0] is trainer.split.client.input_embeddings()
+    server_aux = trainer.algorithm.server_aux[0].aux.module
+    assert server_aux.lm.get_output_embeddings()._embedding[0] is trainer.split.client.input_embeddings()
     trainer.train()
     assert trainer.state.global_step == 4
 
@@ -270,4 +273,4 @@ def test_alignment_trains_under_learning_rate_warm_up(tmp_path):
     trainer.train()
     aligned = [h for h in trainer.state.log_history if "align_grad_cosine_before" in h]
     assert aligned and all(h["align_grad_cosine_after"] != h["align_grad_cosine_before"] for h in aligned)
-    assert all(g["lr"] == 1e-3 for g in trainer.federation.clients[0].align_optimizer.param_groups)
+    assert all(g["lr"] == 1e-3 for g in trainer.algorithm.server_aux[0].optimizer.param_groups)

@@ -1,16 +1,25 @@
-"""Per-client auxiliary models and their alignment to the server by gradient matching (FSL-SAGE)."""
+"""Auxiliary models: the local loss that lets a client step without waiting for the server (CSE-FSL, FSL-SAGE).
+
+:func:`build_aux_model` builds one from the split; :class:`AuxiliaryLossAlgorithm` is the base of the
+algorithms whose clients hold one each and upload their activations every ``server_update_interval`` steps.
+"""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..federation.federation import Client, Federation, load_trainable_state, trainable_state
 from ..splitting.loss import ChunkedLMLoss
 from ..splitting.split import Smashed, SplitCausalLM, SplitServer
 from ..splitting.stand_ins import _has_params, _owner_paths, _path_of, _SkippedBlock, _with_replaced
+from ..transport.placement import party_seed
+from .base import Algorithm, StepResult
 
 
 class TiedHead(nn.Module):
@@ -95,67 +104,73 @@ def _reinitialise(module: nn.Module, base: nn.Module) -> None:
             layer.reset_lora_parameters(adapter, init_lora_weights=True)
 
 
-def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+@dataclass
+class AuxModel:
+    """An auxiliary model with its loss."""
+
+    module: SplitServer
+    loss: ChunkedLMLoss
 
 
-def gradient_wrt_hidden(
-    loss_fn: ChunkedLMLoss, smashed: Smashed, labels: torch.Tensor, label_smoothing: float, create_graph: bool = False
-) -> torch.Tensor:
-    """d loss(model(h), y) / d h for the smashed batch (h detached from any client graph)."""
-    hidden = smashed.hidden_states.detach().requires_grad_(True)
-    loss = loss_fn(Smashed(hidden, smashed.attention_mask, smashed.position_ids), labels, label_smoothing,
-                   checkpoint=not create_graph)
-    (grad,) = torch.autograd.grad(loss, hidden, create_graph=create_graph)
-    return grad
+class AuxiliaryLossAlgorithm(Algorithm):
+    """Each client holds an auxiliary model and steps on its loss; it uploads every ``server_update_interval`` steps.
 
-
-def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean over sequences of the cosine similarity of two (batch, seq, hidden) gradients."""
-    return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1, eps=1e-12).mean()
-
-
-def align(
-    aux: SplitServer,
-    aux_loss: ChunkedLMLoss,
-    server_loss: ChunkedLMLoss,
-    server: nn.Module,
-    buffer: list[tuple[Smashed, torch.Tensor]],
-    epochs: int,
-    optimizer: torch.optim.Optimizer,
-    label_smoothing: float,
-) -> tuple[float, float]:
-    """Train ``aux`` so that its gradient w.r.t. the smashed activations matches the server's.
-
-    The targets are the current server's true gradients on the buffered uploads.
-    The objective per buffered batch is ``||g_aux - g||^2 / ||g||^2``: the
-    paper's squared error, made scale-free so that Adam's epsilon cannot swamp
-    the tiny per-token gradients of a mean loss. Both models run in eval mode
-    (no dropout) so targets and estimates are deterministic. Returns the mean
-    cosine similarity between estimate and target before and after.
+    The upload is the smashed activations and labels of that step, on which the server steps. Client ``i``'s
+    auxiliary model is drawn from a seed that depends on ``i`` only (:meth:`build_aux`), on every process.
     """
-    was_training = (aux.training, server.training)
-    aux.eval()
-    server.eval()
-    targets = [gradient_wrt_hidden(server_loss, s, y, label_smoothing) for s, y in buffer]
 
-    def cosine() -> float:
-        sims = [mean_cosine(gradient_wrt_hidden(aux_loss, s, y, label_smoothing), g) for (s, y), g in zip(buffer, targets)]
-        weights = [g.shape[0] for g in targets]
-        return float(sum(c * w for c, w in zip(sims, weights)) / sum(weights))
+    def __init__(self, federation: Federation, *, server_update_interval: int = 5, aux_num_layers: int = 3,
+                 aux_init: str = "server_blocks"):
+        super().__init__(federation)
+        self.server_update_interval = server_update_interval
+        self.aux_num_layers, self.aux_init = aux_num_layers, aux_init
+        #: The auxiliary model of each client this process holds, by client index.
+        self.aux: dict[int, AuxModel] = {c: self.build_aux(c, federation.clients[c].model.module.input_embeddings())
+                                         for c in federation.held_clients}
 
-    before = cosine()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for _ in range(epochs):
-        for (smashed, labels), target in zip(buffer, targets):
-            estimate = gradient_wrt_hidden(aux_loss, smashed, labels, label_smoothing, create_graph=True)
-            objective = (estimate - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
-            grads = torch.autograd.grad(objective, params, allow_unused=True)
-            for p, g in zip(params, grads):
-                p.grad = g
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    after = cosine()
-    aux.train(was_training[0])
-    server.train(was_training[1])
-    return before, after
+    @staticmethod
+    def aux_settings(args: Any) -> dict[str, Any]:
+        """The keyword arguments of :meth:`__init__` read from an ``FSLSageConfig``."""
+        return {"server_update_interval": args.server_update_interval, "aux_num_layers": args.aux_num_layers,
+                "aux_init": args.aux_init}
+
+    @classmethod
+    def from_config(cls, args: Any, federation: Federation) -> AuxiliaryLossAlgorithm:
+        return cls(federation, **cls.aux_settings(args))
+
+    def build_aux(self, index: int, embedding: nn.Module) -> AuxModel:
+        """Client ``index``'s auxiliary model, its head reading ``embedding``; its random draws depend on the index
+        only, not on the process."""
+        fed = self.fed
+        device = next(fed.split.server.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(party_seed(fed.seed, -1, 0, index, "aux_init"))
+            module = build_aux_model(fed.split, self.aux_num_layers, self.aux_init, embedding)
+        return AuxModel(module, ChunkedLMLoss(module, fed.loss_chunk_tokens))
+
+    def uploads_at(self, round_index: int, local_step: int) -> bool:
+        return local_step % self.server_update_interval == 0
+
+    def aux_forward(self, client: Client, batch: dict[str, torch.Tensor]) -> tuple[Smashed, torch.Tensor]:
+        """The client's smashed activations and its auxiliary loss on them."""
+        smashed = self.fed.client_forward(client, batch)
+        return smashed, self.aux[client.index].loss(smashed, batch["labels"], self.fed.label_smoothing)
+
+    def serve(self, client: Client, upload, round_index: int, local_step: int):
+        return StepResult(server_loss=self.fed.server_step(*upload)), None
+
+    def train(self, mode: bool = True) -> None:
+        super().train(mode)
+        for aux in self.aux.values():
+            aux.module.train(mode)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"aux": {c: trainable_state(aux.module) for c, aux in self.aux.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for c, aux in self.aux.items():
+            load_trainable_state(aux.module, state["aux"][c])
+
+    def model_card_rows(self) -> list[tuple[str, Any]]:
+        return [("auxiliary decoder blocks", f"{self.aux_num_layers} (init: {self.aux_init})"),
+                ("server update interval (local steps)", self.server_update_interval)]

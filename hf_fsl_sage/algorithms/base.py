@@ -1,7 +1,7 @@
 """The algorithm interface: a schedule over the shared parts of a federation (Flower-style strategy).
 
 A local step of one client has up to three parts, each run on the process
-that holds its party (see :mod:`hf_fsl_sage.placement`):
+that holds its party (see :mod:`hf_fsl_sage.transport.placement`):
 
 1. :meth:`Algorithm.client_compute` on the client: forward, maybe backward and
    step; returns what it reports and its upload;
@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..federation.federation import Client, Federation
+from ..federation.federation import Client, Federation, Party
 from ..splitting.split import Smashed
 from ..transport.base import TensorSpec
 from ..transport.placement import party_seed
@@ -42,22 +42,48 @@ class Algorithm:
     :meth:`end_round`. All three run on every process. Subclasses override only what differs.
     """
 
+    #: The name it is registered under (set by :func:`~hf_fsl_sage.algorithms.registry.register`).
     name: ClassVar[str]
-    #: Each client computes its local loss with an auxiliary model.
-    uses_aux: ClassVar[bool] = False
-    #: Each client trains its auxiliary model itself (own optimizer on the client's schedule); FedAvg'ed (CSE-FSL).
-    trains_aux: ClassVar[bool] = False
-    #: The server keeps a copy of each client's auxiliary model and aligns it (FSL-SAGE).
-    aligns_aux: ClassVar[bool] = False
-    #: Where each client's own copy of the server model lives: "client" (FedAvg), "server" (SplitFed-V1) or None.
-    server_copies: ClassVar[str | None] = None
+    #: How the model card names it (default: its registered name).
+    display_name: ClassVar[str | None] = None
     #: Message kinds of the per-step upload and reply.
     upload_kind: ClassVar[str] = "smashed"
     reply_kind: ClassVar[str | None] = None
 
     def __init__(self, federation: Federation):
         self.fed = federation
-        self.args = federation.args
+
+    @classmethod
+    def from_config(cls, args: Any, federation: Federation) -> Algorithm:
+        """Build the algorithm on ``federation`` with the settings it reads from ``args`` (an ``FSLSageConfig``).
+
+        Subclasses with settings override this and pass each one as a keyword argument to their constructor.
+        """
+        return cls(federation)
+
+    # ------------------------------------------------------------ what the trainer reads
+    def parties(self) -> dict[str, Party]:
+        """The parties, besides the federation's, whose optimizers and schedules this process steps and saves."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This process's share of the algorithm's own state, for checkpoints (optimizers go with :meth:`parties`)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def exported_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Trainable states saved beside the final model, by relative path without extension (``"aux/global"``)."""
+        return {}
+
+    def model_card_rows(self) -> list[tuple[str, Any]]:
+        """The algorithm's own settings, as ``(parameter, value)`` rows of the model card's training table."""
+        return []
+
+    def train(self, mode: bool = True) -> None:
+        """Set the training mode of every model of the run; subclasses add the models they hold."""
+        self.fed.train(mode)
 
     # ------------------------------------------------------------ rounds
     def begin_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
@@ -100,7 +126,7 @@ class Algorithm:
         smashed = Smashed(TensorSpec((*seq, self.fed.split.server.embed_dim), FLOATS),
                           TensorSpec(seq, (torch.bool,), optional=True),
                           TensorSpec((None, "seq"), INTEGERS, optional=True))
-        return (smashed, TensorSpec(seq, INTEGERS)), {"batch": self.args.per_device_train_batch_size}
+        return (smashed, TensorSpec(seq, INTEGERS)), {"batch": self.fed.batch_size}
 
     def expected_reply(self, client: Client) -> Any:
         """What a reply must look like on the client (``None``: not checked)."""
@@ -109,7 +135,7 @@ class Algorithm:
     def local_step(self, client_index: int, batch: dict[str, torch.Tensor] | None, round_index: int,
                    local_step: int) -> StepResult:
         """Run this process's share of one local step of client ``client_index``; returns what it computed."""
-        fed, seed = self.fed, self.args.seed
+        fed, seed = self.fed, self.fed.seed
         client, holds = fed.clients[client_index], fed.placement.holds_client(client_index)
         result, upload = StepResult(), None
         if holds:

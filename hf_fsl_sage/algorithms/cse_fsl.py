@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from ..federation.federation import Client, clip_and_step
-from .base import Algorithm, StepResult
+from typing import Any
+
+from ..federation.federation import Client, Federation, Party, clip_and_step, trainable_state
+from .auxiliary import AuxiliaryLossAlgorithm
+from .base import StepResult
+from .registry import register
 
 
-class CSEFSL(Algorithm):
+@register("cse_fsl")
+class CSEFSL(AuxiliaryLossAlgorithm):
     """Communication- and storage-efficient FSL: no gradients ever come back from the server.
 
     Each client trains its half and its auxiliary model jointly on the
@@ -19,31 +24,48 @@ class CSEFSL(Algorithm):
     (``aux_model`` messages).
     """
 
-    name = "cse_fsl"
-    uses_aux = True
-    trains_aux = True
+    display_name = "CSE-FSL (federated split learning with a client-side auxiliary loss)"
+
+    def __init__(self, federation: Federation, **aux_settings: Any):
+        super().__init__(federation, **aux_settings)
+        # Each auxiliary model steps with its client's model, on the client's learning-rate schedule.
+        self.aux_parties = {c: Party(aux.module, *federation.make_optimizer(aux.module, None))
+                            for c, aux in self.aux.items()}
+        #: The averaged auxiliary model, on the server's process; it starts as client 0's.
+        self.global_aux: dict | None = None
+        if federation.placement.is_server:
+            self.global_aux = trainable_state(self.build_aux(0, federation.split.client.input_embeddings()).module)
+
+    def parties(self) -> dict[str, Party]:
+        return {f"aux_{c}": party for c, party in self.aux_parties.items()}
 
     def begin_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
         metrics = super().begin_round(round_index, participants)
-        self.fed.broadcast_copies(participants, "aux", kind="aux_model")
+        self.fed.load_copies(participants, self.global_aux, lambda c: self.aux[c].module, "aux_model")
         return metrics
 
-    def uploads_at(self, round_index: int, local_step: int) -> bool:
-        return local_step % self.args.server_update_interval == 0
-
     def client_compute(self, client: Client, batch, round_index: int, local_step: int):
-        fed, args = self.fed, self.args
-        smashed = fed.client_forward(client, batch)
-        loss = client.aux_loss(smashed, batch["labels"], args.label_smoothing_factor)
+        smashed, loss = self.aux_forward(client, batch)
         loss.backward()  # into the auxiliary model and, through the activations, the client half
-        fed.client_step(client)
-        clip_and_step(client.aux, client.aux_optimizer, args.max_grad_norm)
+        self.fed.client_step(client)
+        party = self.aux_parties[client.index]
+        clip_and_step(party.module, party.optimizer, self.fed.max_grad_norm)
         return StepResult(loss=float(loss.detach())), (smashed, batch["labels"])
-
-    def serve(self, client: Client, upload, round_index: int, local_step: int):
-        return StepResult(server_loss=self.fed.server_step(*upload)), None
 
     def end_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
         metrics = super().end_round(round_index, participants)
-        self.fed.aggregate_copies(participants, "aux", kind="aux_model")
+        averaged = self.fed.average_copies(participants, lambda c: self.aux[c].module, "aux_model", self.global_aux)
+        if averaged is not None:
+            self.global_aux = averaged
         return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "global_aux": self.global_aux}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.global_aux is not None:
+            self.global_aux = state["global_aux"]
+
+    def exported_states(self) -> dict[str, dict]:
+        return {"aux/global": self.global_aux} if self.global_aux is not None else {}

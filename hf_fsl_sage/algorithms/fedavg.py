@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..federation.federation import Client
-from .base import Algorithm, StepResult
+from .base import StepResult
+from .registry import register
+from .server_copies import WithServerCopies
 
 
-class FedAvg(Algorithm):
+@register("fedavg")
+class FedAvg(WithServerCopies):
     """Plain federated averaging in the split framework, as the no-split reference.
 
     Each client holds the client half and its own copy of the server half and
@@ -19,32 +22,23 @@ class FedAvg(Algorithm):
     The two halves form one party: their gradients are clipped together.
     """
 
-    name = "fedavg"
-    server_copies = "client"
-
-    def begin_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
-        metrics = super().begin_round(round_index, participants)
-        self.fed.broadcast_copies(participants, "server", kind="server_model")
-        return metrics
+    display_name = "FedAvg"
+    copies_kind = "server_model"
 
     def uploads_at(self, round_index: int, local_step: int) -> bool:
         return False
 
     def client_compute(self, client: Client, batch, round_index: int, local_step: int):
-        smashed = self.fed.client_forward(client, batch)  # stays on the client: the graph runs through both halves
-        loss = client.server_loss(smashed, batch["labels"], self.args.label_smoothing_factor)
+        fed, server = self.fed, self.server_copy(client)
+        smashed = fed.client_forward(client, batch)  # stays on the client: the graph runs through both halves
+        loss = server.loss(smashed, batch["labels"], fed.label_smoothing)
         loss.backward()
-        parties = (client.model, client.server)
+        parties = (client.model, server)
         params = [p for party in parties for p in party.module.parameters() if p.grad is not None]
-        if params and self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+        if params and fed.max_grad_norm and fed.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, fed.max_grad_norm)
         for party in parties:
             party.optimizer.step()
             party.optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
         return StepResult(loss=value, server_loss=value), None
-
-    def end_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
-        metrics = super().end_round(round_index, participants)
-        self.fed.aggregate_copies(participants, "server", kind="server_model")
-        return metrics

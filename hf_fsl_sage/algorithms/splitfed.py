@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from ..federation.federation import Client, Party, clip_and_step
-from ..splitting.loss import ChunkedLMLoss
 from ..splitting.split import Smashed
 from .base import Algorithm, StepResult
+from .registry import register
+from .server_copies import WithServerCopies
 
 
+@register("splitfed_v2")
 class SplitFedV2(Algorithm):
     """SplitFed-V2: one server model serves the participants in turn; client models are FedAvg'ed.
 
@@ -16,16 +18,16 @@ class SplitFedV2(Algorithm):
     activations, which the client backpropagates through its half before it steps.
     """
 
-    name = "splitfed_v2"
+    display_name = "SplitFed-V2"
     reply_kind = "gradient"
 
     def __init__(self, federation):
         super().__init__(federation)
         self._waiting: dict[int, Smashed] = {}  # each client's activations, until the gradient comes back
 
-    def server_of(self, client: Client) -> tuple[Party, ChunkedLMLoss]:
-        """The server model that serves ``client``, with its loss."""
-        return self.fed.server, self.fed.server_loss
+    def server_copy(self, client: Client) -> Party:
+        """The server model that serves ``client``, with its optimizer and loss."""
+        return self.fed.server
 
     def replies_at(self, round_index: int, local_step: int) -> bool:
         return True
@@ -37,12 +39,12 @@ class SplitFedV2(Algorithm):
 
     def serve(self, client: Client, upload, round_index: int, local_step: int):
         received, labels = upload
-        party, loss_fn = self.server_of(client)
+        party = self.server_copy(client)
         hidden = received.hidden_states.detach().requires_grad_(True)
-        loss = loss_fn(Smashed(hidden, received.attention_mask, received.position_ids), labels,
-                       self.args.label_smoothing_factor)
+        loss = party.loss(Smashed(hidden, received.attention_mask, received.position_ids), labels,
+                          self.fed.label_smoothing)
         loss.backward()
-        clip_and_step(party.module, party.optimizer, self.args.max_grad_norm)
+        clip_and_step(party.module, party.optimizer, self.fed.max_grad_norm)
         value = float(loss.detach())
         return StepResult(loss=value, server_loss=value), hidden.grad
 
@@ -55,24 +57,12 @@ class SplitFedV2(Algorithm):
         return StepResult()
 
 
-class SplitFedV1(SplitFedV2):
+@register("splitfed_v1")
+class SplitFedV1(WithServerCopies, SplitFedV2):
     """SplitFed-V1: the server keeps one copy of its model per client, FedAvg'ed with the client models.
 
     The copies live on the server, so loading and averaging them costs no traffic.
     """
 
-    name = "splitfed_v1"
-    server_copies = "server"
-
-    def server_of(self, client: Client) -> tuple[Party, ChunkedLMLoss]:
-        return client.server, client.server_loss
-
-    def begin_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
-        metrics = super().begin_round(round_index, participants)
-        self.fed.broadcast_copies(participants, "server", kind=None)
-        return metrics
-
-    def end_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
-        metrics = super().end_round(round_index, participants)
-        self.fed.aggregate_copies(participants, "server", kind=None)
-        return metrics
+    display_name = "SplitFed-V1"
+    copies_kind = None

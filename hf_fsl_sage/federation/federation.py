@@ -1,11 +1,12 @@
 """The parties of a federated split run and the operations every algorithm shares.
 
-Each process builds only what its placement gives it (:mod:`hf_fsl_sage.placement`):
-the server's process holds the server model, the global client model, the
-uploads kept for alignment and any server-side copies; a client's process holds
-that client's model and its client-side copies. Round-level exchanges are
-called on every process and go through the transport, which delivers each
-message where it is needed.
+Each process builds only what its placement gives it (:mod:`hf_fsl_sage.transport.placement`):
+the server's process holds the server model and the global client model; a
+client's process holds that client's model. Whatever else an algorithm needs
+per client (auxiliary models, upload buffers, per-client server copies) the
+algorithm builds and holds itself (:mod:`hf_fsl_sage.algorithms`). Round-level
+exchanges are called on every process and go through the transport, which
+delivers each message where it is needed.
 
 The *global* client model is the client half of the split model itself, so the
 split model (and the ``PeftModel`` or ``PreTrainedModel`` it came from) always
@@ -19,22 +20,22 @@ clients there are.
 from __future__ import annotations
 
 import copy
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .aggregation import weighted_average
-from ..algorithms.auxiliary import build_aux_model, trainable_parameters
-from ..transport.base import Transport
-from ..config import FSLSageConfig
 from ..splitting.loss import ChunkedLMLoss
-from ..transport.placement import Placement, party_seed
 from ..splitting.split import Smashed, SplitCausalLM
+from ..transport.base import Transport
+from ..transport.placement import Placement
+from .aggregation import weighted_average
 
+#: ``make_optimizer(module, lr)``: an optimizer over ``module``'s trainable parameters and its schedule; with
+#: ``lr`` given, a fixed-rate optimizer and no schedule.
 OptimizerFactory = Callable[[nn.Module, float | None], tuple[torch.optim.Optimizer, object]]
+StateDict = dict[str, torch.Tensor]
 
 
 def copy_sharing_frozen(module: nn.Module) -> nn.Module:
@@ -44,16 +45,20 @@ def copy_sharing_frozen(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def trainable_state(module: nn.Module) -> StateDict:
     return {n: p.detach() for n, p in trainable_parameters(module).items()}
 
 
-def _state_of(module: nn.Module | None) -> dict[str, torch.Tensor] | None:
+def state_or_none(module: nn.Module | None) -> StateDict | None:
     return None if module is None else trainable_state(module)
 
 
 @torch.no_grad()
-def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_trainable_state(module: nn.Module, state: StateDict) -> None:
     params = trainable_parameters(module)
     if params.keys() != state.keys():
         raise ValueError("trainable parameters do not match the received state")
@@ -75,201 +80,150 @@ def clip_and_step(module: nn.Module, optimizer: torch.optim.Optimizer, max_grad_
 
 @dataclass
 class Party:
-    """A model owned by one party, with its optimizer and learning-rate schedule."""
+    """A model owned by one party, with its optimizer, its learning-rate schedule and, for a server half, its loss."""
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
+    loss: ChunkedLMLoss | None = None
 
 
 @dataclass
 class Client:
-    """One client as this process sees it: the client-side fields exist on the client's process, the
-    server-side ones on the server's; a process that holds neither sees only the index and the size."""
+    """One client as this process sees it: its model exists on the client's process only."""
 
     index: int
     num_examples: int
-    # client side
     model: Party | None = None
-    aux: nn.Module | None = None  # the auxiliary model the client computes its local loss with
-    aux_loss: ChunkedLMLoss | None = None
-    aux_optimizer: torch.optim.Optimizer | None = None  # set when the client trains it itself (CSE-FSL)
-    aux_scheduler: object | None = None
-    # an own copy of the server model: on the client (FedAvg) or on the server (SplitFed-V1)
-    server: Party | None = None
-    server_loss: ChunkedLMLoss | None = None
-    # server side (FSL-SAGE): the server's copy of the auxiliary model, which it aligns and sends down
-    server_aux: nn.Module | None = None
-    server_aux_loss: ChunkedLMLoss | None = None
-    align_optimizer: torch.optim.Optimizer | None = None
-    # uploads the server keeps for this client's alignment: (smashed, labels), newest last
-    buffer: deque = field(default_factory=deque)
 
 
 class Federation:
     """Clients, server and transport of one run; algorithms drive it through a few operations.
 
-    ``server_copies`` is where each client's own copy of the server model lives: ``"client"`` (FedAvg),
-    ``"server"`` (SplitFed-V1) or None.
+    Args:
+        split: the split model; its client half is the global client model, its server half the server's.
+        client_sizes: examples per client (the FedAvg weights).
+        transport: carries every message between clients and the server.
+        make_optimizer: builds each party's optimizer and schedule (algorithms use it for their own parties).
+        placement: which process holds the server and each client (default: all in this process).
+        seed: the run's seed, from which every party's random draws derive.
+        max_grad_norm: per-party gradient clipping (0 or None: none).
+        label_smoothing: label smoothing of the training losses.
+        loss_chunk_tokens: labelled positions per chunk of an LM-head loss.
+        batch_size: sequences per client batch (the most an upload may carry).
     """
 
     def __init__(
         self,
         split: SplitCausalLM,
-        args: FSLSageConfig,
         client_sizes: list[int],
         transport: Transport,
         make_optimizer: OptimizerFactory,
-        with_aux: bool,
-        client_trains_aux: bool = False,
-        server_aligns_aux: bool = False,
-        server_copies: str | None = None,
         placement: Placement | None = None,
+        *,
+        seed: int = 42,
+        max_grad_norm: float = 1.0,
+        label_smoothing: float = 0.0,
+        loss_chunk_tokens: int = 1024,
+        batch_size: int = 8,
     ):
         self.split = split
-        self.args = args
         self.transport = transport
+        self.make_optimizer = make_optimizer
         self.placement = placement or Placement.build(0, 1, len(client_sizes))
-        on_server = self.placement.is_server
-        self.server = Party(split.server, *make_optimizer(split.server, None)) if on_server else None
-        self.server_loss = ChunkedLMLoss(split.server, args.loss_chunk_tokens) if on_server else None
-        align_lr = args.align_learning_rate or args.learning_rate
+        self.seed, self.max_grad_norm = seed, max_grad_norm
+        self.label_smoothing, self.loss_chunk_tokens = label_smoothing, loss_chunk_tokens
+        self.batch_size = batch_size
+        self.server = self.new_party(split.server, with_loss=True) if self.placement.is_server else None
+        self.server_loss = self.server.loss if self.server is not None else None
         self.clients: list[Client] = []
         for index, size in enumerate(client_sizes):
             client = Client(index, size)
             if self.placement.holds_client(index):
-                module = copy_sharing_frozen(split.client)
-                client.model = Party(module, *make_optimizer(module, None))
-                if with_aux:
-                    client.aux = self._build_aux(index, module.input_embeddings())
-                    client.aux_loss = ChunkedLMLoss(client.aux, args.loss_chunk_tokens)
-                    if client_trains_aux:  # steps with the client model, on the client's learning-rate schedule
-                        client.aux_optimizer, client.aux_scheduler = make_optimizer(client.aux, None)
-                if server_copies == "client":
-                    self._add_server_copy(client, make_optimizer)
-            if on_server:
-                if server_aligns_aux:  # its head reads the embedding of the global client model the server holds
-                    client.server_aux = self._build_aux(index, split.client.input_embeddings())
-                    client.server_aux_loss = ChunkedLMLoss(client.server_aux, args.loss_chunk_tokens)
-                    client.align_optimizer = make_optimizer(client.server_aux, align_lr)[0]
-                if server_copies == "server":
-                    self._add_server_copy(client, make_optimizer)
+                client.model = self.new_party(copy_sharing_frozen(split.client))
             self.clients.append(client)
-        # The aggregated auxiliary model when clients train and average theirs (CSE-FSL); it starts as client 0's.
-        self.global_aux: dict[str, torch.Tensor] | None = None
-        if with_aux and client_trains_aux and on_server:
-            self.global_aux = trainable_state(self._build_aux(0, split.client.input_embeddings()))
 
-    def _build_aux(self, index: int, embedding: nn.Module) -> nn.Module:
-        """Client ``index``'s auxiliary model; its random draws depend on the index only, not on the process."""
-        device = next(self.split.server.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(party_seed(self.args.seed, -1, 0, index, "aux_init"))
-            return build_aux_model(self.split, self.args.aux_num_layers, self.args.aux_init, embedding)
+    def new_party(self, module: nn.Module, with_loss: bool = False) -> Party:
+        """``module`` with an optimizer on the run's schedule (and its LM loss when it ends in the head)."""
+        loss = ChunkedLMLoss(module, self.loss_chunk_tokens) if with_loss else None
+        return Party(module, *self.make_optimizer(module, None), loss=loss)
 
-    def _add_server_copy(self, client: Client, make_optimizer: OptimizerFactory) -> None:
-        own = copy_sharing_frozen(self.split.server)
-        client.server = Party(own, *make_optimizer(own, None))
-        client.server_loss = ChunkedLMLoss(own, self.args.loss_chunk_tokens)
+    def copy_server(self) -> Party:
+        """An own copy of the server model (sharing its frozen weights), with an optimizer and its loss."""
+        return self.new_party(copy_sharing_frozen(self.split.server), with_loss=True)
+
+    @property
+    def held_clients(self) -> list[int]:
+        """The clients whose model this process holds."""
+        return [c.index for c in self.clients if c.model is not None]
 
     # ------------------------------------------------------------ model exchange (called on every process)
     def broadcast(self, clients: list[int]) -> None:
         """Send the global client model to each of ``clients``, which load it."""
         state = trainable_state(self.split.client) if self.placement.is_server else None
-        for c in clients:
-            received = self.transport.to_client(c, "client_model", state, self._held_state(c, lambda cl: cl.model.module))
-            if self.placement.holds_client(c):
-                load_trainable_state(self.clients[c].model.module, received)
+        self.load_copies(clients, state, lambda c: self.clients[c].model.module, "client_model")
 
     def aggregate(self, clients: list[int]) -> None:
         """Clients upload their models; the server averages them, weighted by data size, into the global model."""
-        expected = trainable_state(self.split.client) if self.placement.is_server else None
-        states = [self.transport.to_server(c, "client_model", self._held_state(c, lambda cl: cl.model.module), expected)
-                  for c in clients]
-        if self.placement.is_server:
-            load_trainable_state(self.split.client, self._average(states, clients))
+        template = trainable_state(self.split.client) if self.placement.is_server else None
+        averaged = self.average_copies(clients, lambda c: self.clients[c].model.module, "client_model", template)
+        if averaged is not None:
+            load_trainable_state(self.split.client, averaged)
 
-    def broadcast_copies(self, clients: list[int], role: str, kind: str | None) -> None:
-        """Load the global ``role`` model (``"server"`` or ``"aux"``) into each of ``clients``' own copies.
+    def load_copies(self, clients: list[int], state: StateDict | None, copy_of: Callable[[int], nn.Module],
+                    kind: str | None) -> None:
+        """Load ``state`` (given on the server's process) into each of ``clients``' own copy ``copy_of(c)``.
 
-        With ``kind`` it travels to the client through the transport (FedAvg's server half, CSE-FSL's
-        auxiliary model); with ``None`` the copies sit on the server (SplitFed-V1) and nothing crosses the wire.
+        With ``kind`` the copies live on the clients and the state travels to each as a ``kind`` message;
+        with ``None`` they live on the server and nothing crosses the wire.
         """
-        state = None
-        if self.placement.is_server:
-            state = trainable_state(self.server.module) if role == "server" else self.global_aux
         for c in clients:
             if kind is None:
                 if self.placement.is_server:
-                    load_trainable_state(self._copy(c, role), state)
+                    load_trainable_state(copy_of(c), state)
                 continue
-            received = self.transport.to_client(c, kind, state, self._held_state(c, lambda cl: self._copy(cl.index, role)))
-            if self.placement.holds_client(c):
-                load_trainable_state(self._copy(c, role), received)
+            held = self.placement.holds_client(c)
+            received = self.transport.to_client(c, kind, state, trainable_state(copy_of(c)) if held else None)
+            if held:
+                load_trainable_state(copy_of(c), received)
 
-    def aggregate_copies(self, clients: list[int], role: str, kind: str | None) -> None:
-        """FedAvg of ``clients``' copies of the ``role`` model into the global one (uploaded as ``kind`` unless None)."""
+    def average_copies(self, clients: list[int], copy_of: Callable[[int], nn.Module], kind: str | None,
+                       template: StateDict | None = None) -> StateDict | None:
+        """FedAvg (weighted by data size) of ``clients``' copies ``copy_of(c)``: on the server's process, else None.
+
+        With ``kind`` each client uploads its copy as a ``kind`` message, which must look like ``template`` (given
+        on the server's process); with ``None`` the copies live on the server and nothing crosses the wire.
+        """
         if kind is None:
-            states = [trainable_state(self._copy(c, role)) for c in clients] if self.placement.is_server else []
+            states = [trainable_state(copy_of(c)) for c in clients] if self.placement.is_server else []
         else:
-            expected = None
-            if self.placement.is_server:
-                expected = trainable_state(self.server.module) if role == "server" else self.global_aux
-            states = [self.transport.to_server(c, kind, self._held_state(c, lambda cl: self._copy(cl.index, role)),
-                                               expected) for c in clients]
+            states = [self.transport.to_server(c, kind, trainable_state(copy_of(c))
+                                               if self.placement.holds_client(c) else None, template)
+                      for c in clients]
         if not self.placement.is_server:
-            return
-        averaged = self._average(states, clients)
-        if role == "server":
-            load_trainable_state(self.server.module, averaged)
-        else:
-            self.global_aux = averaged
-
-    def _held_state(self, c: int, module_of: Callable[[Client], nn.Module]) -> dict[str, torch.Tensor] | None:
-        return trainable_state(module_of(self.clients[c])) if self.placement.holds_client(c) else None
-
-    def _average(self, states: list[dict[str, torch.Tensor]], clients: list[int]) -> dict[str, torch.Tensor]:
+            return None
         return weighted_average(states, [self.clients[c].num_examples for c in clients])
 
-    def _copy(self, client: int, role: str) -> nn.Module:
-        c = self.clients[client]
-        module = (c.server and c.server.module) if role == "server" else c.aux
-        if module is None:
-            raise ValueError(f"client {client} has no own {role} model to exchange on this process")
-        return module
-
     def train(self, mode: bool = True) -> None:
-        """Set the training mode of every model of the run (the copies do not follow ``split.train()``)."""
+        """Set the training mode of the split model and the clients' copies (which do not follow ``split.train``)."""
         self.split.train(mode)
         for c in self.clients:
-            for module in (c.model and c.model.module, c.aux, c.server and c.server.module, c.server_aux):
-                if module is not None:
-                    module.train(mode)
+            if c.model is not None:
+                c.model.module.train(mode)
 
     # ------------------------------------------------------------ per-step operations
     def client_forward(self, client: Client, batch: dict[str, torch.Tensor]) -> Smashed:
         return client.model.module(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
 
     def client_step(self, client: Client) -> float:
-        return clip_and_step(client.model.module, client.model.optimizer, self.args.max_grad_norm)
+        return clip_and_step(client.model.module, client.model.optimizer, self.max_grad_norm)
 
     def server_step(self, smashed: Smashed, labels: torch.Tensor) -> float:
         """One server update on a received batch; returns its loss."""
-        loss = self.server_loss(smashed, labels, self.args.label_smoothing_factor)
+        loss = self.server_loss(smashed, labels, self.label_smoothing)
         loss.backward()
-        clip_and_step(self.server.module, self.server.optimizer, self.args.max_grad_norm)
+        clip_and_step(self.server.module, self.server.optimizer, self.max_grad_norm)
         return float(loss.detach())
-
-    def remember(self, client: Client, smashed: Smashed, labels: torch.Tensor) -> None:
-        """Keep an upload in the client's alignment buffer (at most ``align_buffer_size`` sequences)."""
-        size = self.args.align_buffer_size
-        client.buffer.append((smashed, labels))
-        while sum(s.hidden_states.shape[0] for s, _ in client.buffer) > size and len(client.buffer) > 1:
-            client.buffer.popleft()
-        s, y = client.buffer[0]
-        if s.hidden_states.shape[0] > size:  # a single upload larger than the buffer keeps its newest rows
-            client.buffer[0] = (Smashed(*(None if t is None else t[-size:] for t in (s.hidden_states, s.attention_mask,
-                                                                                   s.position_ids))), y[-size:])
 
     # ------------------------------------------------------------ global model (on the server's process)
     def global_loss(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
@@ -277,40 +231,19 @@ class Federation:
         return self.server_loss(smashed, batch["labels"], label_smoothing)
 
     def parties(self) -> dict[str, Party]:
-        """The parties this process steps: their optimizers and schedules are saved with its checkpoint state."""
+        """The shared parties this process steps (the server, its clients); algorithms add their own."""
         out = {"server": self.server} if self.server is not None else {}
         out.update({f"client_{c.index}": c.model for c in self.clients if c.model is not None})
-        out.update({f"server_{c.index}": c.server for c in self.clients if c.server is not None})
-        out.update({f"aux_{c.index}": Party(c.aux, c.aux_optimizer, c.aux_scheduler)
-                    for c in self.clients if c.aux_scheduler is not None})
-        return out
-
-    def server_aux_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The auxiliary models the server holds, by name: each client's aligned one, or the averaged one."""
-        out = {f"client_{c.index}": trainable_state(c.server_aux) for c in self.clients if c.server_aux is not None}
-        if self.global_aux is not None:
-            out["global"] = self.global_aux
         return out
 
     # ------------------------------------------------------------ checkpoint state (this process's share)
     def state_dict(self) -> dict:
-        clients = {}
-        for c in self.clients:
-            held = {
-                "model": _state_of(c.model and c.model.module),
-                "aux": _state_of(c.aux),
-                "server_copy": _state_of(c.server and c.server.module),
-                "server_aux": _state_of(c.server_aux),
-                "align_optimizer": None if c.align_optimizer is None else c.align_optimizer.state_dict(),
-                "buffer": list(c.buffer) if self.placement.is_server else None,
-            }
-            clients[c.index] = {k: v for k, v in held.items() if v is not None}
         return {
             "placement": {"world_size": self.placement.world_size, "client_ranks": list(self.placement.client_ranks)},
-            "server": _state_of(self.server and self.server.module),
-            "clients": clients,
+            "server": state_or_none(self.server and self.server.module),
+            "clients": {c.index: {"model": trainable_state(c.model.module)} if c.model is not None else {}
+                        for c in self.clients},
             "ledger": self.transport.ledger.state_dict(),
-            "global_aux": self.global_aux,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -324,18 +257,6 @@ class Federation:
         if self.server is not None:
             load_trainable_state(self.server.module, state["server"])
         for c in self.clients:
-            held = state["clients"][c.index]
             if c.model is not None:
-                load_trainable_state(c.model.module, held["model"])
-            if c.aux is not None:
-                load_trainable_state(c.aux, held["aux"])
-            if c.server is not None:
-                load_trainable_state(c.server.module, held["server_copy"])
-            if c.server_aux is not None:
-                load_trainable_state(c.server_aux, held["server_aux"])
-                c.align_optimizer.load_state_dict(held["align_optimizer"])
-            if "buffer" in held:
-                c.buffer = deque(held["buffer"])
+                load_trainable_state(c.model.module, state["clients"][c.index]["model"])
         self.transport.ledger.load_state_dict(state["ledger"])
-        if self.global_aux is not None:
-            self.global_aux = state["global_aux"]

@@ -27,13 +27,6 @@ FSL_SAGE_CITATION = """\
   archivePrefix = {arXiv}
 }"""
 
-_ALGORITHM_NAMES = {
-    "fsl_sage": "FSL-SAGE (federated split learning with smashed-activation gradient estimation)",
-    "cse_fsl": "CSE-FSL (federated split learning with a client-side auxiliary loss)",
-    "splitfed_v1": "SplitFed-V1", "splitfed_v2": "SplitFed-V2", "fedavg": "FedAvg",
-}
-
-
 def _base_model(trainer: Any, finetuned_from: str | None) -> str | None:
     if finetuned_from:
         return finetuned_from
@@ -84,14 +77,7 @@ def _parameters(trainer: Any) -> list[tuple[str, Any]]:
         ("optimizer", f"{_fmt(args.optim)} (weight decay {args.weight_decay}, eps {args.adam_epsilon})"),
         ("label smoothing", args.label_smoothing_factor),
     ]
-    if algorithm.uses_aux:
-        rows += [("auxiliary decoder blocks", f"{args.aux_num_layers} (init: {args.aux_init})"),
-                 ("server update interval (local steps)", args.server_update_interval)]
-        if not algorithm.trains_aux:
-            rows += [("alignment interval (rounds)", args.align_interval),
-                     ("alignment buffer / epochs / lr",
-                      f"{args.align_buffer_size} sequences / {args.align_epochs} / "
-                      f"{args.align_learning_rate or args.learning_rate}")]
+    rows += algorithm.model_card_rows()
     peft_config = getattr(trainer.model, "peft_config", None)
     if peft_config:
         cfg = next(iter(peft_config.values()))
@@ -166,7 +152,7 @@ def render_model_card(
     sections = [
         f"# {name}",
         f"{'A LoRA adapter for' if is_peft else 'A fine-tuned version of'} {base_text}, trained with federated "
-        f"split learning: **{_ALGORITHM_NAMES.get(args.algorithm, args.algorithm)}**, with "
+        f"split learning: **{trainer.algorithm.display_name or args.algorithm}**, with "
         f"`hf_fsl_sage.FSLSageTrainer`. The weights are the *global* model: "
         f"the FedAvg of the clients' halves joined to the server's half.",
         "## Split",

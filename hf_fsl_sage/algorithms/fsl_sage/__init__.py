@@ -1,0 +1,5 @@
+"""FSL-SAGE: the algorithm (registered as ``"fsl_sage"``), its upload buffer and the alignment."""
+
+from .algorithm import FSLSage
+
+__all__ = ["FSLSage"]

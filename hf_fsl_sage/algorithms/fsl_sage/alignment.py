@@ -1,0 +1,72 @@
+"""Aligning an auxiliary model to the server by gradient matching (FSL-SAGE)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...splitting.loss import ChunkedLMLoss
+from ...splitting.split import Smashed, SplitServer
+
+
+def gradient_wrt_hidden(
+    loss_fn: ChunkedLMLoss, smashed: Smashed, labels: torch.Tensor, label_smoothing: float, create_graph: bool = False
+) -> torch.Tensor:
+    """d loss(model(h), y) / d h for the smashed batch (h detached from any client graph)."""
+    hidden = smashed.hidden_states.detach().requires_grad_(True)
+    loss = loss_fn(Smashed(hidden, smashed.attention_mask, smashed.position_ids), labels, label_smoothing,
+                   checkpoint=not create_graph)
+    (grad,) = torch.autograd.grad(loss, hidden, create_graph=create_graph)
+    return grad
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of the cosine similarity of two (batch, seq, hidden) gradients."""
+    return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1, eps=1e-12).mean()
+
+
+def align(
+    aux: SplitServer,
+    aux_loss: ChunkedLMLoss,
+    server_loss: ChunkedLMLoss,
+    server: nn.Module,
+    buffer: list[tuple[Smashed, torch.Tensor]],
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    label_smoothing: float,
+) -> tuple[float, float]:
+    """Train ``aux`` so that its gradient w.r.t. the smashed activations matches the server's.
+
+    The targets are the current server's true gradients on the buffered uploads.
+    The objective per buffered batch is ``||g_aux - g||^2 / ||g||^2``: the
+    paper's squared error, made scale-free so that Adam's epsilon cannot swamp
+    the tiny per-token gradients of a mean loss. Both models run in eval mode
+    (no dropout) so targets and estimates are deterministic. Returns the mean
+    cosine similarity between estimate and target before and after.
+    """
+    was_training = (aux.training, server.training)
+    aux.eval()
+    server.eval()
+    targets = [gradient_wrt_hidden(server_loss, s, y, label_smoothing) for s, y in buffer]
+
+    def cosine() -> float:
+        sims = [mean_cosine(gradient_wrt_hidden(aux_loss, s, y, label_smoothing), g) for (s, y), g in zip(buffer, targets)]
+        weights = [g.shape[0] for g in targets]
+        return float(sum(c * w for c, w in zip(sims, weights)) / sum(weights))
+
+    before = cosine()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for _ in range(epochs):
+        for (smashed, labels), target in zip(buffer, targets):
+            estimate = gradient_wrt_hidden(aux_loss, smashed, labels, label_smoothing, create_graph=True)
+            objective = (estimate - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
+            grads = torch.autograd.grad(objective, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = g
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    after = cosine()
+    aux.train(was_training[0])
+    server.train(was_training[1])
+    return before, after
