@@ -14,10 +14,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..federation.federation import Client, Federation, load_trainable_state, trainable_state
+from ..federation.federation import (
+    Client,
+    Federation,
+    load_trainable_state,
+    trainable_state,
+)
 from ..splitting.loss import ChunkedLMLoss
 from ..splitting.split import Smashed, SplitCausalLM, SplitServer
-from ..splitting.stand_ins import _has_params, _owner_paths, _path_of, _SkippedBlock, _with_replaced
+from ..splitting.stand_ins import (
+    _has_params,
+    _owner_paths,
+    _path_of,
+    _SkippedBlock,
+    _with_replaced,
+    deepcopy_module,
+)
 from ..transport.placement import party_seed
 from .base import Algorithm, StepResult
 
@@ -29,8 +41,13 @@ class TiedHead(nn.Module):
         super().__init__()
         self._embedding = [embedding]  # not a submodule: the client owns it
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The tied matrix, detached (some families read ``lm_head.weight``, e.g. Mamba for its dtype)."""
+        return self._embedding[0].weight.detach()
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self._embedding[0].weight.detach())
+        return F.linear(hidden, self.weight)
 
 
 def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding: nn.Module) -> SplitServer:
@@ -57,7 +74,7 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
     owner_paths = _owner_paths(blocks_path)
     head_path = _path_of(server_lm, server_lm.get_output_embeddings())
 
-    aux_blocks = copy.deepcopy(blocks[cut : cut + num_layers])
+    aux_blocks = deepcopy_module(blocks[cut : cut + num_layers])
     replacements: dict[str, nn.Module] = {
         blocks_path: nn.ModuleList([_SkippedBlock(b) for b in blocks[:cut]] + list(aux_blocks)),
         head_path: TiedHead(embedding),
@@ -66,7 +83,7 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
         for name, child in server_lm.get_submodule(own).named_children():
             path = ".".join(p for p in (own, name) if p)
             if child is not blocks and path not in owner_paths and path != head_path and _has_params(child):
-                replacements[path] = copy.deepcopy(child)  # final norm (and any other post-block module)
+                replacements[path] = deepcopy_module(child)  # final norm (and any other post-block module)
     aux_lm = _with_replaced(server_lm, replacements)
 
     config = copy.deepcopy(server_lm.config)

@@ -19,7 +19,6 @@ clients there are.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from torch import nn
 
 from ..splitting.loss import ChunkedLMLoss
 from ..splitting.split import Smashed, SplitCausalLM
+from ..splitting.stand_ins import deepcopy_module
 from ..transport.base import Transport
 from ..transport.placement import Placement
 from .aggregation import weighted_average
@@ -42,7 +42,7 @@ def copy_sharing_frozen(module: nn.Module) -> nn.Module:
     """Deep copy of ``module`` whose frozen parameters and buffers are the original tensors."""
     memo = {id(p): p for p in module.parameters() if not p.requires_grad}
     memo.update({id(b): b for b in module.buffers()})
-    return copy.deepcopy(module, memo)
+    return deepcopy_module(module, memo)
 
 
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:

@@ -51,6 +51,19 @@ def causal_lm_loss(
     return total / keep.numel()
 
 
+class _HeadlessOutput(_PassThrough):
+    """The trunk's LM head: returns the final hidden states, and shows the real head's ``weight``
+    (some families read it in their forward, e.g. Mamba for the dtype of its logits)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self._head = [head]  # not a submodule: the trunk shares the server's weights, it owns none
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._head[0].weight
+
+
 class ChunkedLMLoss(nn.Module):
     """Loss of a split server (or auxiliary model) computed from its final hidden states, chunk by chunk.
 
@@ -70,7 +83,7 @@ class ChunkedLMLoss(nn.Module):
         head_path = _path_of(lm, head)
         trunk = copy.copy(server)
         trunk._modules = dict(server._modules)
-        trunk.lm = _with_replaced(lm, {head_path: _PassThrough()})
+        trunk.lm = _with_replaced(lm, {head_path: _HeadlessOutput(head)})
         self._trunk = [trunk]  # shares every weight with ``server``
         self._head_path = head_path
         self.fast: bool | None = None

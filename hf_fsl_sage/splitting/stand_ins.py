@@ -150,6 +150,20 @@ def _with_replaced(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Mo
     return new
 
 
+def deepcopy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """``copy.deepcopy(module, memo)`` that also copies tensors a forward pass left on submodules.
+
+    Some families keep runtime state as plain attributes (e.g. RecurrentGemma's recurrent states), which
+    still carry their autograd graph and which ``deepcopy`` refuses; the copy gets them detached.
+    """
+    memo = dict(memo or {})
+    for sub in module.modules():
+        for value in vars(sub).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
 def _first_output(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
