@@ -1,9 +1,12 @@
 """Which causal-LM families of the installed transformers split exactly.
 
 For every family in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` this builds a tiny
-random model (``hf_fsl_sage.testing.tiny_causal_lm``), splits it at every cut
+random model (``hf_fsl_sage.testing_utils.tiny_causal_lm``), splits it at every cut
 ``1 … L-1`` and compares ``server(client(x))`` with the unsplit model (no mask,
-right padding, left padding with and without position ids). Each family runs in
+right padding, left padding with and without position ids). Each exact family then trains
+for one FSL-SAGE round (``hf_fsl_sage.testing_utils.one_fsl_sage_round``: client step
+on the auxiliary estimate, server step, alignment, FedAvg) and must end with finite
+losses and moved weights. Each family runs in
 a worker process with a time limit, so a family that crashes or hangs costs
 only itself.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import select
 import signal
@@ -66,7 +70,28 @@ def check_family(model_type: str) -> dict:
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return {**row, "status": "error", "reason": f"{_short(exc)} ({Path(where.filename).name}:{where.lineno})"}
     exact = logit <= TOLERANCE and loss <= TOLERANCE
-    return {**row, "status": "exact" if exact else "mismatch", "max_logit_diff": logit, "max_loss_diff": loss}
+    row.update(status="exact" if exact else "mismatch", max_logit_diff=logit, max_loss_diff=loss)
+    if exact:
+        row.update(_trains(model))
+    return row
+
+
+def _trains(model) -> dict:
+    """One FSL-SAGE round (client step on the aux estimate, server step, alignment, FedAvg): finite and moving?"""
+    import tempfile
+
+    from hf_fsl_sage.testing_utils import one_fsl_sage_round
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = one_fsl_sage_round(model, tmp)
+    except Exception as exc:  # noqa: BLE001
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return {"trains": False, "train_reason": f"{_short(exc)} ({Path(where.filename).name}:{where.lineno})"}
+    bad = sorted(k for k, v in report.items() if not math.isfinite(v))
+    bad += [f"{k} == 0" for k in ("client_changed", "server_changed") if report[k] == 0]
+    return {"trains": not bad, "eval_loss_after_round": report["eval_loss"]} | (
+        {"train_reason": "; ".join(bad)} if bad else {})
 
 
 def worker() -> None:
@@ -130,7 +155,7 @@ def run_all(families: list[str], workers: int, timeout: float) -> list[dict]:
                 pool[pool.index(w)] = w = _Worker()
             done.append(row)
             print(f"[{len(done):3d}/{len(families)}] {row['family']:28s} {row['status']:12s} "
-                  f"{row.get('max_logit_diff', row.get('reason', ''))}", flush=True)
+                  f"{row.get('max_logit_diff', row.get('reason', ''))} {row.get('train_reason', '')}", flush=True)
             w.family = None
             if todo:
                 w.send(todo.pop(0))
@@ -142,19 +167,25 @@ def run_all(families: list[str], workers: int, timeout: float) -> list[dict]:
 
 def markdown(rows: list[dict], command: str, version: str) -> str:
     exact = sum(r["status"] == "exact" for r in rows)
+    trains = sum(bool(r.get("trains")) for r in rows)
     counts = Counter(r["status"] for r in rows if r["status"] != "exact")
     others = "; ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     lines = [
         f"**{exact} of {len(rows)} causal-LM families split exactly** (tiny random models, fp32, every cut, "
-        f"no mask / right padding / left padding with and without position ids; |Δlogit| ≤ {TOLERANCE:g})"
-        + (f"; {others}." if others else "."),
+        f"no mask / right padding / left padding with and without position ids; |Δlogit| ≤ {TOLERANCE:g}, "
+        f"NaN never equal)" + (f"; {others}." if others else ".")
+        + f" **{trains} of these {exact} train**: one FSL-SAGE round (client step on the auxiliary estimate, "
+        "server step, alignment, FedAvg) ends with finite losses and changed client and server weights.",
         f"Produced by `{command}` with transformers {version}.",
         "",
         "| family | model class | status | max \\|Δlogit\\| |",
         "|---|---|---|---|",
     ]
     for r in rows:
-        status = r["status"] if r["status"] == "exact" else f"{r['status']}: {r.get('reason', '')}".rstrip(": ")
+        if r["status"] == "exact":
+            status = "exact and trains" if r.get("trains") else f"exact; training fails: {r.get('train_reason', '')}"
+        else:
+            status = f"{r['status']}: {r.get('reason', '')}".rstrip(": ")
         if r.get("note"):
             status += f" ({r['note']})"
         diff = f"{r['max_logit_diff']:.1e}" if "max_logit_diff" in r else ""
@@ -186,13 +217,14 @@ def main() -> None:
     start = time.perf_counter()
     rows = run_all(families, args.workers, args.timeout)
     exact = sum(r["status"] == "exact" for r in rows)
-    print(f"{exact} of {len(rows)} families exact ({time.perf_counter() - start:.0f} s)")
+    trains = sum(bool(r.get("trains")) for r in rows)
+    print(f"{exact} of {len(rows)} families exact, {trains} of them train ({time.perf_counter() - start:.0f} s)")
     if args.families:
         return
     command = "python benchmarks/split_support.py"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"transformers": transformers.__version__, "command": command,
-                                   "tolerance": TOLERANCE, "exact": exact, "total": len(rows),
+                                   "tolerance": TOLERANCE, "exact": exact, "trains": trains, "total": len(rows),
                                    "families": rows}, indent=1) + "\n")
     update_readme(markdown(rows, command, transformers.__version__))
 

@@ -11,6 +11,7 @@ Token ids (pad/bos/eos and special ids) are moved inside the small vocabulary.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import fields
 from typing import Any
@@ -18,7 +19,16 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-__all__ = ["FAMILY_NOTES", "TINY", "SLIDING_WINDOW", "tiny_config", "tiny_causal_lm", "sample_batch", "max_split_diff"]
+__all__ = [
+    "FAMILY_NOTES",
+    "SLIDING_WINDOW",
+    "TINY",
+    "max_split_diff",
+    "one_fsl_sage_round",
+    "sample_batch",
+    "tiny_causal_lm",
+    "tiny_config",
+]
 
 SLIDING_WINDOW = 4
 TINY: dict[str, Any] = {  # standard names; mapped through each config's attribute_map
@@ -325,7 +335,10 @@ def _labels(inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
 
 def max_split_diff(model: PreTrainedModel, cut_layers: list[int] | None = None, seq_len: int = 12,
                    cases: list[str] | None = None) -> tuple[float, float]:
-    """Largest |Δlogit| and |Δloss| between ``server(client(x))`` and ``model(x)`` over cuts and padding cases."""
+    """Largest |Δlogit| and |Δloss| between ``server(client(x))`` and ``model(x)`` over cuts and padding cases.
+
+    Non-finite values (NaN or infinity) in either model's logits or loss count as an infinite difference.
+    """
     from .splitting.split import split_causal_lm
 
     num_layers = split_causal_lm(model, 1).num_layers
@@ -342,8 +355,50 @@ def max_split_diff(model: PreTrainedModel, cut_layers: list[int] | None = None, 
             for case, ref in refs.items():
                 inputs = batches[case]
                 out = split.server(split.client(**inputs), labels=_labels(inputs))
-                diff = (out.logits.float() - ref.logits.float()).abs()
-                diff = torch.where(out.logits.isnan() & ref.logits.isnan(), 0.0, diff)
-                worst_logit = max(worst_logit, diff.max().item())
-                worst_loss = max(worst_loss, (out.loss.float() - ref.loss.float()).abs().item())
+                worst_logit = max(worst_logit, _max_abs_diff(out.logits, ref.logits))
+                worst_loss = max(worst_loss, _max_abs_diff(out.loss, ref.loss))
     return worst_logit, worst_loss
+
+
+def _max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want|, infinite when either holds a NaN or an infinity (a NaN must never compare as equal)."""
+    if not (torch.isfinite(got).all() and torch.isfinite(want).all()):
+        return math.inf
+    return (got.float() - want.float()).abs().max().item()
+
+
+# ---------------------------------------------------------------- one training round
+def one_fsl_sage_round(model: PreTrainedModel, output_dir: str, seq_len: int = 10, seed: int = 0) -> dict[str, float]:
+    """Train ``model`` for one FSL-SAGE round on random tokens and report what happened.
+
+    Two clients take one local step each on their auxiliary gradient estimate, upload, the
+    server steps and aligns each client's auxiliary model on that upload, and the client models
+    are averaged. Returns the round's client and server losses, the alignment cosines, the
+    global model's loss after the round (``eval_loss``) and the fraction of the client's and the
+    server's trainable tensors that changed.
+    """
+    import datasets
+    from transformers import default_data_collator
+
+    from .config import FSLSageConfig
+    from .trainer import FSLSageTrainer
+
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(3, max(4, vocab - 8), (4, seq_len), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seq_len] * 4, "labels": ids})
+    args = FSLSageConfig(output_dir=output_dir, num_clients=2, local_steps=1, max_steps=1,
+                         per_device_train_batch_size=2, per_device_eval_batch_size=4, aux_num_layers=1,
+                         server_update_interval=1, align_interval=1, align_epochs=1, warmup_steps=0, logging_steps=1,
+                         save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=seed)
+    trainer = FSLSageTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,
+                             data_collator=default_data_collator)
+    halves = {"client": trainer.split.client, "server": trainer.split.server}
+    before = {k: {n: p.detach().clone() for n, p in h.named_parameters() if p.requires_grad} for k, h in halves.items()}
+    trainer.train()
+    report = {k: v for h in trainer.state.log_history for k, v in h.items()
+              if k in ("loss", "server_loss", "align_grad_cosine_before", "align_grad_cosine_after")}
+    report["eval_loss"] = trainer.evaluate()["eval_loss"]
+    for k, half in halves.items():
+        now = {n: p for n, p in half.named_parameters() if p.requires_grad}
+        report[f"{k}_changed"] = sum(not torch.equal(now[n], t) for n, t in before[k].items()) / max(1, len(now))
+    return report

@@ -14,22 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..federation.federation import (
-    Client,
-    Federation,
-    load_trainable_state,
-    trainable_state,
-)
+from ..federation.federation import Client, Federation, load_trainable_state, trainable_state
 from ..splitting.loss import ChunkedLMLoss
 from ..splitting.split import Smashed, SplitCausalLM, SplitServer
-from ..splitting.stand_ins import (
-    _has_params,
-    _owner_paths,
-    _path_of,
-    _SkippedBlock,
-    _with_replaced,
-    deepcopy_module,
-)
+from ..splitting.stand_ins import _has_params, _owner_paths, _path_of, _SkippedBlock, _with_replaced, deepcopy_module
 from ..transport.placement import party_seed
 from .base import Algorithm, StepResult
 
