@@ -58,7 +58,8 @@ def test_sample_is_whole_mr_groups(sample):
     assert len(set(sample["mr"])) == 138
 
 
-@pytest.mark.skipif(not DEVSET.exists(), reason="shared E2E development set not present")
+@pytest.mark.skipif(not DEVSET.exists(), reason=f"the E2E development set is not at {DEVSET}: put the shared data "
+                    "folder beside the clone (../shared/data/e2e/devset.csv, see README)")
 def test_sample_keeps_every_reference_of_its_mrs(sample):
     full = load_e2e_csv(DEVSET)
     chosen = set(sample["mr"])
