@@ -219,31 +219,39 @@ def test_schedule_and_bytes_are_exact(reference_run, algorithm, use_lora):
 
 # ---------------------------------------------------------------- learning
 # 40 global steps of 5-step rounds on 3 clients; weight decay off so that a client whose gradient is scaled by 0
-# does not move at all. Eval loss drops (before - after) measured with seeds 0 / 1 / 2, normal run | clients frozen
-# | clients stepping against what they receive:
+# does not move at all. Eval-loss drops (before - after), normal run | clients frozen | clients stepping against
+# what they receive, measured with seeds 0 / 1 / 2 (fsl_sage) and 0 / 1 (the others):
 #   fsl_sage     2.206 / 2.176 / 2.178 | 2.110 / 2.120 / 2.117 | 2.022 / 2.006 / 2.041
-#   splitfed_v2  2.847 / ... | 2.482 / ... | 1.925 / ...
-# The margins asserted below are about half the smallest measured gap.
+#   splitfed_v2  2.847 / 2.917         | 2.482 / 2.534
+#   cse_fsl      2.245 / 2.251         |     ? / 2.120
+#   splitfed_v1  1.705 / 1.770         |     ? / 1.717
+# The margins asserted below are about half the smallest gap measured.
 LEARNING = {"num_clients": 3, "clients_per_round": None, "local_steps": 5, "max_steps": 40,
             "per_device_train_batch_size": 4, "server_update_interval": 2, "align_interval": 2, "align_epochs": 3,
             "align_buffer_size": 8, "logging_steps": 40, "eval_rows": 96, "weight_decay": 0.0}
-CLIENT_MARGIN = {"splitfed_v1": 0.15, "splitfed_v2": 0.15, "cse_fsl": 0.03, "fsl_sage": 0.03}
+CLIENT_MARGIN = {"splitfed_v1": 0.025, "splitfed_v2": 0.15, "cse_fsl": 0.06, "fsl_sage": 0.03}
 
 
 @pytest.fixture(scope="module")
-def loss_drop(tmp_path_factory):
-    """Eval-loss drop of a learning run, by (algorithm, factor on the gradient the clients receive); runs once."""
-    drops: dict[tuple[str, float], float] = {}
+def learning_run(tmp_path_factory):
+    """A learning run by (algorithm, factor on the gradient the clients receive), run once: its eval-loss drop
+    and its log history."""
+    runs: dict[tuple[str, float], tuple[float, list[dict]]] = {}
 
-    def get(algorithm: str, client_gradient: float = 1.0) -> float:
-        if (algorithm, client_gradient) not in drops:
+    def get(algorithm: str, client_gradient: float = 1.0) -> tuple[float, list[dict]]:
+        if (algorithm, client_gradient) not in runs:
             trainer = make_trainer(tmp_path_factory.mktemp(algorithm), algorithm, client_gradient=client_gradient,
                                    **LEARNING)
             before = trainer.evaluate()["eval_loss"]
             trainer.train()
-            drops[algorithm, client_gradient] = before - trainer.evaluate()["eval_loss"]
-        return drops[algorithm, client_gradient]
+            runs[algorithm, client_gradient] = before - trainer.evaluate()["eval_loss"], trainer.state.log_history
+        return runs[algorithm, client_gradient]
     return get
+
+
+@pytest.fixture(scope="module")
+def loss_drop(learning_run):
+    return lambda algorithm, client_gradient=1.0: learning_run(algorithm, client_gradient)[0]
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHM_NAMES)
@@ -258,11 +266,21 @@ def test_client_learning_counts(loss_drop, algorithm):
     assert normal > frozen + CLIENT_MARGIN[algorithm], (algorithm, normal, frozen)
 
 
+def test_fsl_sage_first_alignment_raises_the_gradient_cosine(learning_run):
+    """Round 0 aligns each fresh auxiliary model on its client's first upload: in-sample cosine between estimate and
+    true gradient 0.789 -> 0.887, 0.784 -> 0.892, 0.783 -> 0.890 with seeds 0, 1, 2. Later alignments start from an
+    already aligned model on a moving server and gain little (or lose a little), so only the first is asserted."""
+    aligned = [h for h in learning_run("fsl_sage")[1] if "align_grad_cosine_before" in h]
+    assert [h["round"] for h in aligned] == [0, 2, 4, 6]
+    first = aligned[0]
+    assert first["align_grad_cosine_after"] > first["align_grad_cosine_before"] + 0.05, first
+
+
 def test_fsl_sage_estimate_points_the_right_way(loss_drop):
     """Clients stepping against their auxiliary estimate do worse than normal clients, and worse than still ones."""
     normal, frozen, against = (loss_drop("fsl_sage", g) for g in (1.0, 0.0, -1.0))
-    assert normal > against + 0.08, (normal, against)
-    assert frozen > against + 0.04, (frozen, against)
+    assert normal > against + 0.07, (normal, against)
+    assert frozen > against + 0.035, (frozen, against)
 
 
 # ---------------------------------------------------------------- algorithm-specific behaviour
