@@ -223,8 +223,8 @@ def test_schedule_and_bytes_are_exact(reference_run, algorithm, use_lora):
 # what they receive, measured with seeds 0 / 1 / 2 (fsl_sage) and 0 / 1 (the others):
 #   fsl_sage     2.206 / 2.176 / 2.178 | 2.110 / 2.120 / 2.117 | 2.022 / 2.006 / 2.041
 #   splitfed_v2  2.847 / 2.917         | 2.482 / 2.534
-#   cse_fsl      2.245 / 2.251         |     ? / 2.120
-#   splitfed_v1  1.705 / 1.770         |     ? / 1.717
+#   cse_fsl      2.245 / 2.251         | 2.110 / 2.120
+#   splitfed_v1  1.705 / 1.770         | 1.647 / 1.717
 # The margins asserted below are about half the smallest gap measured.
 LEARNING = {"num_clients": 3, "clients_per_round": None, "local_steps": 5, "max_steps": 40,
             "per_device_train_batch_size": 4, "server_update_interval": 2, "align_interval": 2, "align_epochs": 3,
