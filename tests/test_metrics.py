@@ -318,3 +318,54 @@ print(json.dumps(out))
 def test_each_metric_is_an_evaluate_script_folder() -> None:
     for name in METRIC_NAMES:
         assert (METRICS_DIR / name / f"{name}.py").is_file()
+
+
+# ---------------------------------------------------------------- slot error rate
+MR = ("name[Alimentum], eatType[coffee shop], food[Chinese], priceRange[less than £20], customer rating[high], "
+      "area[riverside], familyFriendly[no], near[Burger King]")
+VENUES = ["Alimentum", "Burger King", "The Cambridge Blue", "The Eagle"]
+
+
+def test_slot_errors_hand_made_cases() -> None:
+    from hf_fsl_sage.e2e.slot_errors import slot_errors
+
+    # Every slot realized, with synonyms: inexpensive = less than £20, highly rated = high, by the river.
+    right = ("Alimentum is an inexpensive, highly rated Chinese coffee shop by the river near Burger King. "
+             "It is not family-friendly.")
+    assert (slot_errors(right, MR, VENUES).errors, slot_errors(right, MR, VENUES).slots) == (0, 8)
+    # Another venue instead of the name: name contradicted (by the stray venue), near missing; coffee shop
+    # and Chinese realized; price, rating, area and family missing. 2 realized of 8.
+    wrong_name = slot_errors("The Cambridge Blue is a coffee shop that serves Chinese food.", MR, VENUES)
+    assert wrong_name.contradicted == {"name": ["The Cambridge Blue"]}
+    assert sorted(wrong_name.missing) == ["area", "customer rating", "familyFriendly", "near", "priceRange"]
+    # Contradicted values: expensive (price), 1 out of 5 (rating), city centre (area), kid friendly (family);
+    # food and near missing; name and eat type realized.
+    opposite = slot_errors("Alimentum is an expensive coffee shop rated 1 out of 5 in the city centre. It is kid "
+                           "friendly.", MR, VENUES)
+    assert opposite.contradicted == {"priceRange": ["high"], "customer rating": ["low"],
+                                     "area": ["city centre"], "familyFriendly": ["yes"]}
+    assert sorted(opposite.missing) == ["food", "near"]
+    # A venue the mr holds under another slot is no contradiction; "The" of a venue is optional.
+    mr = "name[The Eagle], near[The Cambridge Blue]"
+    assert slot_errors("Eagle is near The Cambridge Blue.", mr, VENUES).errors == 0
+    assert slot_errors("The Cambridge Blue is a pub.", mr, VENUES).missing == ["name"]
+
+
+def test_slot_error_rate_is_errors_over_slots_of_the_corpus() -> None:
+    from hf_fsl_sage.e2e.slot_errors import slot_error_rate
+
+    mrs = [MR, "name[The Eagle], familyFriendly[yes], priceRange[£20-25]", "name[The Eagle], area[city centre]"]
+    predictions = [
+        "The Cambridge Blue is a coffee shop that serves Chinese food.",  # 6 errors of 8 (see above)
+        "The Eagle is a family friendly place with prices of £20-25.",  # 0 of 3
+        "Alimentum is in the city centre.",  # name contradicted by Alimentum: 1 of 2
+    ]
+    # Venues of the three mrs: Alimentum, Burger King, The Eagle. The Cambridge Blue is none of them, so
+    # text 1 misses its name (6 missing); Alimentum contradicts text 3's name.
+    result = slot_error_rate(predictions, mrs)
+    assert result == {"slot_error_rate": 7 / 13, "slots": 13, "slots_missing": 6, "slots_contradicted": 1}
+    # With the Cambridge Blue in the lexicon, text 1's name is contradicted instead of missing.
+    result = slot_error_rate(predictions, mrs, lexicon=[*mrs, "name[The Cambridge Blue]"])
+    assert result == {"slot_error_rate": 7 / 13, "slots": 13, "slots_missing": 5, "slots_contradicted": 2}
+    with pytest.raises(ValueError, match="2 meaning representations"):
+        slot_error_rate(["a"], mrs[:2])

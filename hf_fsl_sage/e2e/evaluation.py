@@ -3,7 +3,8 @@
 Every distinct ``mr`` of the evaluation rows is generated once, from the prompt
 the training data used (:func:`hf_fsl_sage.data.e2e_prompt`), and the output is
 scored against *all* references of that ``mr`` with
-:func:`hf_fsl_sage.metrics.compute_e2e_metrics`.
+:func:`hf_fsl_sage.e2e.metrics.compute_e2e_metrics`, and checked against the ``mr`` itself for its slot
+error rate (:mod:`hf_fsl_sage.e2e.slot_errors`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, TrainerCallb
 
 from .data import E2E_SEPARATOR, e2e_prompt
 from .metrics import compute_e2e_metrics
+from .slot_errors import slot_error_rate, slot_errors, venue_lexicon
 
 __all__ = ["GenerationSettings", "E2EGenerationResult", "GenerationEvalCallback", "group_references",
            "generation_model", "generate_texts", "evaluate_e2e_generation"]
@@ -46,10 +48,11 @@ class GenerationSettings:
 
 @dataclass
 class E2EGenerationResult:
-    """Scores (``bleu``, ``nist``, ``meteor``, ``rouge_l``, ``cider`` and notes) and one record per ``mr``."""
+    """Scores (``bleu``, ``nist``, ``meteor``, ``rouge_l``, ``cider``, ``slot_error_rate`` and notes) and one
+    record per ``mr``."""
 
     scores: dict[str, Any]
-    records: list[dict[str, Any]]  # {"mr", "prediction", "references"}
+    records: list[dict[str, Any]]  # {"mr", "prediction", "references", "slots_missing", "slots_contradicted"}
     settings: GenerationSettings
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,10 +122,12 @@ def evaluate_e2e_generation(
     settings: GenerationSettings | None = None,
     separator: str = E2E_SEPARATOR,
     max_mrs: int | None = None,
+    lexicon: Sequence[str] | None = None,
 ) -> E2EGenerationResult:
     """Generate for every distinct ``mr`` of ``ds`` (columns ``mr``, ``ref``) with the trainer's global model
-    and score against all references of each ``mr``.
+    and score against all references of each ``mr``, and against the ``mr`` for the slot error rate.
 
+    ``lexicon``: ``mr`` strings whose venue names count as contradicting a venue slot (default: ``ds``'s).
     A metric that cannot run (METEOR without java) is ``None`` with a ``<name>_unavailable_reason``.
     """
     settings = settings or GenerationSettings()
@@ -132,8 +137,15 @@ def evaluate_e2e_generation(
     model = generation_model(trainer)
     predictions = generate_texts(model, trainer.processing_class, [e2e_prompt(m, separator) for m in mrs], settings)
     scores = compute_e2e_metrics(predictions, references)
+    lexicon = list(ds["mr"]) if lexicon is None else lexicon
+    scores.update(slot_error_rate(predictions, mrs, lexicon))
     scores["num_mrs"] = len(mrs)
-    records = [{"mr": m, "prediction": p, "references": r} for m, p, r in zip(mrs, predictions, references)]
+    venues = venue_lexicon(lexicon)
+    records = []
+    for m, p, r in zip(mrs, predictions, references):
+        errors = slot_errors(p, m, venues)
+        records.append({"mr": m, "prediction": p, "references": r, "slots_missing": errors.missing,
+                        "slots_contradicted": errors.contradicted})
     return E2EGenerationResult(scores, records, settings)
 
 
