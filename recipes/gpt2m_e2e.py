@@ -9,18 +9,21 @@ every 10 rounds:
 
     accelerate launch recipes/gpt2m_e2e.py --output_dir gpt2m-e2e-fsl-sage
 
-`--preset tiny` runs offline on a CPU in minutes (about 8 on two cores): a
-GPT-2 with 6 blocks of width 128 built from a config (no download, no dropout),
-the GPT-2 tokenizer and the E2E sample shipped with the package, split by
-meaning representation into train/validation/test, 100 global steps (20 rounds
-of 5 local steps). Its model starts from random weights, and LoRA needs a
-pre-trained base: low-rank updates of random projections cannot build the token
-embeddings and attention patterns the task needs, so a random base with LoRA
-learns far less. The tiny preset therefore trains every weight
-(`use_peft=False`) at a learning rate of 2e-3 (the alignment keeps the paper's
-2e-4). Every flag still applies, e.g. `--use_peft true` to try LoRA anyway.
+`--preset tiny` is the same design in small, offline on a CPU in minutes: a
+GPT-2 with 6 blocks of width 128 built from a config (no download), the GPT-2
+tokenizer and the E2E sample shipped with the package, split by meaning
+representation into a pre-training part and train/validation/test (no `mr` in
+two parts). The model is first pre-trained centrally on the pre-training
+part's references, as plain text (a stand-in for a pre-trained checkpoint; it is
+saved in `<output_dir>/base_model` and reused by later runs with the same
+settings), then fine-tuned with FSL-SAGE and LoRA (r 4 / alpha 32 / dropout 0.1
+on attention) for 100 global steps (20 rounds of 5 local steps, 10 clients).
+A centralized reference (`--reference centralized`, on in the preset) trains
+the same base with the same LoRA config, data, batch size, number of examples
+and schedule with a plain `transformers.Trainer`; both are scored.
+`--use_peft false` fine-tunes every weight instead.
 
-    python recipes/gpt2m_e2e.py --preset tiny
+    accelerate launch recipes/gpt2m_e2e.py --preset tiny --output_dir out/tiny
 
 Every download has a local alternative: `--model_name_or_path DIR`,
 `--tokenizer_name DIR`, `--train_file/--validation_file/--test_file` (CSV with
@@ -30,9 +33,11 @@ an `mr`.
 
 At the end the global model (aggregated clients plus server) is evaluated
 (eval_loss, eval_perplexity), beam-search generates one text per distinct test
-`mr`, scored against all its references (BLEU, NIST, METEOR, ROUGE-L, CIDEr), and
-`<output_dir>` receives `metrics.json`, a plot of loss against communicated MB,
-the model (a PEFT adapter, or a full model without PEFT) and its model card.
+`mr`, scored against all its references (BLEU, NIST, METEOR, ROUGE-L, CIDEr) and
+against the `mr` (slot error rate), and `<output_dir>` receives `metrics.json`
+(with the centralized reference and the federated/centralized ratios when it
+ran), a plot of loss against communicated MB, the model (a PEFT adapter, or a
+full model without PEFT) and its model card.
 `--push_to_hub --hub_model_id USER/NAME` publishes that folder.
 """
 
@@ -42,6 +47,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,8 +57,15 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, HfArgumentParser, PreTrainedModel,
-                          PreTrainedTokenizerBase, set_seed)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
 from transformers.pytorch_utils import Conv1D
 from transformers.trainer_utils import IntervalStrategy
 
@@ -61,15 +75,26 @@ except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
-from hf_fsl_sage.integrations.plotting import CommBytesAtEvaluation, plot_loss_vs_comm
-from hf_fsl_sage.e2e.data import E2E_ATTRIBUTION, E2E_SAMPLE_PATH, load_e2e, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
+from hf_fsl_sage.e2e.central import centralized_reference, pretrained_base
+from hf_fsl_sage.e2e.data import (
+    E2E_ATTRIBUTION,
+    E2E_SAMPLE_PATH,
+    E2E_SEPARATOR,
+    load_e2e,
+    offline_gpt2_tokenizer,
+    restricted_tokenizer,
+    split_by_mr,
+    tokenize_e2e,
+    tokenize_text,
+)
 from hf_fsl_sage.e2e.evaluation import GenerationEvalCallback, GenerationSettings, evaluate_e2e_generation
 from hf_fsl_sage.e2e.metrics import METRIC_NAMES
+from hf_fsl_sage.integrations.plotting import CommBytesAtEvaluation, plot_loss_vs_comm
 
 logger = logging.getLogger("gpt2m_e2e")
 
-# A small GPT-2 (7.6M parameters, 6.4M of them the 50,257 x 128 token embedding), no dropout: a short
-# run from scratch learns faster without it.
+# A small GPT-2 (6 blocks of width 128, 1.2M parameters besides the embedding), no dropout in the base (LoRA keeps
+# its own dropout of 0.1). With --restrict_vocab its vocabulary is the ~1,500 GPT-2 tokens of the training text.
 TINY_MODEL = {"n_layer": 6, "n_embd": 128, "n_head": 4, "n_positions": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
               "attn_pdrop": 0.0}
 
@@ -79,15 +104,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model_name_or_path": None,
         "model_config": json.dumps(TINY_MODEL),
         "train_file": str(E2E_SAMPLE_PATH),
-        "use_peft": False,
+        "restrict_vocab": True,
+        "pretrain_fraction": 0.3,
+        "pretrain_steps": 300,
+        "reference": "centralized",
         "max_length": 64,
         "max_new_tokens": 40,
         "output_dir": "runs/gpt2m_e2e-tiny",
         "max_steps": 100,
         "local_steps": 5,
-        "learning_rate": 2e-3,  # from scratch; the alignment keeps the paper's 2e-4
-        "align_learning_rate": 2e-4,
-        "warmup_steps": 20,
+        "learning_rate": 2e-3,
+        "warmup_steps": 10,
         "align_epochs": 2,
         "align_buffer_size": 16,
         "logging_steps": 10,
@@ -104,8 +131,8 @@ class ScriptArguments:
     """Model, data, LoRA and evaluation options of the recipe (training options are FSLSageConfig's)."""
 
     preset: str | None = field(default=None, metadata={
-        "help": "'tiny': offline CPU run (small GPT-2 from a config, shipped tokenizer and E2E sample, no LoRA since "
-                "the base is random; see the module docstring). Flags given explicitly override the preset.",
+        "help": "'tiny': offline CPU run (small GPT-2 from a config, pre-trained centrally on held-out E2E text, "
+                "shipped tokenizer and E2E sample; see the module docstring). Flags given explicitly override it.",
         "choices": sorted(PRESETS)})
     model_name_or_path: str | None = field(default="gpt2-medium", metadata={
         "help": "Hub id or local directory of the base model; empty/None builds a GPT-2 from --model_config."})
@@ -114,6 +141,11 @@ class ScriptArguments:
     tokenizer_name: str | None = field(default=None, metadata={
         "help": "Hub id or local directory of the tokenizer (default: the model's; the shipped GPT-2 tokenizer "
                 "for a model built from a config)."})
+    restrict_vocab: bool = field(default=False, metadata={
+        "help": "For a model built from --model_config: cut the tokenizer down to the tokens of the training and "
+                "pre-training text (plus their BPE parts and the 256 bytes), which tokenizes that text as before "
+                "with a vocabulary of ~1,500 instead of 50,257 (the embedding and LM head shrink alike). The output "
+                "folder holds the cut tokenizer."})
     dataset_name: str = field(default="e2e_nlg", metadata={"help": "Hub dataset used when no local file is given."})
     train_file: str | None = field(default=None, metadata={"help": "Local E2E CSV (columns mr, ref) for training."})
     validation_file: str | None = field(default=None, metadata={"help": "Local E2E CSV for evaluation."})
@@ -122,6 +154,19 @@ class ScriptArguments:
         "help": "Share of the training rows moved (whole mr groups) to validation when there is no validation split."})
     test_fraction: float = field(default=0.1, metadata={
         "help": "Share of the training rows moved (whole mr groups) to test when there is no test split."})
+    pretrain_fraction: float = field(default=0.0, metadata={
+        "help": "Share of the training rows (whole mr groups) held out to pre-train the base centrally, on their "
+                "references as plain text, before fine-tuning (needs --pretrain_steps)."})
+    pretrain_steps: int = field(default=0, metadata={"help": "Central pre-training steps (0: none)."})
+    pretrain_batch_size: int = field(default=16, metadata={"help": "Batch size of the central pre-training."})
+    pretrain_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of the pre-training."})
+    base_model_dir: str | None = field(default=None, metadata={
+        "help": "Where the pre-trained base is saved and reused by runs with the same settings "
+                "(default: <output_dir>/base_model). LoRA adapters refer to it by its absolute path."})
+    reference: str = field(default="none", metadata={
+        "help": "'centralized': also train the same base, PEFT config, data, batch size, number of examples and "
+                "schedule with a plain transformers.Trainer, and report federated/centralized ratios.",
+        "choices": ["none", "centralized"]})
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (mr + separator + ref + EOS)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate the loss on the first N rows."})
     use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (True) or every weight (False)."})
@@ -168,6 +213,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, FSLSageC
         config.eval_strategy = IntervalStrategy.STEPS
         config.eval_steps = script.eval_every_rounds * config.local_steps
         config.do_eval = True
+    if script.restrict_vocab and script.model_name_or_path:
+        parser.error("--restrict_vocab applies to a model built from --model_config (a pre-trained model keeps the "
+                     "vocabulary it was trained with): pass --model_name_or_path '' or --restrict_vocab false")
+    if script.pretrain_steps < 0 or not 0.0 <= script.pretrain_fraction < 1.0:
+        parser.error("--pretrain_steps must be >= 0 and --pretrain_fraction in [0, 1)")
+    if (script.pretrain_steps > 0) != (script.pretrain_fraction > 0):
+        parser.error("central pre-training needs both --pretrain_steps > 0 and --pretrain_fraction > 0 "
+                     "(set both to 0 to fine-tune the base as it is)")
     return script, config
 
 
@@ -209,7 +262,8 @@ def lora_config(script: ScriptArguments, model: PreTrainedModel):
 
 
 def load_splits(script: ScriptArguments, seed: int) -> datasets.DatasetDict:
-    """train / validation / test with columns mr, ref and no mr shared between splits."""
+    """train / validation / test (and pretrain, with --pretrain_fraction) with columns mr, ref and no mr shared
+    between splits."""
     files = (script.train_file, script.validation_file, script.test_file)
     if any(files):
         if script.train_file is None:
@@ -223,8 +277,13 @@ def load_splits(script: ScriptArguments, seed: int) -> datasets.DatasetDict:
         carved = split_by_mr(splits["train"], script.validation_fraction if "validation" in missing else 0.0,
                              script.test_fraction if "test" in missing else 0.0, seed=seed)
         splits.update(carved)
+    names = ["train", "validation", "test"]
+    if script.pretrain_fraction > 0:  # whole mr groups of the training rows, for the central pre-training
+        held_out = split_by_mr(splits["train"], script.pretrain_fraction, seed=seed + 1)
+        splits["train"], splits["pretrain"] = held_out["train"], held_out["validation"]
+        names.append("pretrain")
     seen: set[str] = set()
-    for name in ("train", "validation", "test"):  # drop rows whose mr an earlier split already has
+    for name in names:  # drop rows whose mr an earlier split already has
         ds = splits[name]
         keep = [i for i, mr in enumerate(ds["mr"]) if mr not in seen]
         if len(keep) < len(ds):
@@ -234,7 +293,19 @@ def load_splits(script: ScriptArguments, seed: int) -> datasets.DatasetDict:
             raise ValueError(f"The {name} split is empty after removing mrs shared with earlier splits.")
         splits[name] = ds
         seen.update(ds["mr"])
-    return datasets.DatasetDict({k: splits[k] for k in ("train", "validation", "test")})
+    return datasets.DatasetDict({k: splits[k] for k in names})
+
+
+def prepare(script: ScriptArguments, seed: int) -> tuple[PreTrainedTokenizerBase, datasets.DatasetDict]:
+    """The tokenizer (cut down to the training text's tokens with --restrict_vocab) and the splits."""
+    tokenizer = load_tokenizer(script)
+    raw = load_splits(script, seed)
+    if script.restrict_vocab:
+        rows = [raw[name] for name in ("train", "pretrain") if name in raw]
+        texts = [E2E_SEPARATOR] + [t for ds in rows for mr, ref in zip(ds["mr"], ds["ref"]) for t in (mr, ref, " " + ref)]
+        tokenizer = restricted_tokenizer(tokenizer, texts)
+        tokenizer.padding_side = "right"
+    return tokenizer, raw
 
 
 def tokenized(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
@@ -242,43 +313,151 @@ def tokenized(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_leng
     return tokenize_e2e(ds, tokenizer, max_length=max_length).add_column("mr", ds["mr"])
 
 
+# --------------------------------------------------------------------------- central stage
+
+
+def _central_dir(script: ScriptArguments, args: FSLSageConfig) -> Path:
+    return Path(args.output_dir) / "centralized"
+
+
+def base_model(script: ScriptArguments, args: FSLSageConfig, tokenizer, raw, validation) -> tuple[PreTrainedModel, dict]:
+    """The base model: loaded or built, then pre-trained centrally (cached in --base_model_dir) if asked."""
+    if script.pretrain_steps == 0:
+        return build_model(script, tokenizer, args.seed), {}
+    text = tokenize_text(raw["pretrain"].select_columns(["ref"]).rename_column("ref", "text"), tokenizer,
+                         max_length=script.max_length)
+    files = [f for f in (script.train_file, script.validation_file, script.test_file) if f]
+    data = [(str(Path(f).resolve()), os.path.getsize(f)) for f in files] or script.dataset_name
+    fractions = [script.validation_fraction, script.test_fraction, script.pretrain_fraction]
+    settings = {"model": script.model_name_or_path, "model_config": script.model_config, "data": data,
+                "tokenizer": script.tokenizer_name, "vocab": len(tokenizer), "fractions": fractions,
+                "max_length": script.max_length}
+    directory = script.base_model_dir or str(Path(args.output_dir) / "base_model")
+    model, info = pretrained_base(lambda: build_model(script, tokenizer, args.seed), text, validation, tokenizer,
+                                  directory, settings, script.pretrain_steps, script.pretrain_batch_size,
+                                  script.pretrain_learning_rate, args.seed)
+    logger.info("base model %s in %s: eval loss %.3f -> %.3f", "reused" if info["cached"] else "pre-trained",
+                directory, info["eval_loss_before"], info["eval_loss_after"])
+    return model, {**info, "directory": str(Path(directory).resolve()), "rows": len(raw["pretrain"])}
+
+
+def run_centralized(script: ScriptArguments, args: FSLSageConfig, model, tokenizer, raw, train, validation) -> dict:
+    """The centralized reference on the same base, data and PEFT config; its scores go to centralized/."""
+    started = time.time()
+    peft_config = lora_config(script, model) if script.use_peft else None
+    trainer, results = centralized_reference(model, args, train, validation, tokenizer, peft_config)
+    generation = evaluate_e2e_generation(trainer, raw["test"], script.generation(), max_mrs=script.max_generation_mrs,
+                                         lexicon=_all_mrs(raw))
+    results.update({k: v for k, v in generation.scores.items() if k != "num_mrs"})
+    results.update(runtime_seconds=time.time() - started, generations=generation.records)
+    out = _central_dir(script, args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    return results
+
+
+def central_stage(script: ScriptArguments, args: FSLSageConfig) -> None:
+    """Pre-training and the centralized reference alone, in this (single) process: what the main process runs
+    in a child process when the federated run has several processes."""
+    tokenizer, raw = prepare(script, args.seed)
+    train, validation = _tokenized_splits(script, tokenizer, raw)
+    model, _ = base_model(script, args, tokenizer, raw, validation)
+    if script.reference == "centralized":
+        run_centralized(script, args, model, tokenizer, raw, train, validation)
+
+
+def _central_in_child(argv: list[str]) -> None:
+    """Run :func:`central_stage` in a one-process child (a plain Trainer would otherwise join the process group)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "ACCELERATE_USE_CPU") and not k.startswith(("TORCHELASTIC", "GROUP_", "ROLE_"))}
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--central_only"], env=env, check=True)
+
+
+def _all_mrs(raw) -> list[str]:
+    return [mr for ds in raw.values() for mr in ds["mr"]]
+
+
+def _tokenized_splits(script: ScriptArguments, tokenizer, raw) -> tuple[datasets.Dataset, datasets.Dataset]:
+    train = tokenized(raw["train"], tokenizer, script.max_length)
+    validation = tokenized(raw["validation"], tokenizer, script.max_length)
+    if script.max_eval_samples is not None:
+        validation = validation.select(range(min(script.max_eval_samples, len(validation))))
+    return train, validation
+
+
 # --------------------------------------------------------------------------- run
+
+SCORES = ("eval_loss", "eval_perplexity", *METRIC_NAMES, "slot_error_rate")
 
 
 def _card_metrics(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in METRIC_NAMES:
+    for name in (*METRIC_NAMES, "slot_error_rate"):
         value = results.get(name)
         out[f"test_{name}"] = value if value is not None else f"unavailable: {results.get(f'{name}_unavailable_reason')}"
     out["test_mrs"] = results.get("num_generation_mrs")
     return out
 
 
+def _cell(results: dict[str, Any], name: str) -> str:
+    value = results.get(name)
+    if value is None:
+        return f"unavailable ({results.get(f'{name}_unavailable_reason')})"
+    return f"{value:.4f}"
+
+
 def _summary(results: dict[str, Any]) -> str:
-    rows = [("eval_loss", results["eval_loss"]), ("eval_perplexity", results["eval_perplexity"])]
-    rows += [(n, results[n] if results[n] is not None else f"unavailable ({results.get(f'{n}_unavailable_reason')})")
-             for n in METRIC_NAMES]
-    rows += [("comm_MB (up / down)", f"{results['comm_bytes'] / 1e6:.1f} ({results['comm_bytes_up'] / 1e6:.1f} / "
-                                     f"{results['comm_bytes_down'] / 1e6:.1f})"),
-             ("rounds / global steps", f"{results['rounds']} / {results['global_steps']}"),
-             ("wall-clock seconds", f"{results['runtime_seconds']:.0f}")]
-    return "\n".join(f"  {k:<24} {v:.4f}" if isinstance(v, float) else f"  {k:<24} {v}" for k, v in rows)
+    central = results.get("centralized")
+    ratios = results.get("federated_over_centralized", {})
+    lines = [f"  {'metric':<24} {'federated':>12}" + (f" {'centralized':>12} {'ratio':>8}" if central else "")]
+    for name in SCORES:
+        line = f"  {name:<24} {_cell(results, name):>12}"
+        if central:
+            ratio = ratios.get(name)
+            line += f" {_cell(central, name):>12} {'' if ratio is None else f'{ratio:.3f}':>8}"
+        lines.append(line)
+    up, down = results["comm_bytes_up"] / 1e6, results["comm_bytes_down"] / 1e6
+    rows = [("comm_MB (up / down)", f"{results['comm_bytes'] / 1e6:.1f} ({up:.1f} / {down:.1f})"),
+            ("rounds / global steps", f"{results['rounds']} / {results['global_steps']}"),
+            ("wall-clock seconds", f"{results['runtime_seconds']:.0f}")]
+    return "\n".join(lines + [f"  {k:<24} {v}" for k, v in rows])
 
 
-def run(script: ScriptArguments, args: FSLSageConfig) -> tuple[FSLSageTrainer, dict[str, Any]]:
-    """Train, evaluate, generate, write metrics.json, the plot and the model card; push if asked."""
+def _ratios(federated: dict[str, Any], central: dict[str, Any]) -> dict[str, float | None]:
+    out = {}
+    for name in SCORES:
+        a, b = federated.get(name), central.get(name)
+        out[name] = a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b != 0 else None
+    return out
+
+
+def run(script: ScriptArguments, args: FSLSageConfig,
+        argv: list[str] | None = None) -> tuple[FSLSageTrainer, dict[str, Any]]:
+    """Pre-train (if asked), train, evaluate, generate, write metrics.json, the plot and the model card; push if
+    asked. ``argv`` (the command line) lets several processes run the central stage in a one-process child."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     set_seed(args.seed)
 
-    tokenizer = load_tokenizer(script)
-    raw = load_splits(script, args.seed)
+    tokenizer, raw = prepare(script, args.seed)
+    logger.info("vocabulary: %d tokens", len(tokenizer))
     logger.info("rows (distinct mrs): %s", {k: f"{len(v)} ({len(set(v['mr']))})" for k, v in raw.items()})
-    model = build_model(script, tokenizer, args.seed)
-    train = tokenized(raw["train"], tokenizer, script.max_length)
-    validation = tokenized(raw["validation"], tokenizer, script.max_length)
-    if script.max_eval_samples is not None:
-        validation = validation.select(range(min(script.max_eval_samples, len(validation))))
+    train, validation = _tokenized_splits(script, tokenizer, raw)
+
+    central: dict[str, Any] | None = None
+    if args.world_size > 1 and (script.pretrain_steps or script.reference == "centralized"):
+        with args.main_process_first(desc="central pre-training and reference"):
+            if args.process_index == 0:
+                _central_in_child(sys.argv[1:] if argv is None else argv)
+            model, pretraining = base_model(script, args, tokenizer, raw, validation)  # cached by the child
+        if script.reference == "centralized" and args.process_index == 0:
+            central = json.loads((_central_dir(script, args) / "metrics.json").read_text())
+    else:
+        model, pretraining = base_model(script, args, tokenizer, raw, validation)
+        if script.reference == "centralized":
+            central = run_centralized(script, args, model, tokenizer, raw, train, validation)
+            set_seed(args.seed)
 
     trainer = FSLSageTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
                              processing_class=tokenizer, peft_config=lora_config(script, model) if script.use_peft else None)
@@ -295,11 +474,14 @@ def run(script: ScriptArguments, args: FSLSageConfig) -> tuple[FSLSageTrainer, d
                                              "step": 0})
 
     eval_metrics = trainer.evaluate()
-    results = _finish_on_main(trainer, script, args, raw, eval_metrics, started) if trainer.is_world_process_zero() else None
+    results = None
+    if trainer.is_world_process_zero():
+        results = _finish_on_main(trainer, script, args, raw, eval_metrics, (started, cpu), pretraining, central)
     # With several processes every one calls these (Trainer writes and uploads from the main process only).
-    card = {} if results is None else dict(
-        finetuned_from=script.model_name_or_path, dataset=script.dataset_name, dataset_attribution=E2E_ATTRIBUTION,
-        metrics=_card_metrics(results), language="en", tags=["e2e-nlg", "data-to-text"])
+    base = pretraining.get("directory") or script.model_name_or_path
+    card = {} if results is None else {
+        "finetuned_from": base, "dataset": script.dataset_name, "dataset_attribution": E2E_ATTRIBUTION,
+        "metrics": _card_metrics(results), "language": "en", "tags": ["e2e-nlg", "data-to-text"]}
     if args.push_to_hub:
         trainer.push_to_hub(commit_message="FSL-SAGE fine-tuning on E2E", **card)
     else:
@@ -309,9 +491,11 @@ def run(script: ScriptArguments, args: FSLSageConfig) -> tuple[FSLSageTrainer, d
 
 
 def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLSageConfig, raw, eval_metrics,
-                    started: float) -> dict[str, Any]:
+                    started: tuple[float, float], pretraining: dict[str, Any],
+                    central: dict[str, Any] | None) -> dict[str, Any]:
     """Generation, scores, metrics.json and the plot, on the main process (which holds the global model)."""
-    generation = evaluate_e2e_generation(trainer, raw["test"], script.generation(), max_mrs=script.max_generation_mrs)
+    generation = evaluate_e2e_generation(trainer, raw["test"], script.generation(), max_mrs=script.max_generation_mrs,
+                                         lexicon=_all_mrs(raw))
     trainer.log({f"test_{k}": v for k, v in generation.scores.items() if isinstance(v, (int, float))})
     ledger = trainer.federation.transport.ledger
     steps = trainer.state.global_step
@@ -324,7 +508,15 @@ def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLS
         "comm_bytes_by_kind": dict(ledger.by_kind),
         "global_steps": steps,
         "rounds": trainer.schedule.position(steps - 1)[0] + 1 if steps else 0,
-        "runtime_seconds": time.time() - started,
+    }
+    if central is not None:
+        results["federated_over_centralized"] = _ratios(results, central)
+        results["centralized"] = {k: v for k, v in central.items() if k != "generations"}
+    results.update({
+        "runtime_seconds": time.time() - started[0],
+        "cpu_seconds": time.process_time() - started[1],  # this process, all threads; not a child's
+        "train_seconds": next((h["train_runtime"] for h in trainer.state.log_history if "train_runtime" in h), None),
+        "pretraining": {k: v for k, v in pretraining.items() if k != "settings"},
         "algorithm": args.algorithm,
         "processes": trainer.placement.world_size,
         "placement": trainer.placement.describe(),
@@ -333,20 +525,27 @@ def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLS
         "generation_settings": asdict(generation.settings),
         "plot": script.plot_file,
         "generations": generation.records,
-    }
+    })
+    if central is not None:
+        results["centralized_generations"] = central["generations"]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plot_loss_vs_comm(trainer.state.log_history, out / script.plot_file,
+    reference = {"centralized (same examples), final eval loss": central["eval_loss"]} if central else None
+    plot_loss_vs_comm(trainer.state.log_history, out / script.plot_file, references=reference,
                       title=f"{args.algorithm}, {args.num_clients} clients, cut_layer={args.cut_layer}")
     (out / script.metrics_file).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print(f"\nResults ({out / script.metrics_file}):\n{_summary(results)}", flush=True)
     return results
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Parse ``argv`` (default: the command line) and run the recipe; returns what metrics.json holds."""
-    return run(*parse_args(argv))[1]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--central_only" in argv:  # the one-process child of a multi-process run
+        central_stage(*parse_args([a for a in argv if a != "--central_only"]))
+        return None
+    return run(*parse_args(argv), argv=argv)[1]
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,7 +19,6 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from hf_fsl_sage.e2e.data import E2E_SEPARATOR, IGNORE_INDEX, load_e2e_csv
-from hf_fsl_sage.e2e.metrics import METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "gpt2m_e2e.py"
@@ -27,7 +27,8 @@ SMALL = ["--preset", "tiny", "--model_config", '{"n_layer": 4, "n_embd": 32, "n_
          "--num_clients", "3", "--local_steps", "2", "--max_steps", "4", "--logging_steps", "1",
          "--align_epochs", "1", "--align_buffer_size", "8", "--per_device_train_batch_size", "4",
          "--max_eval_samples", "16", "--max_generation_mrs", "3", "--num_beams", "2", "--max_new_tokens", "6",
-         "--warmup_steps", "0", "--learning_rate", "1e-2", "--disable_tqdm", "true", "--seed", "0"]
+         "--warmup_steps", "0", "--learning_rate", "1e-2", "--disable_tqdm", "true", "--seed", "0",
+         "--pretrain_steps", "4", "--pretrain_batch_size", "4"]
 
 
 def load_recipe():
@@ -51,18 +52,32 @@ def test_presets_and_paper_defaults(tmp_path):
             args.label_smoothing_factor) == (10, 1, 3, 5, 10, 2e-4, 8, 500, 0.1)
     assert args.output_dir == recipe.DEFAULT_OUTPUT_DIR
 
+    assert (script.pretrain_steps, script.reference) == (0, "none")
+
     script, args = recipe.parse_args(["--preset", "tiny", "--learning_rate", "1e-3"])
-    assert script.model_name_or_path is None and not script.use_peft
+    # The design in small: a base pre-trained here, LoRA with the paper's settings, a centralized reference.
+    assert script.model_name_or_path is None and script.use_peft
+    assert (script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules) == (4, 32, 0.1, ["c_attn"])
+    assert script.pretrain_steps > 0 and 0 < script.pretrain_fraction < 1 and script.reference == "centralized"
+    assert (args.algorithm, args.num_clients, args.cut_layer, args.aux_num_layers) == ("fsl_sage", 10, 1, 3)
     assert args.learning_rate == 1e-3  # an explicit flag wins over the preset
     assert args.output_dir == recipe.PRESETS["tiny"]["output_dir"]
+    with pytest.raises(SystemExit):  # pre-training needs held-out rows
+        recipe.parse_args(["--preset", "tiny", "--pretrain_fraction", "0"])
 
 
 def test_splits_share_no_mr_and_loss_covers_only_the_reference(tmp_path):
-    script, args = recipe.parse_args(["--preset", "tiny"])
+    script, _ = recipe.parse_args(["--preset", "tiny"])
     splits = recipe.load_splits(script, seed=0)
     mrs = {name: set(ds["mr"]) for name, ds in splits.items()}
-    assert all(len(ds) > 0 for ds in splits.values())
-    assert not (mrs["train"] & mrs["validation"] or mrs["train"] & mrs["test"] or mrs["validation"] & mrs["test"])
+    assert set(splits) == {"train", "validation", "test", "pretrain"} and all(len(ds) > 0 for ds in splits.values())
+    for a, b in [("train", "validation"), ("train", "test"), ("validation", "test"), ("pretrain", "train"),
+                 ("pretrain", "validation"), ("pretrain", "test")]:
+        assert not mrs[a] & mrs[b], (a, b)
+    rows = load_e2e_csv(recipe.E2E_SAMPLE_PATH)
+    assert sum(len(ds) for ds in splits.values()) == len(rows)
+    # About 30 % of the training rows (whole mr groups) are held out for the pre-training.
+    assert 0.25 < len(splits["pretrain"]) / (len(splits["pretrain"]) + len(splits["train"])) < 0.35
 
     tokenizer = recipe.load_tokenizer(script)
     rows = splits["train"].select(range(5))
@@ -91,26 +106,90 @@ def test_local_files_rows_sharing_an_mr_with_an_earlier_split_are_dropped(tmp_pa
         recipe.load_splits(script, seed=0)
 
 
+def _offline_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+# Run in a fresh process: load the output folder with AutoPeftModelForCausalLM alone and evaluate it on the
+# recipe's validation rows with a plain Trainer.
+LOAD_AND_EVALUATE = """
+import importlib.util, json, sys, tempfile
+from peft import AutoPeftModelForCausalLM
+from transformers import Trainer, TrainingArguments
+from hf_fsl_sage.federation.data import split_lm_collator
+spec = importlib.util.spec_from_file_location("gpt2m_e2e", sys.argv[1])
+recipe = importlib.util.module_from_spec(spec); sys.modules["gpt2m_e2e"] = recipe; spec.loader.exec_module(recipe)
+script, args = recipe.parse_args(json.loads(sys.argv[2]))
+tokenizer = recipe.load_tokenizer(script)
+_, validation = recipe._tokenized_splits(script, tokenizer, recipe.load_splits(script, args.seed))
+model = AutoPeftModelForCausalLM.from_pretrained(args.output_dir)
+with tempfile.TemporaryDirectory() as tmp:
+    plain = TrainingArguments(tmp, per_device_eval_batch_size=args.per_device_eval_batch_size, report_to="none")
+    trainer = Trainer(model=model, args=plain, data_collator=split_lm_collator(tokenizer),
+                      eval_dataset=validation.select_columns(["input_ids", "attention_mask", "labels"]))
+    loss, base = trainer.evaluate()["eval_loss"], model.peft_config["default"].base_model_name_or_path
+    print(json.dumps({"eval_loss": loss, "base": base}))
+"""
+
+
+def _coco_scores(records: list[dict]) -> dict[str, float]:
+    """ROUGE-L and CIDEr of the generations by pycocoevalcap's own code (PTB tokenizer, Rouge, Cider)."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": r} for r in rec["references"]] for i, rec in enumerate(records)})
+    res = tokenizer.tokenize({i: [{"caption": rec["prediction"]}] for i, rec in enumerate(records)})
+    return {"rouge_l": Rouge().compute_score(gts, res)[0], "cider": Cider().compute_score(gts, res)[0]}
+
+
 @pytest.mark.slow
 def test_tiny_preset_end_to_end_as_a_script(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(RECIPE), *SMALL, "--eval_every_rounds", "1", "--output_dir", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    argv = [*SMALL, "--eval_every_rounds", "1", "--output_dir", str(out)]
+    proc = subprocess.run([sys.executable, str(RECIPE), *argv], cwd=ROOT, env=_offline_env(), capture_output=True,
+                          text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    required = {"eval_loss", "eval_perplexity", *METRIC_NAMES, "comm_bytes", "comm_bytes_up", "comm_bytes_down",
-                "generations"}
-    assert required <= metrics.keys()
+    central = metrics["centralized"]
     assert metrics["comm_bytes"] == metrics["comm_bytes_up"] + metrics["comm_bytes_down"] > 0
-    for name in METRIC_NAMES:  # a score, or None with the reason
-        assert metrics[name] is not None or metrics[f"{name}_unavailable_reason"]
-    assert len(metrics["generations"]) == 3
-    assert {"mr", "prediction", "references"} <= metrics["generations"][0].keys()
+    # Every score of both runs is a number; only METEOR may be missing, and only with its reason.
+    for results in (metrics, central):
+        for name in recipe.SCORES:
+            if name == "meteor" and results[name] is None:
+                assert shutil.which("java") is None and "java" in results["meteor_unavailable_reason"]
+                continue
+            assert isinstance(results[name], float) and math.isfinite(results[name]), name
+    for name in recipe.SCORES:
+        ratio = metrics["federated_over_centralized"][name]
+        if isinstance(central[name], float) and central[name] != 0:
+            assert ratio == pytest.approx(metrics[name] / central[name], rel=1e-12), name
+    # The same examples: 4 global steps x 3 clients = 12 centralized steps of the same batch size.
+    assert central["steps"] == 12 and metrics["global_steps"] == 4
+    assert 0 <= metrics["slot_error_rate"] <= 1 and metrics["slots"] > 0
+    assert metrics["slots_missing"] + metrics["slots_contradicted"] == round(metrics["slot_error_rate"] * metrics["slots"])
+    if shutil.which("java") and importlib.util.find_spec("pycocoevalcap"):
+        for results, records in ((metrics, metrics["generations"]), (central, metrics["centralized_generations"])):
+            for name, value in _coco_scores(records).items():
+                assert results[name] == pytest.approx(value, abs=1e-9), name
+    assert len(metrics["generations"]) == len(metrics["centralized_generations"]) == 3
+    assert {"mr", "prediction", "references", "slots_missing", "slots_contradicted"} <= metrics["generations"][0].keys()
+    assert metrics["pretraining"]["steps"] == 4 and not metrics["pretraining"]["cached"]
     assert (out / "loss_vs_comm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "README.md").is_file() and (out / "model.safetensors").is_file()
-    assert "Results" in proc.stdout and "bleu" in proc.stdout
+    assert "centralized" in proc.stdout and "ratio" in proc.stdout and "slot_error_rate" in proc.stdout
+
+    # The folder: a LoRA adapter, its model card, the tokenizer, and the pre-trained base beside it.
+    assert (out / "adapter_config.json").is_file() and (out / "README.md").is_file()
+    assert not (out / "model.safetensors").exists() and (out / "base_model" / "model.safetensors").is_file()
+    # Loaded in a fresh process, offline, from anywhere, it gives the logged eval loss.
+    loaded = subprocess.run([sys.executable, "-c", LOAD_AND_EVALUATE, str(RECIPE), json.dumps(argv)], cwd=tmp_path,
+                            env=_offline_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    result = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert Path(result["base"]) == (out / "base_model").resolve()
+    assert result["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
 
 
 @pytest.fixture
@@ -135,14 +214,15 @@ def fake_hub(monkeypatch, tmp_path):
 @pytest.mark.parametrize("use_peft", [True, False], ids=["lora", "full"])
 def test_push_to_hub_folder_loads_and_reproduces_the_trained_model(tmp_path, fake_hub, use_peft):
     script, args = recipe.parse_args([*SMALL, "--use_peft", str(use_peft).lower(), "--output_dir", str(tmp_path / "o"),
-                                      "--push_to_hub", "true", "--hub_model_id", "someone/tiny-fsl-sage"])
+                                      "--reference", "none", "--push_to_hub", "true",
+                                      "--hub_model_id", "someone/tiny-fsl-sage"])
     trainer, results = recipe.run(script, args)
     folder = fake_hub["someone/tiny-fsl-sage"]
 
     tokenizer = recipe.load_tokenizer(script)
     batch = tokenizer(["name[Alimentum], area[city centre] ||| Alimentum is", "name[Zizzi] |||"],
                       return_tensors="pt", padding=True)
-    base = recipe.build_model(script, tokenizer, args.seed).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o" / "base_model")).eval()  # pre-trained here
     with torch.no_grad():
         untrained = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if use_peft:
@@ -195,3 +275,72 @@ def test_unavailable_metric_is_reported_with_its_reason():
                "global_steps": 4, "runtime_seconds": 1.0, "num_generation_mrs": 3}
     assert recipe._card_metrics(results)["test_meteor"] == "unavailable: java was not found on PATH"
     assert "unavailable (java was not found on PATH)" in recipe._summary(results)
+
+
+def _tiny_lm(tokenizer):
+    from transformers import GPT2Config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=64,
+                                                       vocab_size=len(tokenizer)))
+
+
+def test_pretrained_base_is_cached_by_its_settings(tmp_path):
+    from hf_fsl_sage.e2e.central import pretrained_base
+    from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer, tokenize_text
+
+    tokenizer = offline_gpt2_tokenizer()
+    rows = load_e2e_csv(recipe.E2E_SAMPLE_PATH).select(range(24))
+    text = tokenize_text(rows.select_columns(["ref"]).rename_column("ref", "text"), tokenizer, max_length=32)
+    built = []
+
+    def build():
+        built.append(1)
+        return _tiny_lm(tokenizer)
+
+    def pretrain(settings):
+        return pretrained_base(build, text, text.select(range(4)), tokenizer, tmp_path / "base", settings, steps=3,
+                               batch_size=4, learning_rate=1e-2, seed=0)
+
+    first, info = pretrain({"data": "a"})
+    assert len(built) == 1 and not info["cached"] and info["eval_loss_after"] < info["eval_loss_before"]
+    assert first.name_or_path == str((tmp_path / "base").resolve())  # what a PEFT adapter will record
+    again, info = pretrain({"data": "a"})
+    assert len(built) == 1 and info["cached"]  # loaded, not trained again
+    for a, b in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    _, info = pretrain({"data": "b"})  # other settings: trained again
+    assert len(built) == 2 and not info["cached"]
+
+
+def test_centralized_reference_sees_the_federated_runs_examples_and_schedule(tmp_path):
+    from peft import LoraConfig
+
+    from hf_fsl_sage import FSLSageConfig
+    from hf_fsl_sage.e2e.central import centralized_reference
+    from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer, tokenize_e2e
+
+    tokenizer = offline_gpt2_tokenizer()
+    rows = tokenize_e2e(load_e2e_csv(recipe.E2E_SAMPLE_PATH).select(range(40)), tokenizer, max_length=48)
+    args = FSLSageConfig(output_dir=str(tmp_path), num_clients=3, max_steps=2, warmup_steps=1,
+                         per_device_train_batch_size=4, learning_rate=1e-3, report_to="none")
+    lora = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True,
+                      task_type="CAUSAL_LM")
+    base = _tiny_lm(tokenizer)
+    trainer, result = centralized_reference(base, args, rows, rows.select(range(8)), tokenizer, lora)
+    # 2 global steps x 3 clients = 6 steps of 4 examples; warm-up 1 global step = 3 steps; same label smoothing.
+    assert result["steps"] == trainer.state.global_step == 6
+    assert trainer.args.per_device_train_batch_size == 4 and trainer.args.warmup_steps == 3
+    assert trainer.args.label_smoothing_factor == args.label_smoothing_factor == 0.1
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert not any(hasattr(m, "lora_A") for m in base.modules())  # the base itself is left alone
+    # The reported loss is the plain cross-entropy (no label smoothing) of the trained model on the 8 eval rows.
+    from hf_fsl_sage.federation.data import split_lm_collator
+
+    batch = split_lm_collator(tokenizer)([{k: rows[i][k] for k in ("input_ids", "attention_mask", "labels")}
+                                          for i in range(8)])
+    trainer.model.eval()
+    with torch.no_grad():
+        plain = trainer.model(**batch).loss
+    assert result["eval_loss"] == pytest.approx(float(plain), abs=1e-5)

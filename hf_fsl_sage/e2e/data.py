@@ -18,13 +18,16 @@ label mask exact.
 from __future__ import annotations
 
 import csv
+import json
 import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import datasets
-from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase
+from tokenizers import Tokenizer
+from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..federation.data import split_lm_collator, tokenize_text
 from ..splitting.loss import IGNORE_INDEX
@@ -67,6 +70,44 @@ def offline_gpt2_tokenizer(model_max_length: int = 1024) -> GPT2TokenizerFast:
     tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def restricted_tokenizer(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) -> GPT2TokenizerFast:
+    """A byte-level BPE tokenizer (e.g. GPT-2's) cut down to the tokens that ``texts`` use.
+
+    Kept: the tokens of ``texts``, every token a kept token is merged from (recursively), the 256 byte
+    tokens and the special tokens, renumbered in their original order; and the merges that build kept
+    tokens. A text tokenizes into the same tokens as before when the original tokenizer used only kept
+    tokens for it (every merge BPE applied then builds a kept token, and no merge it did not apply has a
+    lower rank), in particular every text of ``texts``; other text still tokenizes, into smaller pieces.
+    For a model trained from scratch on such text the vocabulary, and with it the embedding and the LM
+    head, shrinks from 50,257 rows to a few thousand.
+    """
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model["type"] != "BPE" or spec["pre_tokenizer"].get("type") != "ByteLevel":
+        raise ValueError("restricted_tokenizer needs a byte-level BPE tokenizer (like GPT-2's).")
+    vocab: dict[str, int] = model["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    parents = {a + b: (a, b) for a, b in merges}
+    by_id = {i: t for t, i in vocab.items()}
+    special = {t["content"] for t in spec["added_tokens"]}
+    keep = set(sorted(vocab, key=vocab.get)[:256]) | special
+    todo = [by_id[i] for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    while todo:
+        token = todo.pop()
+        if token not in keep:
+            keep.add(token)
+            todo.extend(parents.get(token, ()))
+    new_ids = {t: n for n, t in enumerate(sorted(keep, key=vocab.get))}
+    model["vocab"] = new_ids
+    model["merges"] = [[a, b] for a, b in merges if a + b in keep]
+    for added in spec["added_tokens"]:
+        added["id"] = new_ids[added["content"]]
+    names = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return GPT2TokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                             model_max_length=tokenizer.model_max_length, padding_side=tokenizer.padding_side,
+                             **{k: v for k, v in names.items() if v is not None})
 
 
 # --------------------------------------------------------------------------- loading

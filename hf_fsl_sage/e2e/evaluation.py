@@ -69,13 +69,15 @@ def group_references(ds: datasets.Dataset, max_mrs: int | None = None) -> tuple[
 
 
 def generation_model(trainer: Any) -> nn.Module:
-    """The global model (aggregated clients plus server) of an ``FSLSageTrainer``, ready for ``generate``.
+    """The global model (aggregated clients plus server) of an ``FSLSageTrainer`` (or a plain ``Trainer``'s model),
+    ready for ``generate``.
 
     ``trainer.model`` (the ``PeftModel`` with PEFT) holds every global weight except, when the tied LM
     head was trained on the server apart from the client's embedding, the head: it is then given the
     server's head first, as ``save_model`` does.
     """
-    if trainer.split.untied_after_training():
+    split = getattr(trainer, "split", None)  # a plain Trainer has none: its model is the global one
+    if split is not None and split.untied_after_training():
         trainer._untie_for_export()
     return trainer.model
 

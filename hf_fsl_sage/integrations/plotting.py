@@ -50,8 +50,11 @@ def loss_curves(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[float
     return curves
 
 
-def plot_loss_vs_comm(log_history: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+def plot_loss_vs_comm(log_history: list[dict[str, Any]], path: str | Path, title: str | None = None,
+                      references: dict[str, float] | None = None) -> Path:
     """Write a PNG of the training losses (and eval loss, if any) against communicated MB; returns ``path``.
+
+    ``references`` adds one horizontal line per entry (label -> loss), e.g. a centralized run's eval loss.
 
     Raises ``ValueError`` when no log entry carries ``comm_bytes`` (e.g. ``logging_steps`` larger than the run).
     """
@@ -74,6 +77,8 @@ def plot_loss_vs_comm(log_history: list[dict[str, Any]], path: str | Path, title
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, **styles[name])
+    for (label, loss), color in zip((references or {}).items(), ("black", "grey", "brown")):
+        ax.axhline(loss, color=color, linestyle="--", linewidth=1.2, label=label)
     ax.set_xlabel("communicated MB (uplink + downlink, cumulative)")
     ax.set_ylabel("loss (nats per token)")
     if title:
