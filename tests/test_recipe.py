@@ -16,7 +16,7 @@ import huggingface_hub
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_fsl_sage.e2e.data import E2E_SEPARATOR, IGNORE_INDEX, load_e2e_csv
 
@@ -219,7 +219,8 @@ def test_push_to_hub_folder_loads_and_reproduces_the_trained_model(tmp_path, fak
     trainer, results = recipe.run(script, args)
     folder = fake_hub["someone/tiny-fsl-sage"]
 
-    tokenizer = recipe.load_tokenizer(script)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))  # the cut-down vocabulary travels with the model
+    assert len(tokenizer) == len(trainer.processing_class) < 5000
     batch = tokenizer(["name[Alimentum], area[city centre] ||| Alimentum is", "name[Zizzi] |||"],
                       return_tensors="pt", padding=True)
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o" / "base_model")).eval()  # pre-trained here
@@ -344,3 +345,22 @@ def test_centralized_reference_sees_the_federated_runs_examples_and_schedule(tmp
     with torch.no_grad():
         plain = trainer.model(**batch).loss
     assert result["eval_loss"] == pytest.approx(float(plain), abs=1e-5)
+
+
+def test_restricted_tokenizer_keeps_the_tokens_of_its_texts(tmp_path):
+    from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer, restricted_tokenizer
+
+    full = offline_gpt2_tokenizer()
+    rows = load_e2e_csv(recipe.E2E_SAMPLE_PATH)
+    seen = [t for mr, ref in zip(rows["mr"][:300], rows["ref"][:300]) for t in (mr, " " + ref)]
+    small = restricted_tokenizer(full, seen)
+    assert 256 < len(small) < 2000 and small.eos_token == full.eos_token == "<|endoftext|>"
+    for text in seen:  # the same BPE tokens (renumbered)
+        assert small.convert_ids_to_tokens(small(text)["input_ids"]) == full.convert_ids_to_tokens(full(text)["input_ids"])
+    # Text it was not built from still tokenizes (bytes at worst) and decodes back to itself.
+    for text in ["Zyxwv café ÉCOLE £99 \u4e2d\u6587", *rows["ref"][-50:]]:
+        assert small.decode(small(text)["input_ids"]) == text
+    # Saved and reloaded like any tokenizer.
+    small.save_pretrained(str(tmp_path))
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert again(seen[0])["input_ids"] == small(seen[0])["input_ids"] and again.eos_token_id == small.eos_token_id

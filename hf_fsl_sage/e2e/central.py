@@ -83,8 +83,9 @@ def pretrained_base(
                            seed=seed, data_seed=seed)
         Trainer(model=model, args=args, train_dataset=text.select_columns(_MODEL_COLUMNS),
                 data_collator=split_lm_collator(tokenizer)).train()
-    record = {"settings": key, "rows": len(text), "eval_loss_before": before, "seconds": time.time() - started,
-              "cpu_seconds": time.process_time() - cpu, "eval_loss_after": _eval_loss(model, eval_dataset, tokenizer, 32)}
+    record = {"settings": key, "steps": steps, "rows": len(text), "eval_loss_before": before,
+              "seconds": time.time() - started, "cpu_seconds": time.process_time() - cpu,
+              "eval_loss_after": _eval_loss(model, eval_dataset, tokenizer, 32)}
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))
     record_file.write_text(json.dumps(record, indent=2) + "\n")  # written last: a complete cache entry
