@@ -116,12 +116,12 @@ def _offline_env() -> dict[str, str]:
 LOAD_AND_EVALUATE = """
 import importlib.util, json, sys, tempfile
 from peft import AutoPeftModelForCausalLM
-from transformers import Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer, TrainingArguments
 from hf_fsl_sage.federation.data import split_lm_collator
 spec = importlib.util.spec_from_file_location("gpt2m_e2e", sys.argv[1])
 recipe = importlib.util.module_from_spec(spec); sys.modules["gpt2m_e2e"] = recipe; spec.loader.exec_module(recipe)
 script, args = recipe.parse_args(json.loads(sys.argv[2]))
-tokenizer = recipe.load_tokenizer(script)
+tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
 _, validation = recipe._tokenized_splits(script, tokenizer, recipe.load_splits(script, args.seed))
 model = AutoPeftModelForCausalLM.from_pretrained(args.output_dir)
 with tempfile.TemporaryDirectory() as tmp:
