@@ -169,6 +169,10 @@ class FSLSageConfig(TrainingArguments):
                  "e.g. a label column; for E2E, hf_fsl_sage.e2e.data.with_mr_slot_column(ds, 'food') adds one).")
         if self.align_learning_rate is not None:
             need(self.align_learning_rate > 0, f"align_learning_rate={self.align_learning_rate!r} must be > 0.")
+        if self.client_ranks is not None:
+            need(len(self.client_ranks) == self.num_clients and all(_is_int(r) and r >= 0 for r in self.client_ranks),
+                 f"client_ranks={self.client_ranks!r} must give one process index (>= 0) to each of the "
+                 f"{self.num_clients} clients, or be None to deal them round-robin.")
         need(self.gradient_accumulation_steps == 1,
              f"gradient_accumulation_steps={self.gradient_accumulation_steps} is not supported: one global step is "
              "one local step per client; raise per_device_train_batch_size instead.")

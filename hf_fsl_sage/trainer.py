@@ -17,7 +17,7 @@ from transformers.utils import logging
 
 from .algorithms.registry import get as get_algorithm
 from .config import FSLSageConfig
-from .federation.data import prepare_dataset, split_lm_collator
+from .federation.data import check_token_rows, learned_positions, prepare_dataset, split_lm_collator
 from .federation.federation import Federation, Party
 from .federation.partition import partition
 from .federation.schedule import GlobalStepDataset, RoundSchedule
@@ -128,6 +128,10 @@ class FSLSageTrainer(Trainer):
             model = AutoModelForCausalLM.from_pretrained(model_id, **(model_init_kwargs or {}))
             if processing_class is None:
                 processing_class = AutoTokenizer.from_pretrained(model_id)
+        if not isinstance(model.get_base_model() if hasattr(model, "get_base_model") else model, PreTrainedModel):
+            raise TypeError(f"model must be a model id or a transformers causal LM (PreTrainedModel), got "
+                            f"{type(model).__name__}: load it with AutoModelForCausalLM.from_pretrained(...) or "
+                            ".from_config(...) and pass LoRA settings as peft_config.")
         if processing_class is not None and getattr(processing_class, "pad_token", "") is None:
             processing_class.pad_token = processing_class.eos_token
 
@@ -140,6 +144,8 @@ class FSLSageTrainer(Trainer):
         # Data: the client partition is computed on the dataset as given (it may need a text column)
         if train_dataset is None:
             raise ValueError("FSLSageTrainer needs a train_dataset (its rows are partitioned among the clients).")
+        if len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty: give it at least one row per client.")
         parts = partition(train_dataset, args.num_clients, args.partition, args.seed, args.dirichlet_alpha,
                           args.partition_column)
         train_dataset = prepare_dataset(train_dataset, processing_class, "train_dataset")
@@ -147,6 +153,12 @@ class FSLSageTrainer(Trainer):
             eval_dataset = {k: prepare_dataset(v, processing_class, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
             eval_dataset = prepare_dataset(eval_dataset, processing_class, "eval_dataset")
+        vocab, positions = model.get_input_embeddings().num_embeddings, learned_positions(model)
+        check_token_rows(train_dataset, "train_dataset", vocab, positions)
+        for key, ds in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]):
+            if ds is not None:
+                check_token_rows(ds, f"eval_dataset[{key!r}]" if key else "eval_dataset", vocab, positions,
+                                 need_labels=False)
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("Pass processing_class (the tokenizer) or a data_collator to pad batches.")

@@ -18,11 +18,12 @@ from hf_fsl_sage.transport.placement import Placement, party_seed
 from hf_fsl_sage.splitting.split import Smashed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from launching import accelerate_launch, run  # noqa: E402
+from launching import accelerate_launch, free_port, run, run_together  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "distributed_run.py"
 CPU_CONFIG = ROOT / "accelerate_configs" / "cpu_3_processes.yaml"
+TWO_MACHINES = ROOT / "accelerate_configs" / "two_machines.yaml"
 ALGORITHMS = ["fsl_sage", "splitfed_v1", "splitfed_v2", "cse_fsl", "fedavg"]
 
 
@@ -162,6 +163,28 @@ def test_silent_client_process_times_out_with_a_clear_error(tmp_path):
     assert 10 <= _detection_seconds(tmp_path / "hung") < 40  # the timeout, plus the rest of a step on 2 shared cores
     assert "could not receive the smashed message of client 1 from process 2 (client 1) at round 1, global step 3: " \
            "that process stopped, died, or did not answer within the 10 s timeout (ddp_timeout)" in hung.stderr
+
+
+@pytest.mark.slow
+def test_two_machines_on_one_host_train_exactly_like_one(tmp_path):
+    """The shipped two-machine config, as two launches on this host (machine ranks 0 and 1, two processes each):
+    the server and client 0's process on "machine" 0, the other clients on "machine" 1; same result as one process."""
+    _check(_single(tmp_path / "one"))
+    for attempt in range(3):  # another port if the chosen one was taken before machine 0's launcher bound it
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_MACHINES),
+                  "--num_processes", "4", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+        script = [str(RUN), "--output_dir", str(tmp_path / "two")]
+        done = run_together([[*launch, "--machine_rank", str(r), *script] for r in (0, 1)], _env(), timeout=900)
+        if all(d.returncode == 0 for d in done) or "already in use" not in done[0].stderr + done[1].stderr:
+            break
+    for machine in done:
+        _check(machine)
+    one, two = _result(tmp_path / "one"), _result(tmp_path / "two")
+    assert two["world_size"] == 4 and two["placement"] == "process 0: server; process 1: clients [0, 3]; " \
+                                                          "process 2: clients [1]; process 3: clients [2]"
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert two["ledger"] == one["ledger"] and one["ledger"]["up"] > 0
 
 
 @pytest.mark.parametrize("name, processes, machines, distributed", [

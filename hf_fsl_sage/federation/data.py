@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
+from torch import nn
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from ..splitting.loss import IGNORE_INDEX
@@ -79,3 +81,62 @@ def prepare_dataset(ds: datasets.Dataset, tokenizer, name: str) -> datasets.Data
 
         ds = ds.map(add_labels)
     return ds.remove_columns([c for c in ds.column_names if c not in MODEL_COLUMNS])
+
+
+# --------------------------------------------------------------------------- checks before training
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions ``model`` has learned embeddings for (GPT-2's ``wpe``, OPT's offset table), or None
+    when its positions are computed (rotary, ALiBi) and a longer sequence does not fail on its own."""
+    config = getattr(model, "config", None)
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None) if config is not None else None
+    if not limit:
+        return None
+    tokens = model.get_input_embeddings()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module is not tokens and limit <= module.num_embeddings <= limit + 2:
+            return int(limit)
+    return None
+
+
+def check_token_rows(ds: datasets.Dataset, name: str, vocab_size: int, max_positions: int | None,
+                     need_labels: bool = True) -> None:
+    """Refuse rows a causal LM cannot train on, before the first step, with what is wrong and how to fix it:
+    an empty dataset, token ids or labels outside ``[0, vocab_size)``, rows longer than ``max_positions``,
+    and (with ``need_labels``) rows whose labels are all ``-100``."""
+    if len(ds) == 0:
+        raise ValueError(f"{name} is empty: give it at least one row.")
+    table = ds.with_format("arrow")[:]
+    ids = table.column("input_ids")
+    lengths = pc.list_value_length(ids)
+    flat = pc.list_flatten(ids)
+    low, high = pc.min_max(flat).values() if len(flat) else (None, None)
+    if low is not None and (low.as_py() < 0 or high.as_py() >= vocab_size):
+        outside = pc.or_(pc.less(flat, 0), pc.greater_equal(flat, vocab_size))
+        bad = pc.list_parent_indices(ids)[pc.index(outside, True).as_py()].as_py()
+        raise ValueError(f"{name} holds token ids in [{low}, {high}] but the model's vocabulary has {vocab_size} "
+                         f"ids (row {bad}): tokenize with the model's own tokenizer, or resize the model's embeddings "
+                         "(model.resize_token_embeddings(len(tokenizer))).")
+    longest = pc.max(lengths).as_py()
+    if max_positions is not None and longest is not None and longest > max_positions:
+        row = pc.index(lengths, longest).as_py()
+        raise ValueError(f"{name} has rows of up to {longest} tokens (row {row}) but the model has position "
+                         f"embeddings for {max_positions}: truncate them (tokenize_text(..., max_length="
+                         f"{max_positions}) or ds.map(...)) or drop longer rows.")
+    if not need_labels or "labels" not in table.column_names:
+        return
+    labels = table.column("labels")
+    flat = pc.list_flatten(labels)
+    kept = pc.not_equal(flat, IGNORE_INDEX)
+    learnable = pc.unique(pc.list_parent_indices(labels).filter(kept))
+    if len(learnable) < len(ds):
+        empty = sorted(set(range(len(ds))) - set(learnable.to_pylist()))
+        raise ValueError(f"{name} has {len(empty)} row(s) whose labels are all {IGNORE_INDEX} (no token to learn "
+                         f"from), e.g. rows {empty[:5]}: drop them, e.g. ds.filter(lambda r: any(t != "
+                         f"{IGNORE_INDEX} for t in r['labels'])).")
+    real = flat.filter(kept)
+    if len(real) and (pc.min(real).as_py() < 0 or pc.max(real).as_py() >= vocab_size):
+        raise ValueError(f"{name} has labels outside the vocabulary of {vocab_size} ids (other than "
+                         f"{IGNORE_INDEX}): labels are token ids of the model's tokenizer.")
+
