@@ -21,6 +21,7 @@ from .federation.data import check_token_rows, learned_positions, prepare_datase
 from .federation.federation import Federation, Party
 from .federation.partition import partition
 from .federation.schedule import GlobalStepDataset, RoundSchedule
+from .federation.state_io import load_state, save_state
 from .splitting.split import split_causal_lm
 from .transport.base import LocalTransport
 from .transport.distributed import DistributedTransport, broadcast_json
@@ -28,7 +29,7 @@ from .transport.placement import Placement
 
 logger = logging.get_logger(__name__)
 
-FEDERATION_STATE = "federation.pt"
+FEDERATION_STATE = "federation.safetensors"
 
 
 class RoleOptimizers:
@@ -382,7 +383,7 @@ class FSLSageTrainer(Trainer):
     def _federation_state_file(self, directory: str) -> str:
         if not self.placement.is_distributed:
             return os.path.join(directory, FEDERATION_STATE)
-        return os.path.join(directory, f"federation-rank{self.placement.rank}-of-{self.placement.world_size}.pt")
+        return os.path.join(directory, f"federation-rank{self.placement.rank}-of-{self.placement.world_size}.safetensors")
 
     def _federation_state(self) -> dict[str, Any]:
         return {**self.federation.state_dict(), "algorithm": self.algorithm.state_dict()}
@@ -395,13 +396,13 @@ class FSLSageTrainer(Trainer):
         if not self.placement.is_distributed:
             super()._save_optimizer_and_scheduler(output_dir)
             if self.args.should_save:
-                torch.save(self._federation_state(), self._federation_state_file(output_dir))
+                save_state(self._federation_state(), self._federation_state_file(output_dir))
             return
         # Each process saves the parties it holds, with their optimizers and schedules.
         os.makedirs(output_dir, exist_ok=True)
         state = {"federation": self._federation_state(), "optimizers": self.optimizer.state_dict(),
                  "schedulers": self.lr_scheduler.state_dict()}
-        torch.save(state, self._federation_state_file(output_dir))
+        save_state(state, self._federation_state_file(output_dir))
         torch.distributed.barrier()  # the checkpoint is whole before Trainer writes its state and rotates old ones
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -416,11 +417,10 @@ class FSLSageTrainer(Trainer):
                    else ": it was not written by FSLSageTrainer.")
             )
         device = self.args.device
-        # "cpu:0" (a CPU process under torch.distributed) is not a location torch.load can restore to.
-        state = torch.load(path, map_location="cpu" if device.type == "cpu" else device, weights_only=False)
+        state = load_state(path, "cpu" if device.type == "cpu" else device)  # plain data: nothing in it is run
         if not self.placement.is_distributed:
+            self._load_federation_state(state)  # first: it says what differs when the run does not match
             super()._load_optimizer_and_scheduler(checkpoint)
-            self._load_federation_state(state)
             return
         self._load_federation_state(state["federation"])
         self.optimizer.load_state_dict(state["optimizers"])

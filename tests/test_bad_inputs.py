@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
 import re
+import shutil
+from pathlib import Path
 
 import datasets
 import pytest
@@ -12,6 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2Model, T5Config, T5ForConditionalGeneration, TrainerCallback
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
+from hf_fsl_sage.federation.state_io import CheckpointError
 
 VOCAB, POSITIONS, LENGTH = 50, 16, 8
 
@@ -153,3 +157,72 @@ def test_bad_models_and_data_are_refused_before_the_first_step(tmp_path, name):
                                  peft_config=parts.get("peft_config"), callbacks=[StepSpy()])
         trainer.train()
     assert StepSpy.steps == 0
+
+
+# ---------------------------------------------------------------- checkpoints refused when resuming
+class Unpickled:
+    """Unpickling this creates ``marker``: proof that a checkpoint was unpickled."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def _truncate(state: Path, tmp: Path) -> None:
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+
+def _flip_last_byte(state: Path, tmp: Path) -> None:
+    raw = bytearray(state.read_bytes())
+    raw[-1] ^= 0xFF
+    state.write_bytes(bytes(raw))
+
+
+def _pickle(state: Path, tmp: Path) -> None:
+    state.write_bytes(pickle.dumps({"clients": Unpickled(str(tmp / "unpickled"))}))
+
+
+def _as_if_three_processes(state: Path, tmp: Path) -> None:
+    state.rename(state.with_name("federation-rank0-of-3.safetensors"))
+
+
+RESUME_CASES = {
+    "missing_checkpoint": ({}, None, ValueError, "Can't find a valid checkpoint at"),
+    "other_number_of_clients": ({"num_clients": 3}, None, ValueError,
+                                "the checkpoint was written by a run with 2 clients; this run has 3: resume with "
+                                "num_clients=2"),
+    "other_number_of_processes": ({}, _as_if_three_processes, FileNotFoundError,
+                                  "has no federation.safetensors (it holds ['federation-rank0-of-3.safetensors']: "
+                                  "resume with the number of processes that wrote it)"),
+    "no_federation_state": ({}, lambda state, tmp: state.unlink(), FileNotFoundError,
+                            "has no federation.safetensors: it was not written by FSLSageTrainer"),
+    "truncated_state": ({}, _truncate, CheckpointError, "federation.safetensors"),
+    "corrupted_state": ({}, _flip_last_byte, CheckpointError, "is corrupted: its tensors do not match the checksum"),
+    "pickled_state": ({}, _pickle, CheckpointError, "is truncated or not a safetensors state file"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("written")
+    args = FSLSageConfig(output_dir=str(out), **{**SETTINGS, "save_strategy": "steps", "save_steps": 2})
+    FSLSageTrainer(model=tiny_gpt2(), args=args, train_dataset=rows(), data_collator=Collator()).train()
+    return out / "checkpoint-2"
+
+
+@pytest.mark.parametrize("name", sorted(RESUME_CASES))
+def test_bad_checkpoints_are_refused_before_the_first_step(tmp_path, checkpoint, name):
+    settings, damage, error, message = RESUME_CASES[name]
+    copy = tmp_path / "checkpoint-2"
+    shutil.copytree(checkpoint, copy)
+    if damage is not None:
+        damage(copy / "federation.safetensors", tmp_path)
+    StepSpy.steps = 0
+    args = FSLSageConfig(output_dir=str(tmp_path / "out"), **{**SETTINGS, "max_steps": 4, **settings})
+    trainer = FSLSageTrainer(model=tiny_gpt2(), args=args, train_dataset=rows(), data_collator=Collator(),
+                             callbacks=[StepSpy()])
+    with pytest.raises(error, match=re.escape(message)):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "nowhere" if name == "missing_checkpoint" else copy))
+    assert StepSpy.steps == 0 and not (tmp_path / "unpickled").exists()

@@ -138,7 +138,7 @@ def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoi
            "process 2 (client 1) at round 1, global step 3" in died.stderr
     checkpoint = tmp_path / "killed" / "checkpoint-2"
     written = sorted(p.name for p in checkpoint.iterdir())
-    assert [f"federation-rank{r}-of-3.pt" for r in range(3)] == [n for n in written if n.startswith("federation")]
+    assert [f"federation-rank{r}-of-3.safetensors" for r in range(3)] == [n for n in written if n.startswith("federation")]
     assert "trainer_state.json" in written and "adapter_model.safetensors" in written
     assert not (tmp_path / "killed" / "checkpoint-4").exists()
 
@@ -151,7 +151,7 @@ def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoi
     # A checkpoint written by three processes cannot silently resume in one.
     wrong = _single(tmp_path / "one", "--resume", str(checkpoint))
     assert wrong.returncode != 0
-    assert "has no federation.pt (it holds ['federation-rank0-of-3.pt'" in wrong.stderr
+    assert "has no federation.safetensors (it holds ['federation-rank0-of-3.safetensors'" in wrong.stderr
     assert "resume with the number of processes that wrote it" in wrong.stderr
 
 

@@ -247,6 +247,10 @@ class Federation:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if len(state["clients"]) != len(self.clients):
+            raise ValueError(f"the checkpoint was written by a run with {len(state['clients'])} clients; this run has "
+                             f"{len(self.clients)}: resume with num_clients={len(state['clients'])} (the partition, "
+                             "the schedule and each client's state depend on it).")
         saved = state["placement"]
         if saved != {"world_size": self.placement.world_size, "client_ranks": list(self.placement.client_ranks)}:
             raise ValueError(
