@@ -383,7 +383,8 @@ class FSLSageTrainer(Trainer):
     def _federation_state_file(self, directory: str) -> str:
         if not self.placement.is_distributed:
             return os.path.join(directory, FEDERATION_STATE)
-        return os.path.join(directory, f"federation-rank{self.placement.rank}-of-{self.placement.world_size}.safetensors")
+        rank, size = self.placement.rank, self.placement.world_size
+        return os.path.join(directory, f"federation-rank{rank}-of-{size}.safetensors")
 
     def _federation_state(self) -> dict[str, Any]:
         return {**self.federation.state_dict(), "algorithm": self.algorithm.state_dict()}
