@@ -81,6 +81,24 @@ class FSLSageConfig(TrainingArguments):
             process. `None` deals the clients round-robin over processes 1..P-1. Ignored with
             one process. How long a process waits for a message is `ddp_timeout` (seconds).
 
+        > Reliability
+
+        nonfinite (`str`, defaults to `"raise"`):
+            What to do when a party's loss or gradients, a received message (activations, gradients)
+            or a received model state holds NaN or infinity: `"raise"` stops the run with an error
+            naming the party, the message or loss, the round and the global step (checkpoints already
+            written stay good); `"skip"` discards that update or upload for the step, counts it in
+            the logged `skipped_updates`, and goes on.
+        client_failures (`str`, defaults to `"raise"`):
+            What to do when a client raises during its local step: `"raise"` stops the run;
+            `"drop"` drops that client from the rest of the round (the round aggregates the others,
+            weights renormalised; logged as `dropped_clients`). A process that stops answering still
+            stops the run with `FederationCommError` (resume from the last checkpoint).
+        simulate_client_failures (`float`, defaults to `0.0`):
+            Probability, per participant and local step, that the client fails on purpose (seeded from
+            `seed`, the round, the step and the client, so runs and resumes repeat exactly). For tests
+            and benchmarks of `client_failures="drop"`; in [0, 1).
+
         > Memory
 
         loss_chunk_tokens (`int`, defaults to `1024`):
@@ -124,6 +142,14 @@ class FSLSageConfig(TrainingArguments):
     client_ranks: list[int] | None = field(
         default=None, metadata={"help": "Process of each client under accelerate launch (server on process 0); "
                                         "None = round-robin over processes 1..P-1."}
+    )
+    # Reliability
+    nonfinite: str = field(default="raise", metadata={"help": "On NaN/inf values: raise or skip.",
+                                                       "choices": ["raise", "skip"]})
+    client_failures: str = field(default="raise", metadata={"help": "On a client failing in its step: raise or drop.",
+                                                            "choices": ["raise", "drop"]})
+    simulate_client_failures: float = field(
+        default=0.0, metadata={"help": "Seeded probability of a client failing at a local step (tests), in [0, 1)."}
     )
     # Memory
     loss_chunk_tokens: int = field(default=1024, metadata={"help": "Labelled positions per LM-head loss chunk."})
@@ -169,6 +195,13 @@ class FSLSageConfig(TrainingArguments):
                  "e.g. a label column; for E2E, hf_fsl_sage.e2e.data.with_mr_slot_column(ds, 'food') adds one).")
         if self.align_learning_rate is not None:
             need(self.align_learning_rate > 0, f"align_learning_rate={self.align_learning_rate!r} must be > 0.")
+        need(self.nonfinite in ("raise", "skip"), f"nonfinite={self.nonfinite!r} must be 'raise' or 'skip'.")
+        need(self.client_failures in ("raise", "drop"),
+             f"client_failures={self.client_failures!r} must be 'raise' or 'drop'.")
+        need(isinstance(self.simulate_client_failures, (int, float)) and 0 <= self.simulate_client_failures < 1,
+             f"simulate_client_failures={self.simulate_client_failures!r} must be a probability in [0, 1).")
+        need(not self.simulate_client_failures or self.client_failures == "drop",
+             "simulate_client_failures needs client_failures='drop' (with 'raise' the first failure stops the run).")
         if self.client_ranks is not None:
             need(len(self.client_ranks) == self.num_clients and all(_is_int(r) and r >= 0 for r in self.client_ranks),
                  f"client_ranks={self.client_ranks!r} must give one process index (>= 0) to each of the "

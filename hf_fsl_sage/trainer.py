@@ -19,6 +19,7 @@ from .algorithms.registry import get as get_algorithm
 from .config import FSLSageConfig
 from .federation.data import check_token_rows, learned_positions, prepare_dataset, split_lm_collator
 from .federation.federation import Federation, Party
+from .federation.guard import Guard
 from .federation.partition import partition
 from .federation.schedule import GlobalStepDataset, RoundSchedule
 from .federation.state_io import load_state, save_state
@@ -186,7 +187,9 @@ class FSLSageTrainer(Trainer):
                                      self.placement, seed=args.seed, max_grad_norm=args.max_grad_norm,
                                      label_smoothing=args.label_smoothing_factor,
                                      loss_chunk_tokens=args.loss_chunk_tokens,
-                                     batch_size=args.per_device_train_batch_size)
+                                     batch_size=args.per_device_train_batch_size,
+                                     guard=Guard(args.nonfinite, args.client_failures),
+                                     failure_rate=args.simulate_client_failures)
         self.algorithm = get_algorithm(args.algorithm).from_config(args, self.federation)
         self._round_metrics: dict[str, float] = {}
         self._server_losses: list[float] = []
@@ -251,6 +254,7 @@ class FSLSageTrainer(Trainer):
         participants = list(inputs["clients"])
         self.federation.transport.context = f"round {round_index}, global step {inputs['step']}"
         if local == 0:
+            self.federation.guard.new_round()
             self._round_metrics.update(self.algorithm.begin_round(round_index, participants))
         self.algorithm.train()
         losses = []
@@ -286,13 +290,19 @@ class FSLSageTrainer(Trainer):
         if "train_loss" in logs:
             logs.update(self.federation.transport.ledger.metrics())
         elif "loss" in logs and "eval_loss" not in logs:
+            guard = self.federation.guard
             total, count = sum(self._server_losses), len(self._server_losses)
+            skipped, dropped = guard.skipped_updates, guard.dropped_clients
             if self.placement.is_distributed:  # every process logs the training loss at the same step
-                sums = torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
+                sums = torch.tensor([total, count, skipped, dropped], dtype=torch.float64, device=self.args.device)
                 torch.distributed.all_reduce(sums)
-                total, count = float(sums[0]), int(sums[1])
+                total, count, skipped, dropped = float(sums[0]), int(sums[1]), int(sums[2]), int(sums[3])
             if count:
                 logs["server_loss"] = round(total / count, 4)
+            if self.args.nonfinite == "skip":
+                logs["skipped_updates"] = skipped  # since the start of the run
+            if self.args.client_failures == "drop":
+                logs["dropped_clients"] = dropped
             self._server_losses = []
             logs["round"] = self.schedule.position(max(self.state.global_step - 1, 0))[0]
             logs.update(self.federation.transport.ledger.metrics())

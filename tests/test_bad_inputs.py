@@ -12,7 +12,14 @@ import pytest
 import torch
 from peft import LoraConfig
 from torch import nn
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2Model, T5Config, T5ForConditionalGeneration, TrainerCallback
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2Model,
+    T5Config,
+    T5ForConditionalGeneration,
+    TrainerCallback,
+)
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.federation.state_io import CheckpointError
@@ -52,8 +59,8 @@ class StepSpy(TrainerCallback):
         StepSpy.steps += 1
 
 
-SETTINGS = dict(num_clients=2, local_steps=1, max_steps=2, per_device_train_batch_size=2, aux_num_layers=1,
-                align_epochs=1, warmup_steps=0, report_to="none", save_strategy="no", disable_tqdm=True)
+SETTINGS = {"num_clients": 2, "local_steps": 1, "max_steps": 2, "per_device_train_batch_size": 2, "aux_num_layers": 1,
+                "align_epochs": 1, "warmup_steps": 0, "report_to": "none", "save_strategy": "no", "disable_tqdm": True}
 
 
 # ---------------------------------------------------------------- settings refused by FSLSageConfig itself
@@ -62,8 +69,8 @@ CONFIG_CASES = {
     "cut_layer_negative": ({"cut_layer": -2}, "cut_layer=-2 must be an integer >= 1"),
     "cut_layer_not_an_integer": ({"cut_layer": 1.5}, "cut_layer=1.5 must be an integer >= 1"),
     "no_clients": ({"num_clients": 0}, "num_clients=0 must be an integer >= 1"),
-    "more_participants_than_clients": ({"clients_per_round": 3}, "clients_per_round=3 must be between 1 and "
-                                                                 "num_clients=2"),
+    "more_participants_than_clients": ({"clients_per_round": 3}, ("clients_per_round=3 must be between 1 and "
+                                                                 "num_clients=2")),
     "no_local_steps": ({"local_steps": 0}, "local_steps=0 must be an integer >= 1"),
     "upload_interval_zero": ({"server_update_interval": 0}, "server_update_interval=0 must be an integer >= 1"),
     "align_interval_zero": ({"align_interval": 0}, "align_interval=0 must be an integer >= 1"),
@@ -76,8 +83,8 @@ CONFIG_CASES = {
     "unknown_aux_init": ({"aux_init": "zeros"}, "aux_init='zeros' must be one of"),
     "dirichlet_alpha_zero": ({"dirichlet_alpha": 0.0}, "dirichlet_alpha=0.0 must be > 0"),
     "dirichlet_without_column": ({"partition": "dirichlet"}, "partition='dirichlet' needs partition_column"),
-    "client_ranks_too_short": ({"client_ranks": [0]}, "client_ranks=[0] must give one process index (>= 0) to each "
-                                                      "of the 2 clients"),
+    "client_ranks_too_short": ({"client_ranks": [0]}, ("client_ranks=[0] must give one process index (>= 0) to each "
+                                                      "of the 2 clients")),
     "client_ranks_negative": ({"client_ranks": [0, -1]}, "must give one process index (>= 0)"),
     "gradient_accumulation": ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2 is not supported"),
 }
@@ -101,45 +108,45 @@ def _no_head() -> nn.Module:
 
 
 TRAINER_CASES = {
-    "cut_layer_equal_to_depth": (dict(cut_layer=3), {}, ValueError,
+    "cut_layer_equal_to_depth": ({"cut_layer": 3}, {}, ValueError,
                                  "cut_layer=3 is out of range for gpt2 with 3 blocks: choose an integer in 1 … 2"),
-    "cut_layer_beyond_depth": (dict(cut_layer=7), {}, ValueError, "cut_layer=7 is out of range for gpt2 with 3"),
-    "aux_deeper_than_the_server": (dict(aux_num_layers=3), {}, ValueError,
-                                   "aux_num_layers=3 exceeds the 2 blocks the server holds after cut_layer=1; "
-                                   "choose aux_num_layers <= 2"),
-    "encoder_decoder_model": ({}, dict(model=_t5), ValueError, "is an encoder-decoder model"),
-    "bare_module": ({}, dict(model=lambda: nn.Sequential(nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB))), TypeError,
+    "cut_layer_beyond_depth": ({"cut_layer": 7}, {}, ValueError, "cut_layer=7 is out of range for gpt2 with 3"),
+    "aux_deeper_than_the_server": ({"aux_num_layers": 3}, {}, ValueError,
+                                   ("aux_num_layers=3 exceeds the 2 blocks the server holds after cut_layer=1; "
+                                   "choose aux_num_layers <= 2")),
+    "encoder_decoder_model": ({}, {"model": _t5}, ValueError, "is an encoder-decoder model"),
+    "bare_module": ({}, {"model": lambda: nn.Sequential(nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB))}, TypeError,
                     "model must be a model id or a transformers causal LM (PreTrainedModel), got Sequential"),
-    "model_without_lm_head": ({}, dict(model=_no_head), ValueError, "GPT2Model (model_type 'gpt2') is not a causal "
-                                                                    "LM with an LM head"),
-    "lora_target_missing": ({}, dict(peft_config=LoraConfig(r=2, target_modules=["q_proj"])), ValueError,
+    "model_without_lm_head": ({}, {"model": _no_head}, ValueError, ("GPT2Model (model_type 'gpt2') is not a causal "
+                                                                    "LM with an LM head")),
+    "lora_target_missing": ({}, {"peft_config": LoraConfig(r=2, target_modules=["q_proj"])}, ValueError,
                             "Target modules {'q_proj'} not found in the base model"),
-    "more_clients_than_rows": (dict(num_clients=20), {}, ValueError, "Cannot give 20 clients at least 1 example(s) "
-                                                                     "each from 12 examples; use fewer clients"),
-    "no_train_dataset": ({}, dict(train_dataset=lambda: None), ValueError, "FSLSageTrainer needs a train_dataset"),
-    "empty_train_dataset": ({}, dict(train_dataset=lambda: rows(0)), ValueError, "train_dataset is empty"),
-    "empty_eval_dataset": ({}, dict(eval_dataset=lambda: rows(0)), ValueError, "eval_dataset is empty"),
-    "missing_columns": ({}, dict(train_dataset=lambda: datasets.Dataset.from_dict({"foo": [1, 2, 3, 4]})),
+    "more_clients_than_rows": ({"num_clients": 20}, {}, ValueError, ("Cannot give 20 clients at least 1 example(s) "
+                                                                     "each from 12 examples; use fewer clients")),
+    "no_train_dataset": ({}, {"train_dataset": lambda: None}, ValueError, "FSLSageTrainer needs a train_dataset"),
+    "empty_train_dataset": ({}, {"train_dataset": lambda: rows(0)}, ValueError, "train_dataset is empty"),
+    "empty_eval_dataset": ({}, {"eval_dataset": lambda: rows(0)}, ValueError, "eval_dataset is empty"),
+    "missing_columns": ({}, {"train_dataset": lambda: datasets.Dataset.from_dict({"foo": [1, 2, 3, 4]})},
                         ValueError, "train_dataset needs an 'input_ids' column or a 'text' column; it has ['foo']"),
-    "text_without_tokenizer": ({}, dict(train_dataset=lambda: datasets.Dataset.from_dict({"text": ["a b"] * 4})),
+    "text_without_tokenizer": ({}, {"train_dataset": lambda: datasets.Dataset.from_dict({"text": ["a b"] * 4})},
                                ValueError, "pass processing_class (the tokenizer) to tokenize it"),
-    "token_ids_outside_vocabulary": ({}, dict(train_dataset=lambda: rows(top=VOCAB + 5)), ValueError,
-                                     "train_dataset holds token ids in [0, 54] but the model's vocabulary has 50 ids "
-                                     "(row 0): tokenize with the model's own tokenizer"),
-    "negative_token_ids": ({}, dict(train_dataset=lambda: rows(labels=lambda i, x: x).map(
-        lambda r, i: {"input_ids": [-1 if i == 3 else t for t in r["input_ids"]]}, with_indices=True)), ValueError,
+    "token_ids_outside_vocabulary": ({}, {"train_dataset": lambda: rows(top=VOCAB + 5)}, ValueError,
+                                     ("train_dataset holds token ids in [0, 54] but the model's vocabulary has 50 ids "
+                                     "(row 0): tokenize with the model's own tokenizer")),
+    "negative_token_ids": ({}, {"train_dataset": lambda: rows(labels=lambda i, x: x).map(
+        lambda r, i: {"input_ids": [-1 if i == 3 else t for t in r["input_ids"]]}, with_indices=True)}, ValueError,
         "train_dataset holds token ids in [-1, 49] but the model's vocabulary has 50 ids (row 3)"),
-    "eval_token_ids_outside_vocabulary": ({}, dict(eval_dataset=lambda: rows(top=VOCAB + 1)), ValueError,
+    "eval_token_ids_outside_vocabulary": ({}, {"eval_dataset": lambda: rows(top=VOCAB + 1)}, ValueError,
                                           "eval_dataset holds token ids in [0, 50]"),
-    "labels_outside_vocabulary": ({}, dict(train_dataset=lambda: rows(labels=lambda i, x: [*x[:-1], VOCAB])),
+    "labels_outside_vocabulary": ({}, {"train_dataset": lambda: rows(labels=lambda i, x: [*x[:-1], VOCAB])},
                                   ValueError, "train_dataset has labels outside the vocabulary of 50 ids"),
-    "rows_without_a_label": ({}, dict(train_dataset=lambda: rows(labels=lambda i, x: x if i % 4 else [-100] * len(x))),
-                             ValueError, "train_dataset has 3 row(s) whose labels are all -100 (no token to learn "
-                                         "from), e.g. rows [0, 4, 8]: drop them"),
-    "rows_longer_than_the_positions": ({}, dict(train_dataset=lambda: rows(length=POSITIONS + 4)), ValueError,
-                                       "train_dataset has rows of up to 20 tokens (row 0) but the model has position "
-                                       "embeddings for 16: truncate them"),
-    "dirichlet_column_missing": (dict(partition="dirichlet", partition_column="topic"), {}, ValueError,
+    "rows_without_a_label": ({}, {"train_dataset": lambda: rows(labels=lambda i, x: x if i % 4 else [-100] * len(x))},
+                             ValueError, ("train_dataset has 3 row(s) whose labels are all -100 (no token to learn "
+                                         "from), e.g. rows [0, 4, 8]: drop them")),
+    "rows_longer_than_the_positions": ({}, {"train_dataset": lambda: rows(length=POSITIONS + 4)}, ValueError,
+                                       ("train_dataset has rows of up to 20 tokens (row 0) but the model has position "
+                                       "embeddings for 16: truncate them")),
+    "dirichlet_column_missing": ({"partition": "dirichlet", "partition_column": "topic"}, {}, ValueError,
                                  "No column 'topic' to group by"),
 }
 
@@ -191,11 +198,11 @@ def _as_if_three_processes(state: Path, tmp: Path) -> None:
 RESUME_CASES = {
     "missing_checkpoint": ({}, None, ValueError, "Can't find a valid checkpoint at"),
     "other_number_of_clients": ({"num_clients": 3}, None, ValueError,
-                                "the checkpoint was written by a run with 2 clients; this run has 3: resume with "
-                                "num_clients=2"),
+                                ("the checkpoint was written by a run with 2 clients; this run has 3: resume with "
+                                "num_clients=2")),
     "other_number_of_processes": ({}, _as_if_three_processes, FileNotFoundError,
-                                  "has no federation.safetensors (it holds ['federation-rank0-of-3.safetensors']: "
-                                  "resume with the number of processes that wrote it)"),
+                                  ("has no federation.safetensors (it holds ['federation-rank0-of-3.safetensors']: "
+                                  "resume with the number of processes that wrote it)")),
     "no_federation_state": ({}, lambda state, tmp: state.unlink(), FileNotFoundError,
                             "has no federation.safetensors: it was not written by FSLSageTrainer"),
     "truncated_state": ({}, _truncate, CheckpointError, "federation.safetensors"),

@@ -13,7 +13,11 @@ import torch
 
 from hf_fsl_sage.splitting.split import Smashed
 from hf_fsl_sage.transport.base import TensorSpec, conforms, flatten
-from hf_fsl_sage.transport.distributed import MalformedMessage, decode_header, encode_header
+from hf_fsl_sage.transport.distributed import (
+    MalformedMessage,
+    decode_header,
+    encode_header,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launching import run_together  # noqa: E402

@@ -21,7 +21,12 @@ import torch.distributed as dist
 
 from hf_fsl_sage.splitting.split import Smashed
 from hf_fsl_sage.transport.base import TensorSpec, flatten
-from hf_fsl_sage.transport.distributed import DistributedTransport, FederationCommError, encode_header, pack
+from hf_fsl_sage.transport.distributed import (
+    DistributedTransport,
+    FederationCommError,
+    encode_header,
+    pack,
+)
 from hf_fsl_sage.transport.placement import Placement
 
 HIDDEN, BATCH, SEQ = 8, 2, 5

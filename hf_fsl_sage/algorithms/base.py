@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..federation.federation import Client, Federation, Party
+from ..federation.guard import SimulatedClientFailure
 from ..splitting.split import Smashed
 from ..transport.base import TensorSpec
 from ..transport.placement import party_seed
@@ -132,28 +133,53 @@ class Algorithm:
         """What a reply must look like on the client (``None``: not checked)."""
         return None
 
+    def discard(self, client: Client) -> None:
+        """Forget what the client's part of this step left behind (its step was dropped or skipped)."""
+        if client.model is not None:
+            client.model.optimizer.zero_grad(set_to_none=True)
+
     def local_step(self, client_index: int, batch: dict[str, torch.Tensor] | None, round_index: int,
                    local_step: int) -> StepResult:
-        """Run this process's share of one local step of client ``client_index``; returns what it computed."""
-        fed, seed = self.fed, self.fed.seed
+        """Run this process's share of one local step of client ``client_index``; returns what it computed.
+
+        A client dropped from the round (it failed, see :class:`~hf_fsl_sage.federation.guard.Guard`) uploads
+        nothing (an empty message) and gets no reply; an upload or reply that is not finite is not used.
+        """
+        fed, seed, guard = self.fed, self.fed.seed, self.fed.guard
         client, holds = fed.clients[client_index], fed.placement.holds_client(client_index)
         result, upload = StepResult(), None
-        if holds:
+        if holds and client_index not in guard.dropped:
             torch.manual_seed(party_seed(seed, round_index, local_step, client_index, "client"))
-            reported, upload = self.client_compute(client, batch, round_index, local_step)
-            result.update(reported)
+            try:
+                if fed.fails_at(round_index, local_step, client_index):
+                    raise SimulatedClientFailure(f"simulated failure (rate {fed.failure_rate})")
+                reported, upload = self.client_compute(client, batch, round_index, local_step)
+                result.update(reported)
+            except Exception as error:  # noqa: BLE001 -- any failure of a client's own step; Guard decides
+                guard.drop(client_index, error)
+                self.discard(client)
+                upload = None
         if not self.uploads_at(round_index, local_step):
             return result
         expected, limits = self.expected_upload(client) if fed.placement.is_server else (None, None)
-        received = fed.transport.to_server(client_index, self.upload_kind, upload, expected, limits)
+        sent = upload if client_index not in guard.dropped else None
+        received = fed.transport.to_server(client_index, self.upload_kind, sent, expected, limits)
         reply = None
         if fed.placement.is_server:
-            torch.manual_seed(party_seed(seed, round_index, local_step, client_index, "server"))
-            reported, reply = self.serve(client, received, round_index, local_step)
-            result.update(reported)
+            if received is None:  # the client failed: it is out of the rest of the round
+                guard.dropped.add(client_index)
+            elif guard.finite(received, f"{self.upload_kind} message", f"client {client_index}"):
+                torch.manual_seed(party_seed(seed, round_index, local_step, client_index, "server"))
+                reported, reply = self.serve(client, received, round_index, local_step)
+                result.update(reported)
         if self.replies_at(round_index, local_step):
-            expected = self.expected_reply(client) if holds else None
+            waiting = holds and client_index not in guard.dropped
+            expected = self.expected_reply(client) if waiting else None
             received_reply = fed.transport.to_client(client_index, self.reply_kind, reply, expected)
-            if holds:
-                result.update(self.client_receive(client, received_reply, round_index, local_step))
+            if waiting:
+                if received_reply is not None and guard.finite(received_reply, f"{self.reply_kind} message",
+                                                               "the server"):
+                    result.update(self.client_receive(client, received_reply, round_index, local_step))
+                else:
+                    self.discard(client)
         return result

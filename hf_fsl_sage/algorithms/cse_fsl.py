@@ -49,7 +49,8 @@ class CSEFSL(AuxiliaryLossAlgorithm):
         loss.backward()  # into the auxiliary model and, through the activations, the client half
         self.fed.client_step(client)
         party = self.aux_parties[client.index]
-        clip_and_step(party.module, party.optimizer, self.fed.max_grad_norm)
+        clip_and_step(party.module, party.optimizer, self.fed.max_grad_norm, self.fed.guard,
+                      f"client {client.index}'s auxiliary model")
         return StepResult(loss=float(loss.detach())), (smashed, batch["labels"])
 
     def end_round(self, round_index: int, participants: list[int]) -> dict[str, float]:

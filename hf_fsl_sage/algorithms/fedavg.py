@@ -32,13 +32,19 @@ class FedAvg(WithServerCopies):
         fed, server = self.fed, self.server_copy(client)
         smashed = fed.client_forward(client, batch)  # stays on the client: the graph runs through both halves
         loss = server.loss(smashed, batch["labels"], fed.label_smoothing)
+        value = float(loss.detach())
+        if not fed.guard.finite(value, "loss", f"client {client.index}"):
+            return StepResult(loss=value, server_loss=value), None
         loss.backward()
         parties = (client.model, server)
         params = [p for party in parties for p in party.module.parameters() if p.grad is not None]
-        if params and fed.max_grad_norm and fed.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, fed.max_grad_norm)
+        norm = 0.0
+        if params:
+            limit = fed.max_grad_norm if fed.max_grad_norm and fed.max_grad_norm > 0 else float("inf")
+            norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+        apply = fed.guard.finite(norm, "gradients", f"client {client.index}")
         for party in parties:
-            party.optimizer.step()
+            if apply:
+                party.optimizer.step()
             party.optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
         return StepResult(loss=value, server_loss=value), None

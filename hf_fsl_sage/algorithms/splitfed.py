@@ -43,13 +43,19 @@ class SplitFedV2(Algorithm):
         hidden = received.hidden_states.detach().requires_grad_(True)
         loss = party.loss(Smashed(hidden, received.attention_mask, received.position_ids), labels,
                           self.fed.label_smoothing)
-        loss.backward()
-        clip_and_step(party.module, party.optimizer, self.fed.max_grad_norm)
         value = float(loss.detach())
+        if not self.fed.guard.finite(value, "loss", "the server"):
+            return StepResult(loss=value, server_loss=value), None  # no gradient: the client skips this step
+        loss.backward()
+        clip_and_step(party.module, party.optimizer, self.fed.max_grad_norm, self.fed.guard, "the server")
         return StepResult(loss=value, server_loss=value), hidden.grad
 
     def expected_reply(self, client: Client):
         return self._waiting[client.index].hidden_states  # the gradient has the activations' shape and dtype
+
+    def discard(self, client: Client) -> None:
+        self._waiting.pop(client.index, None)
+        super().discard(client)
 
     def client_receive(self, client: Client, reply, round_index: int, local_step: int) -> StepResult:
         self._waiting.pop(client.index).hidden_states.backward(reply)

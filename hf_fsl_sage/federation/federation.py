@@ -29,8 +29,9 @@ from ..splitting.loss import ChunkedLMLoss
 from ..splitting.split import Smashed, SplitCausalLM
 from ..splitting.stand_ins import deepcopy_module
 from ..transport.base import Transport
-from ..transport.placement import Placement
+from ..transport.placement import Placement, party_seed
 from .aggregation import weighted_average
+from .guard import Guard
 
 #: ``make_optimizer(module, lr)``: an optimizer over ``module``'s trainable parameters and its schedule; with
 #: ``lr`` given, a fixed-rate optimizer and no schedule.
@@ -66,14 +67,19 @@ def load_trainable_state(module: nn.Module, state: StateDict) -> None:
         p.copy_(state[name])
 
 
-def clip_and_step(module: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
-    """Clip this party's gradients, step its optimizer, clear its gradients; returns the pre-clip norm."""
+def clip_and_step(module: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                  guard: Guard | None = None, party: str = "") -> float:
+    """Clip this party's gradients, step its optimizer, clear its gradients; returns the pre-clip norm.
+
+    With ``guard``, gradients that are not finite are not applied (``guard`` raises or counts a skipped update).
+    """
     params = [p for p in module.parameters() if p.grad is not None]
     norm = 0.0
     if params:
         limit = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
-    optimizer.step()
+    if guard is None or guard.finite(norm, "gradients", party):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
 
@@ -111,6 +117,8 @@ class Federation:
         label_smoothing: label smoothing of the training losses.
         loss_chunk_tokens: labelled positions per chunk of an LM-head loss.
         batch_size: sequences per client batch (the most an upload may carry).
+        guard: the non-finite and client-failure policies (default: raise on both).
+        failure_rate: probability that a client fails on purpose at a local step (``simulate_client_failures``).
     """
 
     def __init__(
@@ -126,6 +134,8 @@ class Federation:
         label_smoothing: float = 0.0,
         loss_chunk_tokens: int = 1024,
         batch_size: int = 8,
+        guard: Guard | None = None,
+        failure_rate: float = 0.0,
     ):
         self.split = split
         self.transport = transport
@@ -134,6 +144,9 @@ class Federation:
         self.seed, self.max_grad_norm = seed, max_grad_norm
         self.label_smoothing, self.loss_chunk_tokens = label_smoothing, loss_chunk_tokens
         self.batch_size = batch_size
+        self.failure_rate = failure_rate
+        self.guard = guard or Guard()
+        self.guard.context = lambda: transport.context  # where the run is, for its messages
         self.server = self.new_party(split.server, with_loss=True) if self.placement.is_server else None
         self.server_loss = self.server.loss if self.server is not None else None
         self.clients: list[Client] = []
@@ -184,7 +197,7 @@ class Federation:
                 continue
             held = self.placement.holds_client(c)
             received = self.transport.to_client(c, kind, state, trainable_state(copy_of(c)) if held else None)
-            if held:
+            if held and self.guard.finite(received, f"{kind} message", "the server"):  # else: keep its own
                 load_trainable_state(copy_of(c), received)
 
     def average_copies(self, clients: list[int], copy_of: Callable[[int], nn.Module], kind: str | None,
@@ -193,16 +206,23 @@ class Federation:
 
         With ``kind`` each client uploads its copy as a ``kind`` message, which must look like ``template`` (given
         on the server's process); with ``None`` the copies live on the server and nothing crosses the wire.
+        Clients dropped from the round send nothing, non-finite states are left out (see :class:`Guard`), and
+        the others' weights are renormalised; None if no state is left.
         """
+        dropped = self.guard.dropped
         if kind is None:
-            states = [trainable_state(copy_of(c)) for c in clients] if self.placement.is_server else []
+            states = [None if c in dropped else trainable_state(copy_of(c)) for c in clients] \
+                if self.placement.is_server else []
         else:
-            states = [self.transport.to_server(c, kind, trainable_state(copy_of(c))
-                                               if self.placement.holds_client(c) else None, template)
-                      for c in clients]
+            states = [self.transport.to_server(c, kind, trainable_state(copy_of(c)) if self.placement.holds_client(c)
+                                               and c not in dropped else None, template) for c in clients]
         if not self.placement.is_server:
             return None
-        return weighted_average(states, [self.clients[c].num_examples for c in clients])
+        kept = [(c, s) for c, s in zip(clients, states) if s is not None and c not in dropped
+                and self.guard.finite(s, f"{kind or 'model'} state", f"client {c}")]
+        if not kept:
+            return None
+        return weighted_average([s for _, s in kept], [self.clients[c].num_examples for c, _ in kept])
 
     def train(self, mode: bool = True) -> None:
         """Set the training mode of the split model and the clients' copies (which do not follow ``split.train``)."""
@@ -215,14 +235,24 @@ class Federation:
     def client_forward(self, client: Client, batch: dict[str, torch.Tensor]) -> Smashed:
         return client.model.module(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
 
+    def fails_at(self, round_index: int, local_step: int, client: int) -> bool:
+        """Whether ``client`` fails on purpose at this step: a draw from the step and client alone, so it repeats
+        exactly on every process and after a resume."""
+        if not self.failure_rate:
+            return False
+        draw = torch.Generator().manual_seed(party_seed(self.seed, round_index, local_step, client, "failure"))
+        return float(torch.rand((), generator=draw)) < self.failure_rate
+
     def client_step(self, client: Client) -> float:
-        return clip_and_step(client.model.module, client.model.optimizer, self.max_grad_norm)
+        return clip_and_step(client.model.module, client.model.optimizer, self.max_grad_norm, self.guard,
+                             f"client {client.index}")
 
     def server_step(self, smashed: Smashed, labels: torch.Tensor) -> float:
         """One server update on a received batch; returns its loss."""
         loss = self.server_loss(smashed, labels, self.label_smoothing)
-        loss.backward()
-        clip_and_step(self.server.module, self.server.optimizer, self.max_grad_norm)
+        if self.guard.finite(float(loss.detach()), "loss", "the server"):
+            loss.backward()
+            clip_and_step(self.server.module, self.server.optimizer, self.max_grad_norm, self.guard, "the server")
         return float(loss.detach())
 
     # ------------------------------------------------------------ global model (on the server's process)
@@ -244,6 +274,7 @@ class Federation:
             "clients": {c.index: {"model": trainable_state(c.model.module)} if c.model is not None else {}
                         for c in self.clients},
             "ledger": self.transport.ledger.state_dict(),
+            "guard": self.guard.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -264,3 +295,4 @@ class Federation:
             if c.model is not None:
                 load_trainable_state(c.model.module, state["clients"][c.index]["model"])
         self.transport.ledger.load_state_dict(state["ledger"])
+        self.guard.load_state_dict(state["guard"])
