@@ -86,6 +86,12 @@ CONFIG_CASES = {
     "client_ranks_too_short": ({"client_ranks": [0]}, ("client_ranks=[0] must give one process index (>= 0) to each "
                                                       "of the 2 clients")),
     "client_ranks_negative": ({"client_ranks": [0, -1]}, "must give one process index (>= 0)"),
+    "unknown_nonfinite_policy": ({"nonfinite": "ignore"}, "nonfinite='ignore' must be 'raise' or 'skip'"),
+    "unknown_failure_policy": ({"client_failures": "retry"}, "client_failures='retry' must be 'raise' or 'drop'"),
+    "failure_rate_above_one": ({"simulate_client_failures": 1.5, "client_failures": "drop"},
+                               "simulate_client_failures=1.5 must be a probability in [0, 1)"),
+    "simulated_failures_that_stop_the_run": ({"simulate_client_failures": 0.1},
+                                             "simulate_client_failures needs client_failures='drop'"),
     "gradient_accumulation": ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2 is not supported"),
 }
 
