@@ -53,6 +53,11 @@ class CSEFSL(AuxiliaryLossAlgorithm):
                       f"client {client.index}'s auxiliary model")
         return StepResult(loss=float(loss.detach())), (smashed, batch["labels"])
 
+    def discard(self, client: Client) -> None:
+        super().discard(client)
+        if client.index in self.aux_parties:
+            self.aux_parties[client.index].optimizer.zero_grad(set_to_none=True)
+
     def end_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
         metrics = super().end_round(round_index, participants)
         averaged = self.fed.average_copies(participants, lambda c: self.aux[c].module, "aux_model", self.global_aux)

@@ -46,6 +46,11 @@ class WithServerCopies(Algorithm):
             load_trainable_state(fed.server.module, averaged)
         return metrics
 
+    def discard(self, client: Client) -> None:
+        super().discard(client)
+        if client.index in self.server_copies:
+            self.server_copies[client.index].optimizer.zero_grad(set_to_none=True)
+
     def parties(self) -> dict[str, Party]:
         return {**super().parties(), **{f"server_{c}": party for c, party in self.server_copies.items()}}
 
