@@ -352,7 +352,7 @@ def test_resume_gives_the_same_weights(reference_run, tmp_path, algorithm, step)
     replays the run bit for bit: server copies, aux models and the ledger included."""
     full, _ = reference_run(algorithm, True)
     checkpoint = Path(full.args.output_dir) / f"checkpoint-{step}"
-    assert (checkpoint / "federation.pt").is_file() and (checkpoint / "optimizer.pt").is_file()
+    assert (checkpoint / "federation.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
     resumed = make_trainer(tmp_path, algorithm, True, **REFERENCE)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 10
