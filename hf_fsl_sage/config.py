@@ -73,6 +73,14 @@ class FSLSageConfig(TrainingArguments):
         align_learning_rate (`float` or `None`, defaults to `None`):
             Learning rate of the alignment optimizer; `None` uses `learning_rate`.
 
+        > Communication budget
+
+        max_comm_bytes (`int` or `None`, defaults to `None`):
+            Stop training at the end of the global step in which the bytes on the wire (up + down, as
+            the ledger counts them) reach this many (> 0), on every process at the same step; the
+            stop is logged with the bytes. `max_steps` still caps the run and sets the learning-rate
+            schedule. `None`: no budget.
+
         > Processes
 
         client_ranks (`list[int]` or `None`, defaults to `None`):
@@ -137,6 +145,11 @@ class FSLSageConfig(TrainingArguments):
     align_epochs: int = field(default=40, metadata={"help": "Passes over the buffer per alignment (>= 0)."})
     align_learning_rate: float | None = field(
         default=None, metadata={"help": "Alignment learning rate; None = learning_rate."}
+    )
+    # Communication budget
+    max_comm_bytes: int | None = field(
+        default=None, metadata={"help": "Stop at the end of the global step in which the ledger reaches this many "
+                                        "bytes (> 0); None = no budget."}
     )
     # Processes
     client_ranks: list[int] | None = field(
@@ -206,6 +219,9 @@ class FSLSageConfig(TrainingArguments):
             need(len(self.client_ranks) == self.num_clients and all(_is_int(r) and r >= 0 for r in self.client_ranks),
                  f"client_ranks={self.client_ranks!r} must give one process index (>= 0) to each of the "
                  f"{self.num_clients} clients, or be None to deal them round-robin.")
+        if self.max_comm_bytes is not None:
+            need(_is_int(self.max_comm_bytes) and self.max_comm_bytes > 0,
+                 f"max_comm_bytes={self.max_comm_bytes!r} must be an integer > 0 (bytes), or None for no budget.")
         need(self.gradient_accumulation_steps == 1,
              f"gradient_accumulation_steps={self.gradient_accumulation_steps} is not supported: one global step is "
              "one local step per client; raise per_device_train_batch_size instead.")

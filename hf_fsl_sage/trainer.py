@@ -11,7 +11,9 @@ import datasets
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, get_scheduler
+from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback,
+                          get_scheduler)
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.utils import logging
 
@@ -26,7 +28,7 @@ from .federation.state_io import load_state, save_state
 from .splitting.split import split_causal_lm
 from .transport.base import LocalTransport
 from .transport.distributed import DistributedTransport, broadcast_json
-from .transport.placement import Placement
+from .transport.placement import SERVER_RANK, Placement
 
 logger = logging.get_logger(__name__)
 
@@ -193,6 +195,10 @@ class FSLSageTrainer(Trainer):
         self.algorithm = get_algorithm(args.algorithm).from_config(args, self.federation)
         self._round_metrics: dict[str, float] = {}
         self._server_losses: list[float] = []
+        #: Bytes on the wire at the end of the global step that reached ``max_comm_bytes`` (None until then).
+        self.comm_budget_reached: int | None = None
+        if args.max_comm_bytes is not None:
+            self.add_callback(CommBudgetStop(self))
 
     # ------------------------------------------------------------ optimizers
     def _make_optimizer(self, module: nn.Module, lr: float | None):
@@ -271,7 +277,23 @@ class FSLSageTrainer(Trainer):
             self._round_metrics.update(self.algorithm.end_round(round_index, participants))
             if any(k.startswith("align_") for k in self._round_metrics):
                 self.log({"round": round_index, **self._pop_align_metrics()})
+        if self.args.max_comm_bytes is not None:
+            self._check_comm_budget()
         return torch.tensor(sum(losses) * self.placement.world_size / len(participants), device=self.args.device)
+
+    def _check_comm_budget(self) -> None:
+        """Whether this global step reached ``max_comm_bytes``, decided the same on every process.
+
+        Only the server's process counts bytes, so under several processes it broadcasts its total
+        (one int64 per global step, only when a budget is set).
+        """
+        total = self.federation.transport.ledger.total
+        if self.placement.is_distributed:
+            shared = torch.tensor([total], dtype=torch.int64, device=self.args.device)
+            torch.distributed.broadcast(shared, src=SERVER_RANK)
+            total = int(shared[0])
+        if total >= self.args.max_comm_bytes:
+            self.comm_budget_reached = total
 
     def _pop_align_metrics(self) -> dict[str, float]:
         keys = [k for k in self._round_metrics if k.startswith("align_")]
@@ -436,6 +458,31 @@ class FSLSageTrainer(Trainer):
         self._load_federation_state(state["federation"])
         self.optimizer.load_state_dict(state["optimizers"])
         self.lr_scheduler.load_state_dict(state["schedulers"])
+
+
+class CommBudgetStop(TrainerCallback):
+    """Ends training after the global step in which the trainer found the ledger at ``max_comm_bytes``.
+
+    The decision is taken inside ``training_step`` (where every process can agree on it); this callback turns
+    it into Trainer's stop, evaluates and saves as Trainer does at ``max_steps``, and logs the bytes.
+    """
+
+    def __init__(self, trainer: FSLSageTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        reached = self.trainer.comm_budget_reached
+        if reached is None or control.should_training_stop:
+            return control
+        control.should_training_stop = True
+        if args.eval_strategy == IntervalStrategy.STEPS and args.eval_delay <= state.global_step:
+            control.should_evaluate = True
+        if args.save_strategy == SaveStrategy.STEPS:
+            control.should_save = True
+        logger.info(f"Communication budget reached at global step {state.global_step}: {reached:,} bytes on the "
+                    f"wire >= max_comm_bytes={args.max_comm_bytes:,}.")
+        self.trainer.log({"comm_budget_stop_step": state.global_step, "comm_budget_bytes": reached})
+        return control
 
 
 def _only_item(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--local_steps", type=int, default=2)
     parser.add_argument("--server_update_interval", type=int, default=1)
     parser.add_argument("--align_interval", type=int, default=1)
+    parser.add_argument("--max_comm_bytes", type=int, default=None)
     cli = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -78,7 +79,7 @@ def main() -> None:
         align_epochs=2, align_buffer_size=8, learning_rate=3e-3, align_learning_rate=1e-3, warmup_steps=0,
         logging_steps=2, eval_strategy="steps", eval_steps=4, report_to="none", seed=0, disable_tqdm=True,
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
-        ddp_timeout=cli.ddp_timeout,
+        ddp_timeout=cli.ddp_timeout, max_comm_bytes=cli.max_comm_bytes,
     )
     peft_config = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
     callbacks = None
@@ -100,7 +101,7 @@ def main() -> None:
         result = {"ledger": trainer.federation.transport.ledger.state_dict(), "log_history": trainer.state.log_history,
                   "eval": metrics, "world_size": trainer.placement.world_size,
                   "train_runtime": next(h["train_runtime"] for h in trainer.state.log_history if "train_runtime" in h),
-                  "placement": trainer.placement.describe()}
+                  "placement": trainer.placement.describe(), "global_step": trainer.state.global_step}
         Path(cli.output_dir, "result.json").write_text(json.dumps(result, indent=1))
 
 
