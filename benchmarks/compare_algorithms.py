@@ -1,29 +1,34 @@
-"""FedAvg, SplitFed-V1/V2, CSE-FSL and FSL-SAGE on E2E: eval loss against the bytes each one sends.
+"""FedAvg, SplitFed-V1/V2, CSE-FSL and FSL-SAGE on E2E at equal communication budgets: eval loss against bytes.
 
-    python benchmarks/compare_algorithms.py            # full run, about 20-25 min on 2 CPU cores
+    python benchmarks/compare_algorithms.py            # full run (see the README for its time on 2 CPU cores)
     python benchmarks/compare_algorithms.py --quick    # smoke run, under 3 min
 
 Set-up: a small GPT-2 (6 blocks of width 128) and the real GPT-2 tokenizer, its
 ids renumbered over the ~1.3k tokens that occur in the data (``--full-vocab``
-keeps all 50,257 rows, which would then dominate compute and model bytes). The
-E2E dev set is split by ``mr`` into a pretraining part (30 %), a training part
-and an eval part (10 %), no ``mr`` in two parts. The base model is first trained
-centrally with a plain ``transformers.Trainer`` on the pretraining part's
-references alone, as text (a stand-in for pretraining: it knows the language,
-not the data-to-text task). Every algorithm then fine-tunes a copy of that base
-on the training part, spread over 5 clients, with the same seed, data and number
-of global steps, in four settings: IID or Dirichlet(0.5) non-IID clients
-(groups: the ``customer rating`` slot of the ``mr``), each with LoRA (r 4 on
-attention) or full fine-tuning. The centralized reference is a plain ``Trainer``
-on the unsplit model with the same PEFT config, data, batch size, schedule and
-number of examples.
+keeps all 50,257 rows). The E2E dev set (``--data``; default
+``../shared/data/e2e/devset.csv`` next to the repository when present, else the
+sample shipped in the package) is split by ``mr`` into a pretraining part
+(30 %), a training part and an eval part (10 %). The base model is first trained
+centrally on the pretraining part's references alone (a stand-in for
+pretraining: it knows the language, not the data-to-text task).
 
-Per algorithm it reports the eval-loss curve against cumulative bytes (evaluated
-every few rounds), the final eval loss, the bytes needed to first reach a
-target eval loss (default: the worst final eval loss among the split methods),
-and the parameters a client trains and holds. Writes
-``compare_algorithms[_quick].json`` and ``.png`` under ``--output-dir``
-(default ``benchmarks/results``) and prints a table.
+Every algorithm then fine-tunes a copy of that base on the training part, spread
+over 5 clients, until the bytes on the wire reach the same budget
+(``max_comm_bytes``; ``--budget-mb`` scales it) or a global-step cap, in four
+settings: IID or Dirichlet(0.5) non-IID clients (groups: the ``customer rating``
+slot), with LoRA (r 4 on attention) or full fine-tuning. All runs use the same
+constant learning rate after a short warm-up, so stopping at a budget truncates
+no schedule. Targets come from outside the compared algorithms: the eval losses
+that close 80 % and 90 % of the gap between the base model and a centralized
+run (plain ``Trainer`` on the unsplit model, same PEFT config, data, batch and
+schedule, ``central_steps`` steps).
+
+Per run it reports the eval loss at 10/25/50/100 % of the budget, the bytes at
+the first evaluation at or below each target, server updates, client steps,
+wall and CPU time, and FSL-SAGE's alignment and held-out gradient cosines. The
+LoRA/IID setting runs every seed of ``--seeds`` for the algorithms in
+``SEEDED``; the others run the first seed. Writes
+``compare_algorithms[_quick].json`` and ``.png`` under ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import argparse
 import copy
 import json
 import multiprocessing
+import statistics
 import sys
 import tempfile
 import time
@@ -40,53 +46,63 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, Trainer, TrainerCallback, TrainingArguments,
-                          set_seed)
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_fsl_sage import FSLSageConfig, FSLSageTrainer  # noqa: E402
-from hf_fsl_sage.e2e.data import (  # noqa: E402
+from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
+from hf_fsl_sage.e2e.data import (
     E2E_SAMPLE_PATH,
     load_e2e_csv,
     offline_gpt2_tokenizer,
     split_by_mr,
-    with_mr_slot_column,
     tokenize_e2e,
     tokenize_text,
+    with_mr_slot_column,
 )
 
 ALGORITHMS = ["fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
-SPLIT_METHODS = ["splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
-# The whole E2E development set where it is at hand, else the sample shipped in the package.
+SEEDED = ["splitfed_v2", "cse_fsl", "fsl_sage"]  # the comparison FSL-SAGE's claim is about: several seeds
 DEVSET = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
-DATA = DEVSET if DEVSET.is_file() else E2E_SAMPLE_PATH
+FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+GAP_TARGETS = (0.8, 0.9)
 
-FULL = dict(n_layer=6, n_embd=128, n_head=4, max_length=96, rows=None, eval_rows=256, pretrain_steps=200,
-            pretrain_batch=16, pretrain_lr=2e-3, num_clients=5, batch=8, local_steps=10, max_steps=100,
-            eval_every_rounds=1, lr_lora=3e-3, lr_full=1e-3, cut_layer=1, aux_num_layers=2, server_update_interval=5,
-            align_interval=2, align_epochs=5, align_buffer_size=32)
+FULL = {"n_layer": 6, "n_embd": 128, "n_head": 4, "max_length": 96, "rows": None, "eval_rows": 256, "pretrain_steps": 200,
+            "pretrain_batch": 16, "pretrain_lr": 2e-3, "num_clients": 5, "batch": 8, "lr_lora": 3e-3, "lr_full": 1e-3, "warmup_steps": 10,
+            "central_steps": 300, "budget_mb": {"lora": 200.0, "full": 300.0}, "max_steps": 600, "eval_points": 12,
+            "local_steps": 10, "cut_layer": 1, "server_update_interval": 5,
+            "fsl_sage": {"aux_num_layers": 2, "align_interval": 2, "align_epochs": 5, "align_buffer_size": 32},
+            "cse_fsl": {"aux_num_layers": 2}}
 QUICK = {**FULL, "n_layer": 3, "n_embd": 32, "n_head": 2, "rows": 900, "eval_rows": 48, "pretrain_steps": 10,
-         "local_steps": 2, "max_steps": 4, "aux_num_layers": 1, "server_update_interval": 2, "align_interval": 1,
-         "align_epochs": 1, "align_buffer_size": 8}
+         "central_steps": 8, "budget_mb": {"lora": 0.6, "full": 1.2}, "max_steps": 24, "eval_points": 4,
+         "local_steps": 2, "server_update_interval": 2,
+         "fsl_sage": {"aux_num_layers": 1, "align_interval": 1, "align_epochs": 1, "align_buffer_size": 8},
+         "cse_fsl": {"aux_num_layers": 1}}
 
 
 # ---------------------------------------------------------------- data and models
-def load_data(cfg: dict[str, Any], tok, seed: int, full_vocab: bool) -> dict[str, Any]:
+def load_data(cfg: dict[str, Any], tok, seed: int, full_vocab: bool, path: Path) -> dict[str, Any]:
     """Tokenized pretraining / train / eval parts of the E2E dev set (train keeps its ``mr`` for partitioning).
 
     Unless ``full_vocab``, token ids are renumbered densely over the GPT-2 tokens that occur in the data
     (about 1.3k of 50,257), so the vocabulary rows stay in proportion to the blocks of a small model.
     """
-    raw = load_e2e_csv(DATA)
+    raw = load_e2e_csv(path)
     if cfg["rows"]:
         raw = raw.select(range(cfg["rows"]))
     parts = split_by_mr(raw, eval_fraction=0.1, test_fraction=0.3, seed=seed)
     out = {name: tokenize_e2e(parts[key], tok, max_length=cfg["max_length"])
            for name, key in (("train", "train"), ("eval", "validation"))}
-    # Pretraining stand-in: plain language modelling of the references alone (no meaning representations)
     out["pretrain"] = tokenize_text(parts["test"].select_columns(["ref"]).rename_column("ref", "text"), tok,
                                     max_length=cfg["max_length"])
     names = ("pretrain", "train", "eval")
@@ -132,29 +148,17 @@ def eval_loss(model: torch.nn.Module, ds, collator, batch_size: int = 32) -> flo
     total, count = 0.0, 0
     for start in range(0, len(ds), batch_size):
         batch = collator([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
-        loss = model(**batch).loss
-        total += float(loss) * batch["input_ids"].shape[0]
+        total += float(model(**batch).loss) * batch["input_ids"].shape[0]
         count += batch["input_ids"].shape[0]
     model.train(was_training)
     return total / count
 
 
-class EvalEvery(TrainerCallback):
-    """Plain-Trainer callback: plain cross-entropy on the eval set every ``every`` steps."""
-
-    def __init__(self, every: int, evaluate, curve: list[dict[str, float]]):
-        self.every, self.evaluate, self.curve = every, evaluate, curve
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            self.curve.append({"step": state.global_step, "bytes": 0, "eval_loss": self.evaluate(model)})
-
-
-def plain_trainer(model, out_dir: str, train, collator, steps: int, batch: int, lr: float, seed: int,
-                  callbacks=()) -> Trainer:
+def plain_trainer(model, out_dir: str, train, collator, steps: int, batch: int, lr: float, seed: int, warmup: int,
+                  scheduler: str, callbacks=()) -> Trainer:
     args = TrainingArguments(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch,
-                             learning_rate=lr, weight_decay=0.01, adam_epsilon=1e-6, warmup_steps=0.05,
-                             label_smoothing_factor=0.1, max_grad_norm=1.0, lr_scheduler_type="linear",
+                             learning_rate=lr, weight_decay=0.01, adam_epsilon=1e-6, warmup_steps=warmup,
+                             label_smoothing_factor=0.1, max_grad_norm=1.0, lr_scheduler_type=scheduler,
                              logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
                              seed=seed, data_seed=seed, remove_unused_columns=False)
     return Trainer(model=model, args=args, train_dataset=train.select_columns(["input_ids", "attention_mask", "labels"]),
@@ -171,7 +175,7 @@ def pretrain_base(cfg: dict[str, Any], data, collator, seed: int) -> tuple[torch
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         plain_trainer(model, tmp, data["pretrain"], collator, cfg["pretrain_steps"], cfg["pretrain_batch"],
-                      cfg["pretrain_lr"], seed).train()
+                      cfg["pretrain_lr"], seed, 0, "linear").train()
     info = {"eval_loss_random_init": before, "eval_loss": eval_loss(model, data["eval"], collator),
             "steps": cfg["pretrain_steps"], "seconds": time.time() - start,
             "params": sum(p.numel() for p in model.parameters())}
@@ -179,38 +183,54 @@ def pretrain_base(cfg: dict[str, Any], data, collator, seed: int) -> tuple[torch
 
 
 # ---------------------------------------------------------------- runs
+class EvalEvery(TrainerCallback):
+    """Plain-Trainer callback: plain cross-entropy on the eval set every ``every`` steps."""
+
+    def __init__(self, every: int, evaluate, curve: list[dict[str, float]]):
+        self.every, self.evaluate, self.curve = every, evaluate, curve
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.curve.append({"step": state.global_step, "bytes": 0, "eval_loss": self.evaluate(model)})
+
+
 def centralized(cfg, base, data, collator, lora: bool, seed: int) -> dict[str, Any]:
-    """Plain Trainer on the unsplit model: same PEFT config, data, batch and number of examples."""
+    """Plain Trainer on the unsplit model: same PEFT config, data, batch and schedule, ``central_steps`` steps."""
     set_seed(seed)
     model = copy.deepcopy(base).train()
     if lora:
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config())
-    steps = cfg["max_steps"] * cfg["num_clients"]  # every client step of the federated runs, one after another
+    steps = cfg["central_steps"]
     curve = [{"step": 0, "bytes": 0, "eval_loss": eval_loss(model, data["eval"], collator)}]
-    every = cfg["local_steps"] * cfg["eval_every_rounds"] * cfg["num_clients"]
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
-        callback = EvalEvery(every, lambda m: eval_loss(m, data["eval"], collator), curve)
-        plain_trainer(model, tmp, data["train"], collator, steps, cfg["batch"],
-                      cfg["lr_lora"] if lora else cfg["lr_full"], seed, [callback]).train()
+        callback = EvalEvery(max(1, steps // cfg["eval_points"]), lambda m: eval_loss(m, data["eval"], collator), curve)
+        plain_trainer(model, tmp, data["train"], collator, steps, cfg["batch"], cfg["lr_lora"] if lora else cfg["lr_full"],
+                      seed, cfg["warmup_steps"], "constant_with_warmup", [callback]).train()
     return {"curve": curve, "final_eval_loss": curve[-1]["eval_loss"], "steps": steps,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total_params": sum(p.numel() for p in model.parameters()), "train_seconds": time.time() - start}
+            "train_seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu}
 
 
-class Curve(TrainerCallback):
-    """Records (step, cumulative bytes, eval loss) at every evaluation of an FSLSageTrainer."""
+class EvalAtBytes(TrainerCallback):
+    """Evaluates when the ledger first passes each byte mark, and records (step, bytes, server updates, loss)."""
 
-    def __init__(self, trainer: FSLSageTrainer):
-        self.trainer, self.points = trainer, []
+    def __init__(self, trainer: FSLSageTrainer, marks: list[float]):
+        self.trainer, self.marks, self.points = trainer, sorted(marks), []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        total = self.trainer.federation.transport.ledger.total
+        if self.marks and total >= self.marks[0]:
+            control.should_evaluate = True
+            self.marks = [m for m in self.marks if m > total]
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         ledger = self.trainer.federation.transport.ledger
-        self.points.append({"step": state.global_step, "round": state.global_step // args.local_steps,
-                            "bytes": ledger.total, "bytes_up": ledger.up, "bytes_down": ledger.down,
-                            "eval_loss": metrics["eval_loss"]})
+        point = {"step": state.global_step, "bytes": ledger.total, "server_updates": ledger.messages["smashed_up"],
+                 "eval_loss": metrics["eval_loss"]}
+        if not self.points or self.points[-1]["step"] != point["step"]:
+            self.points.append(point)
 
 
 def client_params(trainer: FSLSageTrainer) -> tuple[int, int]:
@@ -218,8 +238,8 @@ def client_params(trainer: FSLSageTrainer) -> tuple[int, int]:
     client, name, algorithm = trainer.federation.clients[0], trainer.args.algorithm, trainer.algorithm
     server_copy = [algorithm.server_copies[0].module] if name == "fedavg" else []
     aux = [algorithm.aux[0].module] if hasattr(algorithm, "aux") else []
-    held = [client.model.module] + server_copy + aux
-    trained = [client.model.module] + server_copy + (aux if name == "cse_fsl" else [])
+    held = [client.model.module, *server_copy, *aux]
+    trained = [client.model.module, *server_copy, *(aux if name == "cse_fsl" else [])]
 
     def count(modules, only_trainable: bool) -> int:
         unique = {id(p): p for m in modules for p in m.parameters() if p.requires_grad or not only_trainable}
@@ -228,68 +248,106 @@ def client_params(trainer: FSLSageTrainer) -> tuple[int, int]:
     return count(trained, True), count(held, False)
 
 
-def federated(cfg, base, data, collator, algorithm: str, lora: bool, partition: str, seed: int,
-              out_dir: str) -> dict[str, Any]:
-    set_seed(seed)
-    eval_steps = cfg["local_steps"] * cfg["eval_every_rounds"]
-    args = FSLSageConfig(
+def byte_marks(budget: float, points: int) -> list[float]:
+    """``points`` marks spaced evenly on a log axis from 1 % of the budget, plus the reported fractions."""
+    grid = [budget * 10 ** (-2 + 2 * i / (points - 1)) for i in range(points)] if points > 1 else [budget]
+    return sorted(set(grid) | {budget * f for f in FRACTIONS})
+
+
+def fed_args(cfg, algorithm: str, lora: bool, partition: str, seed: int, out_dir: str, budget: float,
+             overrides: dict[str, Any]) -> FSLSageConfig:
+    per_algorithm = dict(cfg.get(algorithm, {}))
+    settings = dict(
         output_dir=out_dir, algorithm=algorithm, num_clients=cfg["num_clients"], local_steps=cfg["local_steps"],
-        max_steps=cfg["max_steps"], partition=partition, partition_column="customer rating",
-        dirichlet_alpha=0.5, per_device_train_batch_size=cfg["batch"], per_device_eval_batch_size=32,
-        cut_layer=cfg["cut_layer"], aux_num_layers=cfg["aux_num_layers"],
-        server_update_interval=cfg["server_update_interval"], align_interval=cfg["align_interval"],
-        align_epochs=cfg["align_epochs"], align_buffer_size=cfg["align_buffer_size"],
-        learning_rate=cfg["lr_lora"] if lora else cfg["lr_full"], warmup_steps=0.05,
-        eval_strategy="steps", eval_steps=eval_steps, logging_strategy="no", save_strategy="no",
-        report_to="none", disable_tqdm=True, seed=seed)
+        max_steps=cfg["max_steps"], max_comm_bytes=int(budget), partition=partition,
+        partition_column="customer rating", dirichlet_alpha=0.5, per_device_train_batch_size=cfg["batch"],
+        per_device_eval_batch_size=32, cut_layer=cfg["cut_layer"], server_update_interval=cfg["server_update_interval"],
+        learning_rate=cfg["lr_lora"] if lora else cfg["lr_full"], warmup_steps=cfg["warmup_steps"],
+        lr_scheduler_type="constant_with_warmup", eval_strategy="steps", eval_steps=10**9, logging_strategy="no",
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, **per_algorithm)
+    settings.update(overrides)
+    return FSLSageConfig(**settings)
+
+
+def federated(cfg, base, data, collator, algorithm: str, lora: bool, partition: str, seed: int, out_dir: str,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    set_seed(seed)
+    budget = cfg["budget_mb"]["lora" if lora else "full"] * 1e6
+    args = fed_args(cfg, algorithm, lora, partition, seed, out_dir, budget, overrides or {})
     trainer = FSLSageTrainer(model=copy.deepcopy(base).train(), args=args, train_dataset=data["train"],
                              eval_dataset=data["eval"], data_collator=collator,
                              peft_config=lora_config() if lora else None)
-    curve = Curve(trainer)
+    trainer.remove_callback(PrinterCallback)  # quiet: the benchmark prints its own lines
+    curve = EvalAtBytes(trainer, byte_marks(budget, cfg["eval_points"]))
     trainer.add_callback(curve)
-    trainer.evaluate()
-    start = time.time()
+    curve.points.append({"step": 0, "bytes": 0, "server_updates": 0, "eval_loss": trainer.evaluate()["eval_loss"]})
+    start, cpu = time.time(), time.process_time()
     trainer.train()
-    seconds = time.time() - start
-    if curve.points[-1]["step"] != cfg["max_steps"]:
-        trainer.evaluate()
-    trained, held = client_params(trainer)
+    seconds, cpu_seconds = time.time() - start, time.process_time() - cpu
     ledger = trainer.federation.transport.ledger
-    alignments = [{k: h[k] for k in ("round", "align_grad_cosine_before", "align_grad_cosine_after")}
-                  for h in trainer.state.log_history if "align_grad_cosine_before" in h]
-    return {"curve": curve.points, "final_eval_loss": curve.points[-1]["eval_loss"], "total_bytes": ledger.total,
-            "bytes_up": ledger.up, "bytes_down": ledger.down, "bytes_by_kind": dict(ledger.by_kind),
-            "client_trainable_params": trained, "client_total_params": held,
-            "client_sizes": [len(p) for p in trainer.schedule.partitions], "train_seconds": seconds,
-            **({"alignments": alignments} if alignments else {})}
+    if curve.points[-1]["step"] != trainer.state.global_step:
+        trainer.evaluate()
+    history = trainer.state.log_history
+
+    def mean_logged(key: str) -> float | None:
+        values = [h[key] for h in history if key in h]
+        return sum(values) / len(values) if values else None
+
+    last = curve.points[-1]
+    trained, held = client_params(trainer)
+    return {"client_trainable_params": trained, "client_total_params": held,"curve": curve.points, "final_eval_loss": last["eval_loss"], "total_bytes": ledger.total,
+            "budget_bytes": budget, "stopped_by": "budget" if ledger.total >= budget else "step cap",
+            "global_steps": trainer.state.global_step, "client_steps": trainer.state.global_step * args.num_clients,
+            "server_updates": ledger.messages["smashed_up"] if algorithm != "fedavg" else None,
+            "bytes_by_kind": dict(ledger.by_kind), "train_seconds": seconds, "cpu_seconds": cpu_seconds,
+            "align_cosine_after": mean_logged("align_grad_cosine_after"),
+            "heldout_cosine": mean_logged("aux_grad_cosine_heldout"),
+            "settings": {k: getattr(args, k) for k in ("local_steps", "server_update_interval", "learning_rate",
+                                                          "aux_num_layers", "align_interval", "align_epochs",
+                                                          "align_buffer_size", "align_learning_rate", "aux_init")
+                         if hasattr(args, k)} | (overrides or {})}
 
 
-def bytes_to_reach(curve: list[dict[str, float]], target: float) -> int | None:
-    return next((p["bytes"] for p in curve if p["eval_loss"] <= target), None)
+def summarize(row: dict[str, Any], base_loss: float, central_loss: float) -> dict[str, Any]:
+    """Loss at each budget fraction, and bytes to each gap-closing target (None where not reached)."""
+    curve, budget = row["curve"], row["budget_bytes"]
+    at = {}
+    for f in FRACTIONS:
+        point = next((p for p in curve if p["bytes"] >= f * budget * (1 - 1e-9)), None)
+        at[str(f)] = ({"eval_loss": point["eval_loss"], "bytes": point["bytes"], "reached": True} if point else
+                      {"eval_loss": curve[-1]["eval_loss"], "bytes": curve[-1]["bytes"], "reached": False})
+    targets = {}
+    for g in GAP_TARGETS:
+        loss = base_loss - g * (base_loss - central_loss)
+        targets[str(g)] = {"eval_loss": loss,
+                           "bytes": next((p["bytes"] for p in curve if p["eval_loss"] <= loss), None)}
+    return {"loss_at_fraction": at, "targets": targets}
 
 
 # ---------------------------------------------------------------- workers
 _WORKER: dict[str, Any] = {}
-Task = tuple[str, bool, str]  # (algorithm or "centralized", lora, partition)
+Task = tuple[str, bool, str, int, tuple]  # (algorithm or "centralized", lora, partition, seed, overrides as items)
 
 
-def _init_worker(cfg: dict[str, Any], seed: int, full_vocab: bool, threads: int, base_config, base_state) -> None:
+def _init_worker(cfg: dict[str, Any], seed: int, full_vocab: bool, path: str, threads: int, base_config,
+                 base_state) -> None:
     """Every worker rebuilds the same data and base model; runs then depend only on their seed."""
     torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()
-    data = load_data(cfg, offline_gpt2_tokenizer(), seed, full_vocab)
+    data = load_data(cfg, offline_gpt2_tokenizer(), seed, full_vocab, Path(path))
     base = AutoModelForCausalLM.from_config(base_config)
     base.load_state_dict(base_state)
-    _WORKER.update(cfg=cfg, seed=seed, data=data, collator=PadCollator(data["pad_id"]), base=base.eval())
+    _WORKER.update(cfg=cfg, data=data, collator=PadCollator(data["pad_id"]), base=base.eval())
 
 
 def _run(task: Task) -> tuple[Task, dict[str, Any]]:
-    name, lora, partition = task
+    name, lora, partition, seed, overrides = task
     w = _WORKER
     if name == "centralized":
-        return task, centralized(w["cfg"], w["base"], w["data"], w["collator"], lora, w["seed"])
+        return task, centralized(w["cfg"], w["base"], w["data"], w["collator"], lora, seed)
     with tempfile.TemporaryDirectory() as tmp:
-        return task, federated(w["cfg"], w["base"], w["data"], w["collator"], name, lora, partition, w["seed"], tmp)
+        return task, federated(w["cfg"], w["base"], w["data"], w["collator"], name, lora, partition, seed, tmp,
+                               dict(overrides))
 
 
 def run_all(tasks: list[Task], jobs: int, init_args: tuple) -> dict[Task, dict[str, Any]]:
@@ -298,10 +356,11 @@ def run_all(tasks: list[Task], jobs: int, init_args: tuple) -> dict[Task, dict[s
 
     def report(task: Task, row: dict[str, Any]) -> None:
         done[task] = row
-        name, lora, partition = task
-        where = f"{partition}/{'lora' if lora else 'full'}"
-        print(f"[{len(done)}/{len(tasks)}] {where} {name}: eval loss {row['final_eval_loss']:.4f}, "
-              f"{mb(row['curve'][-1]['bytes'])} MB, {row['train_seconds']:.0f} s", flush=True)
+        name, lora, partition, seed, overrides = task
+        extra = " ".join(f"{k}={v}" for k, v in overrides)
+        print(f"[{len(done)}/{len(tasks)}] {partition}/{'lora' if lora else 'full'} seed {seed} {name} {extra}: "
+              f"eval loss {row['final_eval_loss']:.4f} at {mb(row['curve'][-1]['bytes'])} MB, "
+              f"{row.get('global_steps', row.get('steps'))} steps, {row['train_seconds']:.0f} s", flush=True)
 
     if jobs <= 1:
         _init_worker(*init_args)
@@ -315,23 +374,83 @@ def run_all(tasks: list[Task], jobs: int, init_args: tuple) -> dict[Task, dict[s
     return done
 
 
+def prepare(opts, cfg) -> tuple[dict[str, Any], tuple, dict[str, Any]]:
+    """Data, base model and worker arguments shared by this benchmark and the ablation."""
+    path = Path(opts.data) if opts.data else (DEVSET if DEVSET.is_file() else E2E_SAMPLE_PATH)
+    data = load_data(cfg, offline_gpt2_tokenizer(), opts.seed, opts.full_vocab, path)
+    base, base_info = pretrain_base(cfg, data, PadCollator(data["pad_id"]), opts.seed)
+    print(f"data {path.name} {data['sizes']}, vocabulary {data['vocab_size']}; base: eval loss "
+          f"{base_info['eval_loss_random_init']:.3f} -> {base_info['eval_loss']:.3f} after {base_info['steps']} "
+          f"central steps ({base_info['seconds']:.0f} s)", flush=True)
+    config = {**cfg, "data_file": path.name, "data": data["sizes"], "vocab_size": data["vocab_size"],
+              "partition_column": "customer rating", "dirichlet_alpha": 0.5, "jobs": opts.jobs, "threads": opts.threads}
+    init_args = (cfg, opts.seed, opts.full_vocab, str(path), opts.threads, base.config, base.state_dict())
+    return {"config": config, "base": base_info}, init_args, data
+
+
+def common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny budget, to check that everything runs (< 3 min)")
+    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--data", default=None, help="E2E csv; default ../shared/data/e2e/devset.csv or the sample")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the base model")
+    parser.add_argument("--budget-mb", type=float, nargs=2, default=None, metavar=("LORA", "FULL"),
+                        help="communication budget in MB (1e6 bytes) per run, with LoRA and with full fine-tuning")
+    parser.add_argument("--max-steps", type=int, default=None, help="global-step cap of every run")
+    parser.add_argument("--full-vocab", action="store_true",
+                        help="keep GPT-2's 50,257-row vocabulary instead of the tokens that occur in the data")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process; 1 is fastest here")
+
+
+def preset(opts) -> dict[str, Any]:
+    cfg = copy.deepcopy(QUICK if opts.quick else FULL)
+    if opts.budget_mb:
+        cfg["budget_mb"] = {"lora": opts.budget_mb[0], "full": opts.budget_mb[1]}
+    if opts.max_steps:
+        cfg["max_steps"] = opts.max_steps
+    return cfg
+
+
 # ---------------------------------------------------------------- report
 def mb(n: float | None) -> str:
-    return "never" if n is None else f"{n / 1e6:,.2f}"
+    return "not reached" if n is None else f"{n / 1e6:,.1f}"
+
+
+def spread(values: list[float | None], fmt: str) -> str:
+    """Mean, with ± half the range over seeds when there are several; "not reached" if any seed missed."""
+    if any(v is None for v in values):
+        return "not reached" if all(v is None for v in values) else f"{sum(v is None for v in values)}/{len(values)} missed"
+    mean = statistics.fmean(values)
+    text = format(mean, fmt)
+    return text + (f" ± {format((max(values) - min(values)) / 2, fmt)}" if len(values) > 1 else "")
 
 
 def table(results: dict[str, Any]) -> str:
     lines = []
     for key, setting in results["settings"].items():
-        c = setting["centralized"]
-        lines.append(f"\n== {key}: target eval loss {setting['target_eval_loss']:.4f} "
-                     f"(centralized reference: {c['final_eval_loss']:.4f}, start {c['curve'][0]['eval_loss']:.4f})")
-        lines.append(f"{'algorithm':<12} {'final loss':>10} {'total MB':>10} {'MB to target':>13} "
-                     f"{'client trainable':>17} {'client total':>13} {'train s':>8}")
-        for name, row in setting["algorithms"].items():
-            lines.append(f"{name:<12} {row['final_eval_loss']:>10.4f} {mb(row['total_bytes']):>10} "
-                         f"{mb(row['bytes_to_target']):>13} {row['client_trainable_params']:>17,} "
-                         f"{row['client_total_params']:>13,} {row['train_seconds']:>8.1f}")
+        t = setting["targets"]
+        lines.append(f"\n== {key}: budget {setting['budget_bytes'] / 1e6:g} MB; base {setting['base_eval_loss']:.4f}, "
+                     f"centralized {setting['centralized']['final_eval_loss']:.4f}; targets 80 % {t['0.8']:.4f}, "
+                     f"90 % {t['0.9']:.4f}")
+        head = "".join(f"{'@' + format(f, '.0%'):>16}" for f in FRACTIONS)
+        lines.append(f"{'algorithm':<12}{'seeds':>6}{head}{'MB to 80%':>16}{'MB to 90%':>16}{'server upd':>11}"
+                     f"{'client steps':>13}{'wall s':>8}{'cos held-out':>13}")
+        for name, runs in setting["algorithms"].items():
+            cells = []
+            for f in FRACTIONS:
+                values = [r["loss_at_fraction"][str(f)] for r in runs]
+                cell = spread([v["eval_loss"] for v in values], ".4f")
+                cells.append(cell + ("*" if not all(v["reached"] for v in values) else ""))
+            reach = [spread([r["targets"][str(g)]["bytes"] and r["targets"][str(g)]["bytes"] / 1e6 for r in runs], ".1f")
+                     for g in GAP_TARGETS]
+            cos = [r["heldout_cosine"] for r in runs]
+            lines.append(f"{name:<12}{len(runs):>6}" + "".join(f"{c:>16}" for c in cells) +
+                         "".join(f"{c:>16}" for c in reach) +
+                         f"{spread([r['server_updates'] or 0 for r in runs], '.0f'):>11}"
+                         f"{spread([r['client_steps'] for r in runs], '.0f'):>13}"
+                         f"{statistics.fmean(r['train_seconds'] for r in runs):>8.0f}"
+                         f"{spread(cos, '.3f') if cos[0] is not None else '—':>13}")
+    lines.append("\n* the run stopped at the step cap before that fraction of the budget: its loss at the cap.")
     return "\n".join(lines)
 
 
@@ -344,18 +463,24 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     settings = results["settings"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 9), squeeze=False)
+    colors = {}
     for ax, (key, setting) in zip(axes.flat, settings.items()):
-        for name, row in setting["algorithms"].items():
-            points = [p for p in row["curve"] if p["bytes"] > 0]
-            ax.plot([p["bytes"] / 1e6 for p in points], [p["eval_loss"] for p in points], marker="o", ms=3,
-                    label=name)
+        for name, runs in setting["algorithms"].items():
+            for i, run in enumerate(runs):
+                points = [p for p in run["curve"] if p["bytes"] > 0]
+                line, = ax.plot([p["bytes"] / 1e6 for p in points], [p["eval_loss"] for p in points], marker="o", ms=3,
+                                lw=1.5 if i == 0 else 0.8, ls="-" if i == 0 else "--", color=colors.get(name),
+                                label=name if i == 0 else None)
+                colors[name] = line.get_color()
         ax.axhline(setting["centralized"]["final_eval_loss"], color="k", ls="--", lw=1, label="centralized (0 MB)")
-        ax.axhline(setting["target_eval_loss"], color="grey", ls=":", lw=1, label="target")
+        for g, ls in zip(GAP_TARGETS, (":", "-.")):
+            ax.axhline(setting["targets"][str(g)], color="grey", ls=ls, lw=1, label=f"{g:.0%} target")
+        ax.axvline(setting["budget_bytes"] / 1e6, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(key)
-        ax.set_xlabel("cumulative MB on the wire (up + down)")
+        ax.set_title(f"{key} (budget {setting['budget_bytes'] / 1e6:g} MB)")
+        ax.set_xlabel("cumulative MB on the wire (up + down), log scale")
         ax.set_ylabel("eval loss")
         ax.grid(alpha=0.3, which="both")
     axes.flat[0].legend(fontsize=8)
@@ -367,59 +492,50 @@ def plot(results: dict[str, Any], path: Path) -> None:
 # ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budget, to check that everything runs (< 3 min)")
-    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--target-loss", type=float, default=None,
-                        help="eval loss to reach; default: the worst final eval loss among the split methods")
+    common_options(parser)
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--full-vocab", action="store_true",
-                        help="keep GPT-2's 50,257-row vocabulary instead of the tokens that occur in the data")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per process; 1 is fastest for this model size")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                        help="seeds of the federated runs; LoRA/IID runs them all for " + ", ".join(SEEDED))
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
-    cfg = QUICK if opts.quick else FULL
+    cfg = preset(opts)
     out_dir = Path(opts.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "compare_algorithms_quick" if opts.quick else "compare_algorithms"
 
-    started = time.time()
-    data = load_data(cfg, offline_gpt2_tokenizer(), opts.seed, opts.full_vocab)
-    collator = PadCollator(data["pad_id"])
-    base, base_info = pretrain_base(cfg, data, collator, opts.seed)
-    print(f"data {data['sizes']}, vocabulary {data['vocab_size']}; base: eval loss {base_info['eval_loss_random_init']:.3f} -> "
-          f"{base_info['eval_loss']:.3f} after {base_info['steps']} central steps ({base_info['seconds']:.0f} s)",
-          flush=True)
-
-    results: dict[str, Any] = {"config": {**cfg, "seed": opts.seed, "quick": opts.quick, "data_file": DATA.name,
-                                          "data": data["sizes"], "vocab_size": data["vocab_size"],
-                                          "partition_column": "customer rating", "dirichlet_alpha": 0.5,
-                                          "jobs": opts.jobs, "threads": opts.threads},
-                               "base": base_info, "settings": {}}
+    started, cpu_started = time.time(), time.process_time()
+    results, init_args, _ = prepare(opts, cfg)
+    results["config"]["seeds"] = opts.seeds
+    results["settings"] = {}
     settings = [(partition, lora) for lora in (True, False) for partition in ("iid", "dirichlet")]
-    tasks = [("centralized", lora, "all") for lora in (True, False)]
-    tasks += [(name, lora, partition) for partition, lora in settings for name in opts.algorithms]
-    init_args = (cfg, opts.seed, opts.full_vocab, opts.threads, base.config, base.state_dict())
+    first = opts.seeds[0]
+    tasks = [(name, lora, partition, seed, ()) for partition, lora in settings for name in opts.algorithms
+             for seed in (opts.seeds if (partition, lora) == ("iid", True) and name in SEEDED else [first])]
+    # Longest first (FSL-SAGE and CSE-FSL with LoRA run the most steps), so that the workers finish together.
+    tasks.sort(key=lambda t: (not t[1], t[0] not in ("fsl_sage", "cse_fsl", "fedavg")))
+    tasks += [("centralized", lora, "all", first, ()) for lora in (True, False)]
     done = run_all(tasks, opts.jobs, init_args)
+    base_loss = results["base"]["eval_loss"]
     for partition, lora in settings:
-        rows = {name: done[(name, lora, partition)] for name in opts.algorithms}
-        split_finals = [rows[n]["final_eval_loss"] for n in SPLIT_METHODS if n in rows]
-        target = opts.target_loss
-        if target is None:
-            target = max(split_finals or [r["final_eval_loss"] for r in rows.values()])
-        for row in rows.values():
-            row["bytes_to_target"] = bytes_to_reach(row["curve"], target)
+        central = done[("centralized", lora, "all", first, ())]
+        rows = {}
+        for name in opts.algorithms:
+            runs = [done[t] for t in tasks if t[:3] == (name, lora, partition)]
+            rows[name] = [run | summarize(run, base_loss, central["final_eval_loss"]) for run in runs]
         results["settings"][f"{partition}/{'lora' if lora else 'full'}"] = {
-            "partition": partition, "lora": lora, "target_eval_loss": target,
-            "centralized": done[("centralized", lora, "all")], "algorithms": rows}
+            "partition": partition, "lora": lora, "budget_bytes": cfg["budget_mb"]["lora" if lora else "full"] * 1e6,
+            "base_eval_loss": base_loss, "centralized": central,
+            "targets": {str(g): base_loss - g * (base_loss - central["final_eval_loss"]) for g in GAP_TARGETS},
+            "algorithms": rows}
     results["seconds"] = time.time() - started
+    results["cpu_seconds_main"] = time.process_time() - cpu_started
+    results["cpu_seconds_runs"] = sum(r["cpu_seconds"] for r in done.values())
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     plot(results, out_dir / f"{stem}.png")
     print(table(results))
-    print(f"\ntotal {results['seconds'] / 60:.1f} min; wrote {out_dir / (stem + '.json')} and .png")
+    print(f"\ntotal {results['seconds'] / 60:.1f} min wall, {results['cpu_seconds_runs'] / 60:.1f} min CPU in the runs; "
+          f"wrote {out_dir / (stem + '.json')} and .png")
     return results
 
 
