@@ -12,6 +12,7 @@ from .algorithms.registry import available as available_algorithms
 from .federation.partition import SCHEMES as PARTITIONS
 
 AUX_INITS = ("server_blocks", "random")
+AUX_TRAINABLE = ("adapters", "all")
 
 
 @dataclass
@@ -58,6 +59,19 @@ class FSLSageConfig(TrainingArguments):
         aux_init (`str`, defaults to `"server_blocks"`):
             `"server_blocks"` copies the first `aux_num_layers` server blocks and the final norm
             (a warm start); `"random"` initialises them afresh as the model's own init does.
+        aux_trainable (`str`, defaults to `"adapters"`):
+            Which auxiliary weights train (FSL-SAGE: during alignment, on the server; CSE-FSL: on
+            the client). `"adapters"`: with PEFT only the adapters the copied blocks carry, without
+            PEFT every weight; `"all"`: every weight of the auxiliary blocks and final norm, with or
+            without PEFT (the head stays tied to the client's embedding and never trains). What
+            trains is exactly what travels after an alignment (or a CSE-FSL round), and is counted.
+        aux_heldout_cosine (`bool`, defaults to `True`):
+            On every upload, before it joins the alignment buffer, the server measures the cosine
+            between its true gradient w.r.t. the uploaded activations and the gradient of the
+            auxiliary model the client is using, and logs the mean over the uploads since the last
+            log as `aux_grad_cosine_heldout` (FSL-SAGE: the copy it last sent; CSE-FSL: only where
+            the client's current auxiliary model lives in the server's process). Costs one extra
+            forward and backward of the server and of the auxiliary model per upload.
 
         > FSL-SAGE schedule
 
@@ -138,6 +152,13 @@ class FSLSageConfig(TrainingArguments):
     aux_init: str = field(
         default="server_blocks", metadata={"help": "Auxiliary model initialisation.", "choices": AUX_INITS}
     )
+    aux_trainable: str = field(
+        default="adapters", metadata={"help": "Auxiliary weights that train.", "choices": AUX_TRAINABLE}
+    )
+    aux_heldout_cosine: bool = field(
+        default=True, metadata={"help": "Log aux_grad_cosine_heldout, the aux gradient's cosine with the server's "
+                                        "on each upload before it is buffered."}
+    )
     # FSL-SAGE schedule
     server_update_interval: int = field(default=5, metadata={"help": "Upload every this many local steps (>= 1)."})
     align_interval: int = field(default=10, metadata={"help": "Rounds between alignments (>= 1)."})
@@ -201,6 +222,7 @@ class FSLSageConfig(TrainingArguments):
         need(_is_int(self.align_epochs) and self.align_epochs >= 0, f"align_epochs={self.align_epochs!r} must be >= 0.")
         need(self.partition in PARTITIONS, f"partition={self.partition!r} must be one of {PARTITIONS}.")
         need(self.aux_init in AUX_INITS, f"aux_init={self.aux_init!r} must be one of {AUX_INITS}.")
+        need(self.aux_trainable in AUX_TRAINABLE, f"aux_trainable={self.aux_trainable!r} must be one of {AUX_TRAINABLE}.")
         need(self.dirichlet_alpha > 0, f"dirichlet_alpha={self.dirichlet_alpha!r} must be > 0.")
         if self.partition == "dirichlet":
             need(self.partition_column is not None,

@@ -313,19 +313,21 @@ class FSLSageTrainer(Trainer):
             logs.update(self.federation.transport.ledger.metrics())
         elif "loss" in logs and "eval_loss" not in logs:
             guard = self.federation.guard
-            total, count = sum(self._server_losses), len(self._server_losses)
-            skipped, dropped = guard.skipped_updates, guard.dropped_clients
-            if self.placement.is_distributed:  # every process logs the training loss at the same step
-                sums = torch.tensor([total, count, skipped, dropped], dtype=torch.float64, device=self.args.device)
-                torch.distributed.all_reduce(sums)
-                total, count, skipped, dropped = float(sums[0]), int(sums[1]), int(sums[2]), int(sums[3])
-            if count:
-                logs["server_loss"] = round(total / count, 4)
-            if self.args.nonfinite == "skip":
-                logs["skipped_updates"] = skipped  # since the start of the run
-            if self.args.client_failures == "drop":
-                logs["dropped_clients"] = dropped
+            means = {"server_loss": (sum(self._server_losses), len(self._server_losses)), **self.algorithm.log_sums()}
             self._server_losses = []
+            values = [v for pair in means.values() for v in pair] + [guard.skipped_updates, guard.dropped_clients]
+            sums = torch.tensor(values, dtype=torch.float64)
+            if self.placement.is_distributed:  # every process logs the same means at the same step
+                sums = sums.to(self.args.device)
+                torch.distributed.all_reduce(sums)
+            for i, name in enumerate(means):
+                total, count = float(sums[2 * i]), int(sums[2 * i + 1])
+                if count:
+                    logs[name] = round(total / count, 4)
+            if self.args.nonfinite == "skip":
+                logs["skipped_updates"] = int(sums[-2])  # since the start of the run
+            if self.args.client_failures == "drop":
+                logs["dropped_clients"] = int(sums[-1])
             logs["round"] = self.schedule.position(max(self.state.global_step - 1, 0))[0]
             logs.update(self.federation.transport.ledger.metrics())
             logs = {k: v for k, v in logs.items() if v is not None}

@@ -20,6 +20,7 @@ from ..splitting.split import Smashed, SplitCausalLM, SplitServer
 from ..splitting.stand_ins import _has_params, _owner_paths, _path_of, _SkippedBlock, _with_replaced, deepcopy_module
 from ..transport.placement import party_seed
 from .base import Algorithm, StepResult
+from .gradients import heldout_cosine
 
 
 class TiedHead(nn.Module):
@@ -38,12 +39,16 @@ class TiedHead(nn.Module):
         return F.linear(hidden, self.weight)
 
 
-def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding: nn.Module) -> SplitServer:
+def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding: nn.Module,
+                    trainable: str = "adapters") -> SplitServer:
     """Auxiliary model: ``num_layers`` decoder blocks, a final norm and a head tied to ``embedding``.
 
     Blocks and norm are deep copies of the server's first blocks and final norm
-    (LoRA adapters, if any, come along and are what trains); with ``init="random"``
-    their weights are re-initialised by the model's own initialiser. The copy
+    (LoRA adapters, if any, come along); with ``init="random"`` their weights are
+    re-initialised by the model's own initialiser. ``trainable="adapters"`` keeps
+    the server's trainable flags (with PEFT only the adapters train);
+    ``trainable="all"`` makes every weight of the blocks and the norm trainable
+    (the head has no weight of its own). The copy
     runs with eager attention, which supports the double backward that
     gradient matching needs on every device.
     """
@@ -87,6 +92,10 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
         for path, module in replacements.items():
             if path != head_path:
                 _reinitialise(module, base)
+    if trainable == "all":
+        for path, module in replacements.items():
+            if path != head_path:
+                module.requires_grad_(True)
     return SplitServer(aux_lm, aux_blocks[0], split.server.embed_dim)
 
 
@@ -125,10 +134,12 @@ class AuxiliaryLossAlgorithm(Algorithm):
     """
 
     def __init__(self, federation: Federation, *, server_update_interval: int = 5, aux_num_layers: int = 3,
-                 aux_init: str = "server_blocks"):
+                 aux_init: str = "server_blocks", aux_trainable: str = "adapters", aux_heldout_cosine: bool = True):
         super().__init__(federation)
         self.server_update_interval = server_update_interval
-        self.aux_num_layers, self.aux_init = aux_num_layers, aux_init
+        self.aux_num_layers, self.aux_init, self.aux_trainable = aux_num_layers, aux_init, aux_trainable
+        self.aux_heldout_cosine = aux_heldout_cosine
+        self._heldout: list[float] = []  # held-out cosines measured since the last log
         #: The auxiliary model of each client this process holds, by client index.
         self.aux: dict[int, AuxModel] = {c: self.build_aux(c, federation.clients[c].model.module.input_embeddings())
                                          for c in federation.held_clients}
@@ -137,7 +148,8 @@ class AuxiliaryLossAlgorithm(Algorithm):
     def aux_settings(args: Any) -> dict[str, Any]:
         """The keyword arguments of :meth:`__init__` read from an ``FSLSageConfig``."""
         return {"server_update_interval": args.server_update_interval, "aux_num_layers": args.aux_num_layers,
-                "aux_init": args.aux_init}
+                "aux_init": args.aux_init, "aux_trainable": args.aux_trainable,
+                "aux_heldout_cosine": args.aux_heldout_cosine}
 
     @classmethod
     def from_config(cls, args: Any, federation: Federation) -> AuxiliaryLossAlgorithm:
@@ -150,7 +162,7 @@ class AuxiliaryLossAlgorithm(Algorithm):
         device = next(fed.split.server.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(party_seed(fed.seed, -1, 0, index, "aux_init"))
-            module = build_aux_model(fed.split, self.aux_num_layers, self.aux_init, embedding)
+            module = build_aux_model(fed.split, self.aux_num_layers, self.aux_init, embedding, self.aux_trainable)
         return AuxModel(module, ChunkedLMLoss(module, fed.loss_chunk_tokens))
 
     def uploads_at(self, round_index: int, local_step: int) -> bool:
@@ -162,7 +174,27 @@ class AuxiliaryLossAlgorithm(Algorithm):
         return smashed, self.aux[client.index].loss(smashed, batch["labels"], self.fed.label_smoothing)
 
     def serve(self, client: Client, upload, round_index: int, local_step: int):
+        self.measure_heldout(client, *upload)
         return StepResult(server_loss=self.fed.server_step(*upload)), None
+
+    # ------------------------------------------------------------ held-out fidelity of the gradient estimate
+    def aux_as_client_uses_it(self, client: Client) -> AuxModel | None:
+        """The auxiliary model ``client`` is stepping with, if the server's process has it (here: only when the
+        client lives in the same process; FSL-SAGE overrides this with the copy the server last sent)."""
+        return self.aux.get(client.index)
+
+    def measure_heldout(self, client: Client, smashed: Smashed, labels: torch.Tensor) -> None:
+        """On the server, before the server steps on an upload: cosine of the auxiliary and the true gradient."""
+        aux = self.aux_as_client_uses_it(client) if self.aux_heldout_cosine else None
+        if aux is not None:
+            fed = self.fed
+            self._heldout.append(heldout_cosine(aux.loss, fed.server_loss, (aux.module, fed.server.module), smashed,
+                                                labels, fed.label_smoothing))
+
+    def log_sums(self) -> dict[str, tuple[float, int]]:
+        sums = {"aux_grad_cosine_heldout": (sum(self._heldout), len(self._heldout))} if self.aux_heldout_cosine else {}
+        self._heldout = []
+        return sums
 
     def train(self, mode: bool = True) -> None:
         super().train(mode)
@@ -177,5 +209,6 @@ class AuxiliaryLossAlgorithm(Algorithm):
             load_trainable_state(aux.module, state["aux"][c])
 
     def model_card_rows(self) -> list[tuple[str, Any]]:
-        return [("auxiliary decoder blocks", f"{self.aux_num_layers} (init: {self.aux_init})"),
+        blocks = f"{self.aux_num_layers} (init: {self.aux_init}, trainable: {self.aux_trainable})"
+        return [("auxiliary decoder blocks", blocks),
                 ("server update interval (local steps)", self.server_update_interval)]

@@ -78,6 +78,13 @@ class Algorithm:
         """Trainable states saved beside the final model, by relative path without extension (``"aux/global"``)."""
         return {}
 
+    def log_sums(self) -> dict[str, tuple[float, int]]:
+        """Metrics to log as means: ``{name: (sum, count)}`` accumulated on this process since the last call.
+
+        The trainer adds them up over processes, so every process logs the same mean.
+        """
+        return {}
+
     def model_card_rows(self) -> list[tuple[str, Any]]:
         """The algorithm's own settings, as ``(parameter, value)`` rows of the model card's training table."""
         return []

@@ -77,6 +77,7 @@ class FSLSage(AuxiliaryLossAlgorithm):
     def serve(self, client: Client, upload, round_index: int, local_step: int):
         fed, held = self.fed, self.server_aux[client.index]
         smashed, labels = upload
+        self.measure_heldout(client, smashed, labels)  # before the server steps and the upload is buffered
         result = StepResult(server_loss=fed.server_step(smashed, labels))
         held.buffer.push(smashed, labels)
         if not self.replies_at(round_index, local_step):
@@ -88,6 +89,10 @@ class FSLSage(AuxiliaryLossAlgorithm):
 
     def expected_reply(self, client: Client):
         return trainable_state(self.aux[client.index].module)
+
+    def aux_as_client_uses_it(self, client: Client):
+        """The server's copy of the client's auxiliary model: the state it last sent down (or the shared start)."""
+        return self.server_aux[client.index].aux
 
     def client_receive(self, client: Client, reply, round_index: int, local_step: int) -> StepResult:
         load_trainable_state(self.aux[client.index].module, reply)

@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...splitting.loss import ChunkedLMLoss
 from ...splitting.split import Smashed, SplitServer
-
-
-def gradient_wrt_hidden(
-    loss_fn: ChunkedLMLoss, smashed: Smashed, labels: torch.Tensor, label_smoothing: float, create_graph: bool = False
-) -> torch.Tensor:
-    """d loss(model(h), y) / d h for the smashed batch (h detached from any client graph)."""
-    hidden = smashed.hidden_states.detach().requires_grad_(True)
-    loss = loss_fn(Smashed(hidden, smashed.attention_mask, smashed.position_ids), labels, label_smoothing,
-                   checkpoint=not create_graph)
-    (grad,) = torch.autograd.grad(loss, hidden, create_graph=create_graph)
-    return grad
-
-
-def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean over sequences of the cosine similarity of two (batch, seq, hidden) gradients."""
-    return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1, eps=1e-12).mean()
+from ..gradients import gradient_wrt_hidden, mean_cosine
 
 
 def align(
