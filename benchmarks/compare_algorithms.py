@@ -77,17 +77,26 @@ DEVSET = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 GAP_TARGETS = (0.8, 0.9)
 
-FULL = {"n_layer": 6, "n_embd": 128, "n_head": 4, "max_length": 96, "rows": None, "eval_rows": 256, "pretrain_steps": 200,
-            "pretrain_batch": 16, "pretrain_lr": 2e-3, "num_clients": 5, "batch": 8, "lr_lora": 3e-3, "lr_full": 1e-3, "warmup_steps": 10,
-            "central_steps": 300, "budget_mb": {"lora": 200.0, "full": 300.0}, "max_steps": 600, "eval_points": 12,
-            "local_steps": 10, "cut_layer": 1, "server_update_interval": 5,
-            "fsl_sage": {"aux_num_layers": 2, "align_interval": 2, "align_epochs": 5, "align_buffer_size": 32},
-            "cse_fsl": {"aux_num_layers": 2}}
-QUICK = {**FULL, "n_layer": 3, "n_embd": 32, "n_head": 2, "rows": 900, "eval_rows": 48, "pretrain_steps": 10,
-         "central_steps": 8, "budget_mb": {"lora": 0.6, "full": 1.2}, "max_steps": 24, "eval_points": 4,
-         "local_steps": 2, "server_update_interval": 2,
-         "fsl_sage": {"aux_num_layers": 1, "align_interval": 1, "align_epochs": 1, "align_buffer_size": 8},
-         "cse_fsl": {"aux_num_layers": 1}}
+FULL = {
+    # model and data
+    "n_layer": 4, "n_embd": 64, "n_head": 4, "max_length": 96, "rows": None, "eval_rows": 128,
+    "pretrain_steps": 150, "pretrain_batch": 16, "pretrain_lr": 3e-3,
+    # federation, shared by every algorithm
+    "num_clients": 4, "batch": 8, "local_steps": 25, "cut_layer": 1, "server_update_interval": 5,
+    "lr_lora": 3e-3, "lr_full": 1e-3, "warmup_steps": 10,
+    # budget, step cap, evaluations, centralized reference
+    "budget_mb": {"lora": 30.0, "full": 40.0}, "max_steps": 220, "eval_points": 8, "central_steps": 80,
+    # each algorithm's own settings
+    "fsl_sage": {"aux_num_layers": 2, "align_interval": 1, "align_epochs": 5, "align_buffer_size": 16},
+    "cse_fsl": {"aux_num_layers": 2},
+}
+QUICK = {
+    **FULL, "n_layer": 2, "n_embd": 32, "n_head": 2, "rows": 600, "eval_rows": 32, "pretrain_steps": 5,
+    "num_clients": 2, "local_steps": 2, "server_update_interval": 2, "budget_mb": {"lora": 0.15, "full": 0.3},
+    "max_steps": 12, "eval_points": 3, "central_steps": 4,
+    "fsl_sage": {"aux_num_layers": 1, "align_interval": 1, "align_epochs": 1, "align_buffer_size": 4},
+    "cse_fsl": {"aux_num_layers": 1},
+}
 
 
 # ---------------------------------------------------------------- data and models
@@ -263,7 +272,8 @@ def fed_args(cfg, algorithm: str, lora: bool, partition: str, seed: int, out_dir
         partition_column="customer rating", dirichlet_alpha=0.5, per_device_train_batch_size=cfg["batch"],
         per_device_eval_batch_size=32, cut_layer=cfg["cut_layer"], server_update_interval=cfg["server_update_interval"],
         learning_rate=cfg["lr_lora"] if lora else cfg["lr_full"], warmup_steps=cfg["warmup_steps"],
-        lr_scheduler_type="constant_with_warmup", eval_strategy="steps", eval_steps=10**9, logging_strategy="no",
+        lr_scheduler_type="constant_with_warmup", eval_strategy="steps", eval_steps=10**9,
+        logging_strategy="steps", logging_steps=cfg["local_steps"],
         save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, **per_algorithm)
     settings.update(overrides)
     return FSLSageConfig(**settings)
@@ -350,18 +360,40 @@ def _run(task: Task) -> tuple[Task, dict[str, Any]]:
                                dict(overrides))
 
 
-def run_all(tasks: list[Task], jobs: int, init_args: tuple) -> dict[Task, dict[str, Any]]:
-    """Run ``tasks`` in ``jobs`` worker processes (in this process when 1), printing each as it ends."""
+def _task(raw: list) -> Task:
+    name, lora, partition, seed, overrides = raw
+    return name, lora, partition, seed, tuple(tuple(item) for item in overrides)
+
+
+def run_all(tasks: list[Task], jobs: int, init_args: tuple, partial: Path | None = None,
+            resume: bool = False) -> dict[Task, dict[str, Any]]:
+    """Run ``tasks`` in ``jobs`` worker processes (in this process when 1), printing each as it ends.
+
+    With ``partial``, each finished run is also appended to that JSON-lines file as it ends; with ``resume``,
+    the runs already in it are taken from there instead of being run again.
+    """
     done: dict[Task, dict[str, Any]] = {}
+    if partial is not None and resume and partial.is_file():
+        kept = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+        done = {_task(k["task"]): k["row"] for k in kept if _task(k["task"]) in tasks}
+        print(f"resuming: {len(done)} of {len(tasks)} runs taken from {partial}", flush=True)
+        tasks = [t for t in tasks if t not in done]
+    elif partial is not None:
+        partial.write_text("")
 
     def report(task: Task, row: dict[str, Any]) -> None:
         done[task] = row
+        if partial is not None:
+            with partial.open("a") as f:
+                f.write(json.dumps({"task": task, "row": row}) + "\n")
         name, lora, partition, seed, overrides = task
         extra = " ".join(f"{k}={v}" for k, v in overrides)
         print(f"[{len(done)}/{len(tasks)}] {partition}/{'lora' if lora else 'full'} seed {seed} {name} {extra}: "
               f"eval loss {row['final_eval_loss']:.4f} at {mb(row['curve'][-1]['bytes'])} MB, "
               f"{row.get('global_steps', row.get('steps'))} steps, {row['train_seconds']:.0f} s", flush=True)
 
+    if not tasks:
+        return done
     if jobs <= 1:
         _init_worker(*init_args)
         for task in tasks:
@@ -400,6 +432,8 @@ def common_options(parser: argparse.ArgumentParser) -> None:
                         help="keep GPT-2's 50,257-row vocabulary instead of the tokens that occur in the data")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process; 1 is fastest here")
+    parser.add_argument("--resume", action="store_true",
+                        help="take the runs already finished from the .partial.jsonl an interrupted run left")
 
 
 def preset(opts) -> dict[str, Any]:
@@ -515,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Longest first (FSL-SAGE and CSE-FSL with LoRA run the most steps), so that the workers finish together.
     tasks.sort(key=lambda t: (not t[1], t[0] not in ("fsl_sage", "cse_fsl", "fedavg")))
     tasks += [("centralized", lora, "all", first, ()) for lora in (True, False)]
-    done = run_all(tasks, opts.jobs, init_args)
+    done = run_all(tasks, opts.jobs, init_args, out_dir / f"{stem}.partial.jsonl", opts.resume)
     base_loss = results["base"]["eval_loss"]
     for partition, lora in settings:
         central = done[("centralized", lora, "all", first, ())]
@@ -532,6 +566,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["cpu_seconds_main"] = time.process_time() - cpu_started
     results["cpu_seconds_runs"] = sum(r["cpu_seconds"] for r in done.values())
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out_dir / f"{stem}.partial.jsonl").unlink(missing_ok=True)
     plot(results, out_dir / f"{stem}.png")
     print(table(results))
     print(f"\ntotal {results['seconds'] / 60:.1f} min wall, {results['cpu_seconds_runs'] / 60:.1f} min CPU in the runs; "

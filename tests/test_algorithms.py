@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -433,21 +430,3 @@ def test_an_algorithm_registered_outside_the_package_trains(tmp_path):
         torch.testing.assert_close(p.detach(), client_before[name], rtol=1e-6, atol=1e-7)
     card = str(render_model_card(trainer))
     assert "Server-only fine-tuning (test)" in card and "| upload interval (local steps) | 2 |" in card
-
-
-# ---------------------------------------------------------------- benchmark
-@pytest.mark.slow
-def test_compare_algorithms_quick(tmp_path):
-    out = tmp_path / "compare_algorithms_quick.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_algorithms.py"), "--quick",
-                    "--output-dir", str(tmp_path)], check=True, cwd=ROOT, timeout=600)
-    results = json.loads(out.read_text())
-    assert {"config", "settings"} <= results.keys()
-    for setting in results["settings"].values():
-        assert set(ALGORITHM_NAMES) <= setting["algorithms"].keys() and "centralized" in setting
-        for name in ALGORITHM_NAMES:
-            row = setting["algorithms"][name]
-            assert {"curve", "final_eval_loss", "bytes_to_target", "client_trainable_params",
-                    "client_total_params"} <= row.keys()
-            assert row["curve"][0]["bytes"] == 0 and row["curve"][-1]["bytes"] > 0
-    assert (tmp_path / "compare_algorithms_quick.png").is_file()
