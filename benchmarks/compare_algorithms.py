@@ -312,6 +312,7 @@ def federated(cfg, base, data, collator, algorithm: str, lora: bool, partition: 
             "bytes_by_kind": dict(ledger.by_kind), "train_seconds": seconds, "cpu_seconds": cpu_seconds,
             "align_cosine_after": mean_logged("align_grad_cosine_after"),
             "heldout_cosine": mean_logged("aux_grad_cosine_heldout"),
+            "heldout_seconds": getattr(trainer.algorithm, "heldout_seconds", None),
             "settings": {k: getattr(args, k) for k in ("local_steps", "server_update_interval", "learning_rate",
                                                           "aux_num_layers", "align_interval", "align_epochs",
                                                           "align_buffer_size", "align_learning_rate", "aux_init")

@@ -7,6 +7,7 @@ algorithms whose clients hold one each and upload their activations every ``serv
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +141,7 @@ class AuxiliaryLossAlgorithm(Algorithm):
         self.aux_num_layers, self.aux_init, self.aux_trainable = aux_num_layers, aux_init, aux_trainable
         self.aux_heldout_cosine = aux_heldout_cosine
         self._heldout: list[float] = []  # held-out cosines measured since the last log
+        self.heldout_seconds = 0.0  # time spent measuring them, over the run
         #: The auxiliary model of each client this process holds, by client index.
         self.aux: dict[int, AuxModel] = {c: self.build_aux(c, federation.clients[c].model.module.input_embeddings())
                                          for c in federation.held_clients}
@@ -187,9 +189,10 @@ class AuxiliaryLossAlgorithm(Algorithm):
         """On the server, before the server steps on an upload: cosine of the auxiliary and the true gradient."""
         aux = self.aux_as_client_uses_it(client) if self.aux_heldout_cosine else None
         if aux is not None:
-            fed = self.fed
+            fed, start = self.fed, time.perf_counter()
             self._heldout.append(heldout_cosine(aux.loss, fed.server_loss, (aux.module, fed.server.module), smashed,
                                                 labels, fed.label_smoothing))
+            self.heldout_seconds += time.perf_counter() - start
 
     def log_sums(self) -> dict[str, tuple[float, int]]:
         sums = {"aux_grad_cosine_heldout": (sum(self._heldout), len(self._heldout))} if self.aux_heldout_cosine else {}
