@@ -92,7 +92,7 @@ FULL = {
 }
 QUICK = {
     **FULL, "n_layer": 2, "n_embd": 32, "n_head": 2, "rows": 600, "eval_rows": 32, "pretrain_steps": 5,
-    "num_clients": 2, "local_steps": 2, "server_update_interval": 2, "budget_mb": {"lora": 0.15, "full": 0.3},
+    "num_clients": 2, "local_steps": 2, "server_update_interval": 2, "budget_mb": {"lora": 0.6, "full": 1.5},
     "max_steps": 12, "eval_points": 3, "central_steps": 4,
     "fsl_sage": {"aux_num_layers": 1, "align_interval": 1, "align_epochs": 1, "align_buffer_size": 4},
     "cse_fsl": {"aux_num_layers": 1},
@@ -481,7 +481,7 @@ def table(results: dict[str, Any]) -> str:
             cos = [r["heldout_cosine"] for r in runs]
             lines.append(f"{name:<12}{len(runs):>6}" + "".join(f"{c:>16}" for c in cells) +
                          "".join(f"{c:>16}" for c in reach) +
-                         f"{spread([r['server_updates'] or 0 for r in runs], '.0f'):>11}"
+                         f"{'—' if runs[0]['server_updates'] is None else spread([r['server_updates'] for r in runs], '.0f'):>11}"
                          f"{spread([r['client_steps'] for r in runs], '.0f'):>13}"
                          f"{statistics.fmean(r['train_seconds'] for r in runs):>8.0f}"
                          f"{spread(cos, '.3f') if cos[0] is not None else '—':>13}")
