@@ -79,15 +79,15 @@ GAP_TARGETS = (0.8, 0.9)
 
 FULL = {
     # model and data
-    "n_layer": 4, "n_embd": 64, "n_head": 4, "max_length": 96, "rows": None, "eval_rows": 128,
+    "n_layer": 4, "n_embd": 64, "n_head": 4, "max_length": 96, "rows": None, "eval_rows": 96,
     "pretrain_steps": 150, "pretrain_batch": 16, "pretrain_lr": 3e-3,
     # federation, shared by every algorithm
-    "num_clients": 4, "batch": 8, "local_steps": 25, "cut_layer": 1, "server_update_interval": 5,
-    "lr_lora": 3e-3, "lr_full": 1e-3, "warmup_steps": 10,
+    "num_clients": 4, "batch": 8, "local_steps": 10, "cut_layer": 1, "server_update_interval": 5,
+    "lr_lora": 3e-3, "lr_full": 1e-3, "warmup_steps": 5,
     # budget, step cap, evaluations, centralized reference
-    "budget_mb": {"lora": 30.0, "full": 40.0}, "max_steps": 220, "eval_points": 8, "central_steps": 80,
+    "budget_mb": {"lora": 16.0, "full": 24.0}, "max_steps": 60, "eval_points": 6, "central_steps": 40,
     # each algorithm's own settings
-    "fsl_sage": {"aux_num_layers": 2, "align_interval": 1, "align_epochs": 5, "align_buffer_size": 16},
+    "fsl_sage": {"aux_num_layers": 2, "align_interval": 2, "align_epochs": 5, "align_buffer_size": 16},
     "cse_fsl": {"aux_num_layers": 2},
 }
 QUICK = {

@@ -41,10 +41,10 @@ def test_compare_algorithms_quick_runs_every_algorithm_to_the_budget(tmp_path):
 
 @pytest.mark.slow
 def test_ablation_quick_runs_each_variant_once(tmp_path):
-    variants = ["reference", "aux_trainable=all", "full: local_steps=10"]
+    variants = ["reference", "aux_trainable=all", "full: local_steps=25"]
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablate_fsl_sage.py"), "--quick", "--output-dir",
                     str(tmp_path), "--jobs", "1", "--variants", *variants], check=True, cwd=ROOT, timeout=600)
     rows = json.loads((tmp_path / "ablate_fsl_sage_quick.json").read_text())["variants"]
     assert list(rows) == variants
     assert rows["aux_trainable=all"]["aux_bytes_share"] > rows["reference"]["aux_bytes_share"]  # it sends more
-    assert rows["full: local_steps=10"]["settings"]["local_steps"] == 10 and not rows["full: local_steps=10"]["lora"]
+    assert rows["full: local_steps=25"]["settings"]["local_steps"] == 25 and not rows["full: local_steps=25"]["lora"]
