@@ -290,7 +290,7 @@ def federated(cfg, base, data, collator, algorithm: str, lora: bool, partition: 
     trainer.remove_callback(PrinterCallback)  # quiet: the benchmark prints its own lines
     curve = EvalAtBytes(trainer, byte_marks(budget, cfg["eval_points"]))
     trainer.add_callback(curve)
-    curve.points.append({"step": 0, "bytes": 0, "server_updates": 0, "eval_loss": trainer.evaluate()["eval_loss"]})
+    trainer.evaluate()  # step 0, recorded by the callback
     start, cpu = time.time(), time.process_time()
     trainer.train()
     seconds, cpu_seconds = time.time() - start, time.process_time() - cpu
