@@ -374,7 +374,14 @@ class FSLSageTrainer(Trainer):
     def evaluation_loop(self, *args, **kwargs):
         if self.placement.is_distributed:
             self.gather_function = _unchanged  # only this process evaluates: nothing to gather
-        output = super().evaluation_loop(*args, **kwargs)
+        # Trainer's ``model.eval()`` reaches ``self.model`` only; the split halves evaluated here follow their own
+        # mode, and without this dropout would stay on during evaluation.
+        was_training = self.split.training
+        self.algorithm.train(False)
+        try:
+            output = super().evaluation_loop(*args, **kwargs)
+        finally:
+            self.algorithm.train(was_training)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         loss = output.metrics.get(f"{prefix}_loss")
         if loss is not None:
