@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,18 +78,23 @@ def test_heldout_cosine_equals_a_direct_computation_on_a_hand_made_upload(tmp_pa
     mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 6 + [0]])
     labels = torch.randint(0, 50, (3, 7), generator=generator)
     labels[1, 5:], labels[2, 6:], labels[0, :2] = -100, -100, -100
-    algo.log_sums()  # drop what training measured
-    algo.measure_heldout(client, Smashed(hidden, mask, None), labels)
-    (total, count), = algo.log_sums().values()
-
-    for m in (used, fed.server.module):
-        m.eval()
-    true = _direct_gradient(fed.server.module, hidden, mask, labels, 0.1)
-    estimate = _direct_gradient(used, hidden, mask, labels, 0.1)
+    # Expected from copies taken before the upload is served: the server has not stepped on it yet.
+    server, estimator = copy.deepcopy(fed.server.module).eval(), copy.deepcopy(used).eval()
+    true = _direct_gradient(server, hidden, mask, labels, 0.1)
+    estimate = _direct_gradient(estimator, hidden, mask, labels, 0.1)
     a, b = estimate.flatten(1), true.flatten(1)
     expected = float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean())
+
+    algo.log_sums()  # drop what training measured
+    algo.train()
+    for group in fed.server.optimizer.param_groups:  # the schedule ended at 0: let this server step move it
+        group["lr"] = 1e-2
+    assert not getattr(algo, "replies_at", lambda r, k: False)(1, 1)  # no alignment in this serve
+    algo.serve(client, (Smashed(hidden, mask, None), labels), 1, 1)
+    (total, count), = algo.log_sums().values()
     assert count == 1 and total == pytest.approx(expected, abs=1e-5)
     assert 0.0 < expected < 0.999  # an estimate, not the true gradient
+    assert not all(torch.equal(p, q) for p, q in zip(server.parameters(), fed.server.module.parameters()))
 
 
 def test_heldout_cosine_is_logged_and_can_be_turned_off(tmp_path):
