@@ -77,7 +77,8 @@ def table(rows: dict, cfg: dict) -> str:
     budget = cfg["budget_mb"]
     head = (f"{'variant':<38}{'@25%':>8}{'@50%':>8}{'@100%':>8}{'held-out cos':>13}{'align cos':>10}"
             f"{'aux bytes':>10}{'server upd':>11}{'steps':>7}{'wall s':>8}{'CPU s':>7}")
-    lines = [f"FSL-SAGE ablation at {budget['lora']:g} MB (LoRA) / {budget['full']:g} MB (full fine-tuning), IID", head]
+    title = f"FSL-SAGE ablation at {budget['lora']:g} MB (LoRA) / {budget['full']:g} MB (full fine-tuning), IID"
+    lines = [title, head]
 
     def loss(r: dict, f: float) -> str:
         cell = r[f"loss_at_{f}"]

@@ -170,7 +170,8 @@ def plain_trainer(model, out_dir: str, train, collator, steps: int, batch: int, 
                              label_smoothing_factor=0.1, max_grad_norm=1.0, lr_scheduler_type=scheduler,
                              logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
                              seed=seed, data_seed=seed, remove_unused_columns=False)
-    return Trainer(model=model, args=args, train_dataset=train.select_columns(["input_ids", "attention_mask", "labels"]),
+    columns = ["input_ids", "attention_mask", "labels"]
+    return Trainer(model=model, args=args, train_dataset=train.select_columns(columns),
                    data_collator=collator, callbacks=list(callbacks))
 
 
@@ -215,8 +216,10 @@ def centralized(cfg, base, data, collator, lora: bool, seed: int) -> dict[str, A
     curve = [{"step": 0, "bytes": 0, "eval_loss": eval_loss(model, data["eval"], collator)}]
     start, cpu = time.time(), time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
-        callback = EvalEvery(max(1, steps // cfg["eval_points"]), lambda m: eval_loss(m, data["eval"], collator), curve)
-        plain_trainer(model, tmp, data["train"], collator, steps, cfg["batch"], cfg["lr_lora"] if lora else cfg["lr_full"],
+        every = max(1, steps // cfg["eval_points"])
+        callback = EvalEvery(every, lambda m: eval_loss(m, data["eval"], collator), curve)
+        lr = cfg["lr_lora"] if lora else cfg["lr_full"]
+        plain_trainer(model, tmp, data["train"], collator, steps, cfg["batch"], lr,
                       seed, cfg["warmup_steps"], "constant_with_warmup", [callback]).train()
     return {"curve": curve, "final_eval_loss": curve[-1]["eval_loss"], "steps": steps,
             "train_seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu}
@@ -270,7 +273,8 @@ def fed_args(cfg, algorithm: str, lora: bool, partition: str, seed: int, out_dir
         output_dir=out_dir, algorithm=algorithm, num_clients=cfg["num_clients"], local_steps=cfg["local_steps"],
         max_steps=cfg["max_steps"], max_comm_bytes=int(budget), partition=partition,
         partition_column="customer rating", dirichlet_alpha=0.5, per_device_train_batch_size=cfg["batch"],
-        per_device_eval_batch_size=32, cut_layer=cfg["cut_layer"], server_update_interval=cfg["server_update_interval"],
+        per_device_eval_batch_size=32, cut_layer=cfg["cut_layer"],
+        server_update_interval=cfg["server_update_interval"],
         learning_rate=cfg["lr_lora"] if lora else cfg["lr_full"], warmup_steps=cfg["warmup_steps"],
         lr_scheduler_type="constant_with_warmup", eval_strategy="steps", eval_steps=10**9,
         logging_strategy="steps", logging_steps=cfg["local_steps"],
@@ -305,7 +309,8 @@ def federated(cfg, base, data, collator, algorithm: str, lora: bool, partition: 
 
     last = curve.points[-1]
     trained, held = client_params(trainer)
-    return {"client_trainable_params": trained, "client_total_params": held,"curve": curve.points, "final_eval_loss": last["eval_loss"], "total_bytes": ledger.total,
+    return {"client_trainable_params": trained, "client_total_params": held, "curve": curve.points,
+            "final_eval_loss": last["eval_loss"], "total_bytes": ledger.total,
             "budget_bytes": budget, "stopped_by": "budget" if ledger.total >= budget else "step cap",
             "global_steps": trainer.state.global_step, "client_steps": trainer.state.global_step * args.num_clients,
             "server_updates": ledger.messages["smashed_up"] if algorithm != "fedavg" else None,
@@ -409,6 +414,9 @@ def run_all(tasks: list[Task], jobs: int, init_args: tuple, partial: Path | None
 
 def prepare(opts, cfg) -> tuple[dict[str, Any], tuple, dict[str, Any]]:
     """Data, base model and worker arguments shared by this benchmark and the ablation."""
+    if not opts.data and not DEVSET.is_file() and not opts.quick:
+        raise SystemExit(f"the E2E development set is not at {DEVSET}: pass --data path/to/devset.csv (the figures "
+                         "in the README come from it; the sample shipped in the package is for --quick only)")
     path = Path(opts.data) if opts.data else (DEVSET if DEVSET.is_file() else E2E_SAMPLE_PATH)
     data = load_data(cfg, offline_gpt2_tokenizer(), opts.seed, opts.full_vocab, path)
     base, base_info = pretrain_base(cfg, data, PadCollator(data["pad_id"]), opts.seed)
@@ -416,7 +424,8 @@ def prepare(opts, cfg) -> tuple[dict[str, Any], tuple, dict[str, Any]]:
           f"{base_info['eval_loss_random_init']:.3f} -> {base_info['eval_loss']:.3f} after {base_info['steps']} "
           f"central steps ({base_info['seconds']:.0f} s)", flush=True)
     config = {**cfg, "data_file": path.name, "data": data["sizes"], "vocab_size": data["vocab_size"],
-              "partition_column": "customer rating", "dirichlet_alpha": 0.5, "jobs": opts.jobs, "threads": opts.threads}
+              "partition_column": "customer rating", "dirichlet_alpha": 0.5, "jobs": opts.jobs,
+              "threads": opts.threads}
     init_args = (cfg, opts.seed, opts.full_vocab, str(path), opts.threads, base.config, base.state_dict())
     return {"config": config, "base": base_info}, init_args, data
 
@@ -454,7 +463,8 @@ def mb(n: float | None) -> str:
 def spread(values: list[float | None], fmt: str) -> str:
     """Mean, with ± half the range over seeds when there are several; "not reached" if any seed missed."""
     if any(v is None for v in values):
-        return "not reached" if all(v is None for v in values) else f"{sum(v is None for v in values)}/{len(values)} missed"
+        missed = sum(v is None for v in values)
+        return "not reached" if missed == len(values) else f"{missed}/{len(values)} missed"
     mean = statistics.fmean(values)
     text = format(mean, fmt)
     return text + (f" ± {format((max(values) - min(values)) / 2, fmt)}" if len(values) > 1 else "")
@@ -476,12 +486,13 @@ def table(results: dict[str, Any]) -> str:
                 values = [r["loss_at_fraction"][str(f)] for r in runs]
                 cell = spread([v["eval_loss"] for v in values], ".4f")
                 cells.append(cell + ("*" if not all(v["reached"] for v in values) else ""))
-            reach = [spread([r["targets"][str(g)]["bytes"] and r["targets"][str(g)]["bytes"] / 1e6 for r in runs], ".1f")
-                     for g in GAP_TARGETS]
+            reach = [spread([None if r["targets"][str(g)]["bytes"] is None else r["targets"][str(g)]["bytes"] / 1e6
+                             for r in runs], ".1f") for g in GAP_TARGETS]
             cos = [r["heldout_cosine"] for r in runs]
+            updates = "—" if runs[0]["server_updates"] is None else spread([r["server_updates"] for r in runs], ".0f")
             lines.append(f"{name:<12}{len(runs):>6}" + "".join(f"{c:>16}" for c in cells) +
                          "".join(f"{c:>16}" for c in reach) +
-                         f"{'—' if runs[0]['server_updates'] is None else spread([r['server_updates'] for r in runs], '.0f'):>11}"
+                         f"{updates:>11}"
                          f"{spread([r['client_steps'] for r in runs], '.0f'):>13}"
                          f"{statistics.fmean(r['train_seconds'] for r in runs):>8.0f}"
                          f"{spread(cos, '.3f') if cos[0] is not None else '—':>13}")
@@ -570,8 +581,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out_dir / f"{stem}.partial.jsonl").unlink(missing_ok=True)
     plot(results, out_dir / f"{stem}.png")
     print(table(results))
-    print(f"\ntotal {results['seconds'] / 60:.1f} min wall, {results['cpu_seconds_runs'] / 60:.1f} min CPU in the runs; "
-          f"wrote {out_dir / (stem + '.json')} and .png")
+    print(f"\ntotal {results['seconds'] / 60:.1f} min wall, {results['cpu_seconds_runs'] / 60:.1f} min CPU in the "
+          f"runs; wrote {out_dir / (stem + '.json')} and .png")
     return results
 
 

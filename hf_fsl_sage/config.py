@@ -230,7 +230,8 @@ class FSLSageConfig(TrainingArguments):
         need(_is_int(self.align_epochs) and self.align_epochs >= 0, f"align_epochs={self.align_epochs!r} must be >= 0.")
         need(self.partition in PARTITIONS, f"partition={self.partition!r} must be one of {PARTITIONS}.")
         need(self.aux_init in AUX_INITS, f"aux_init={self.aux_init!r} must be one of {AUX_INITS}.")
-        need(self.aux_trainable in AUX_TRAINABLE, f"aux_trainable={self.aux_trainable!r} must be one of {AUX_TRAINABLE}.")
+        need(self.aux_trainable in AUX_TRAINABLE,
+             f"aux_trainable={self.aux_trainable!r} must be one of {AUX_TRAINABLE}.")
         need(self.dirichlet_alpha > 0, f"dirichlet_alpha={self.dirichlet_alpha!r} must be > 0.")
         if self.partition == "dirichlet":
             need(self.partition_column is not None,

@@ -11,10 +11,16 @@ import datasets
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback,
-                          get_scheduler)
-from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    get_scheduler,
+)
 from transformers.modeling_outputs import CausalLMOutput
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.utils import logging
 
 from .algorithms.registry import get as get_algorithm
@@ -313,7 +319,8 @@ class FSLSageTrainer(Trainer):
             logs.update(self.federation.transport.ledger.metrics())
         elif "loss" in logs and "eval_loss" not in logs:
             guard = self.federation.guard
-            means = {"server_loss": (sum(self._server_losses), len(self._server_losses)), **self.algorithm.log_sums()}
+            means = {"server_loss": (sum(self._server_losses), len(self._server_losses)),
+                     **self.algorithm.log_sums()}
             self._server_losses = []
             values = [v for pair in means.values() for v in pair] + [guard.skipped_updates, guard.dropped_clients]
             sums = torch.tensor(values, dtype=torch.float64)

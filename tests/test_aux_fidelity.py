@@ -13,8 +13,8 @@ from hf_fsl_sage.splitting.split import Smashed
 
 
 def test_all_aux_weights_train_are_sent_and_counted_with_lora(tmp_path):
-    trainer = make_trainer(tmp_path, peft_config=lora(), algorithm="fsl_sage", aux_trainable="all", aux_num_layers=1,
-                           align_interval=2, max_steps=12, local_steps=4, num_clients=3)
+    trainer = make_trainer(tmp_path, peft_config=lora(), algorithm="fsl_sage", aux_trainable="all",
+                           aux_num_layers=1, align_interval=2, max_steps=12, local_steps=4, num_clients=3)
     algorithm = trainer.algorithm
     aux = algorithm.aux[0].module
     start = {n: p.detach().clone() for n, p in aux.named_parameters()}

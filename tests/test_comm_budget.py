@@ -39,7 +39,8 @@ def test_budget_stops_at_the_end_of_the_step_that_reaches_it(tmp_path, algorithm
         trainer, seen = _run(tmp_path / str(budget), budget, algorithm)
         ledger = trainer.federation.transport.ledger.total
         assert trainer.state.global_step == k and seen == totals[: k + 1]
-        assert ledger == totals[k] and 0 <= ledger - budget <= totals[k] - totals[k - 1]  # over by < one step's traffic
+        # Over the budget by less than one step's traffic.
+        assert ledger == totals[k] and 0 <= ledger - budget <= totals[k] - totals[k - 1]
         stop = [h for h in trainer.state.log_history if "comm_budget_stop_step" in h]
         assert stop == [{**stop[0], "comm_budget_stop_step": k, "comm_budget_bytes": totals[k]}]
         assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [k]  # evaluated at the stop

@@ -47,4 +47,5 @@ def test_ablation_quick_runs_each_variant_once(tmp_path):
     rows = json.loads((tmp_path / "ablate_fsl_sage_quick.json").read_text())["variants"]
     assert list(rows) == variants
     assert rows["aux_trainable=all"]["aux_bytes_share"] > rows["reference"]["aux_bytes_share"]  # it sends more
-    assert rows["full: local_steps=25"]["settings"]["local_steps"] == 25 and not rows["full: local_steps=25"]["lora"]
+    full = rows["full: local_steps=25"]
+    assert full["settings"]["local_steps"] == 25 and not full["lora"]

@@ -195,7 +195,9 @@ class AuxiliaryLossAlgorithm(Algorithm):
             self.heldout_seconds += time.perf_counter() - start
 
     def log_sums(self) -> dict[str, tuple[float, int]]:
-        sums = {"aux_grad_cosine_heldout": (sum(self._heldout), len(self._heldout))} if self.aux_heldout_cosine else {}
+        if not self.aux_heldout_cosine:
+            return {}
+        sums = {"aux_grad_cosine_heldout": (sum(self._heldout), len(self._heldout))}
         self._heldout = []
         return sums
 
