@@ -31,6 +31,7 @@ from .federation.guard import Guard
 from .federation.partition import partition
 from .federation.schedule import GlobalStepDataset, RoundSchedule
 from .federation.state_io import load_state, save_state
+from .splitting.materialise import load_for_clients, release_unneeded
 from .splitting.split import split_causal_lm
 from .transport.base import LocalTransport
 from .transport.distributed import DistributedTransport, broadcast_json
@@ -132,10 +133,18 @@ class FSLSageTrainer(Trainer):
         if not isinstance(args, FSLSageConfig):
             raise TypeError(f"args must be an FSLSageConfig, got {type(args).__name__}; build one with FSLSageConfig(...).")
 
+        # Placement: a process that holds clients but not the server needs only part of the model
+        placement = Placement.build(args.process_index, args.world_size, args.num_clients, args.client_ranks)
+        algorithm_cls = get_algorithm(args.algorithm)
+        server_blocks = None if placement.is_server else algorithm_cls.server_blocks_on_clients(args)
+
         # Model
         if isinstance(model, str):
             model_id = model
-            model = AutoModelForCausalLM.from_pretrained(model_id, **(model_init_kwargs or {}))
+            if server_blocks is None:
+                model = AutoModelForCausalLM.from_pretrained(model_id, **(model_init_kwargs or {}))
+            else:
+                model = load_for_clients(model_id, args.cut_layer, server_blocks, **(model_init_kwargs or {}))
             if processing_class is None:
                 processing_class = AutoTokenizer.from_pretrained(model_id)
         if not isinstance(model.get_base_model() if hasattr(model, "get_base_model") else model, PreTrainedModel):
@@ -150,6 +159,8 @@ class FSLSageTrainer(Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
+        if server_blocks is not None:  # an instantiated model: free what this process does not hold
+            release_unneeded(model, args.cut_layer, server_blocks)
 
         # Data: the client partition is computed on the dataset as given (it may need a text column)
         if train_dataset is None:
@@ -185,7 +196,7 @@ class FSLSageTrainer(Trainer):
         self.split = split_causal_lm(self.model, args.cut_layer)
         self.schedule = RoundSchedule(parts, args.participants_per_round, args.local_steps,
                                       args.per_device_train_batch_size, args.max_steps, args.seed)
-        self.placement = Placement.build(args.process_index, args.world_size, args.num_clients, args.client_ranks)
+        self.placement = placement
         if self.placement.is_distributed:
             transport = DistributedTransport(self.placement, args.device, args.ddp_timeout_delta)
             logger.info(f"Federated split placement: {self.placement.describe()}")
@@ -198,7 +209,7 @@ class FSLSageTrainer(Trainer):
                                      batch_size=args.per_device_train_batch_size,
                                      guard=Guard(args.nonfinite, args.client_failures),
                                      failure_rate=args.simulate_client_failures)
-        self.algorithm = get_algorithm(args.algorithm).from_config(args, self.federation)
+        self.algorithm = algorithm_cls.from_config(args, self.federation)
         self._round_metrics: dict[str, float] = {}
         self._server_losses: list[float] = []
         #: Bytes on the wire at the end of the global step that reached ``max_comm_bytes`` (None until then).
@@ -249,6 +260,12 @@ class FSLSageTrainer(Trainer):
         # Batches of one step with a batch sampler, so that resuming skips steps by index without building them.
         return torch.utils.data.DataLoader(steps, batch_size=1, shuffle=False, collate_fn=_only_item,
                                            num_workers=self.args.dataloader_num_workers)
+
+    def _move_model_to_device(self, model: nn.Module, device: torch.device) -> None:
+        if any(p.is_meta for p in model.parameters()):  # a client's process: move the parts it holds
+            model._apply(lambda t: t if t.is_meta else t.to(device))
+            return
+        super()._move_model_to_device(model, device)
 
     def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
         if self.placement.is_distributed and training:
@@ -410,7 +427,7 @@ class FSLSageTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
-        if self.split.untied_after_training():
+        if self.args.should_save and self.split.untied_after_training():
             self._untie_for_export()
         super()._save(output_dir, state_dict)
         if self.args.should_save:

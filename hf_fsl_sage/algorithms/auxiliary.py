@@ -17,6 +17,7 @@ from torch import nn
 
 from ..federation.federation import Client, Federation, load_trainable_state, trainable_state
 from ..splitting.loss import ChunkedLMLoss
+from ..splitting.materialise import release_unneeded
 from ..splitting.split import Smashed, SplitCausalLM, SplitServer
 from ..splitting.stand_ins import _has_params, _owner_paths, _path_of, _SkippedBlock, _with_replaced, deepcopy_module
 from ..transport.placement import party_seed
@@ -45,11 +46,12 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
     """Auxiliary model: ``num_layers`` decoder blocks, a final norm and a head tied to ``embedding``.
 
     Blocks and norm are deep copies of the server's first blocks and final norm
-    (LoRA adapters, if any, come along); with ``init="random"`` their weights are
-    re-initialised by the model's own initialiser. ``trainable="adapters"`` keeps
-    the server's trainable flags (with PEFT only the adapters train);
-    ``trainable="all"`` makes every weight of the blocks and the norm trainable
-    (the head has no weight of its own). The copy
+    (LoRA adapters, if any, come along); with ``init="random"`` every weight is
+    its own, re-initialised by the model's own initialiser. ``trainable="adapters"``
+    keeps the server's trainable flags (with PEFT only the adapters train) and
+    shares the frozen tensors with the server, so each auxiliary model costs only
+    its trainable weights; ``trainable="all"`` makes every weight of the blocks and
+    the norm trainable and its own (the head has no weight of its own). The copy
     runs with eager attention, which supports the double backward that
     gradient matching needs on every device.
     """
@@ -68,7 +70,11 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
     owner_paths = _owner_paths(blocks_path)
     head_path = _path_of(server_lm, server_lm.get_output_embeddings())
 
-    aux_blocks = deepcopy_module(blocks[cut : cut + num_layers])
+    # With init="server_blocks" and only adapters training, frozen weights equal the server's for ever: every copy
+    # reads the same tensors. With trainable="all" each copy needs its own (they train).
+    share = init == "server_blocks" and trainable == "adapters"
+    memo = {id(p): p for p in server_lm.parameters() if not p.requires_grad} if share else {}
+    aux_blocks = deepcopy_module(blocks[cut : cut + num_layers], dict(memo))
     replacements: dict[str, nn.Module] = {
         blocks_path: nn.ModuleList([_SkippedBlock(b) for b in blocks[:cut]] + list(aux_blocks)),
         head_path: TiedHead(embedding),
@@ -77,7 +83,7 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
         for name, child in server_lm.get_submodule(own).named_children():
             path = ".".join(p for p in (own, name) if p)
             if child is not blocks and path not in owner_paths and path != head_path and _has_params(child):
-                replacements[path] = deepcopy_module(child)  # final norm (and any other post-block module)
+                replacements[path] = deepcopy_module(child, dict(memo))  # final norm (and any other post-block module)
     aux_lm = _with_replaced(server_lm, replacements)
 
     config = copy.deepcopy(server_lm.config)
@@ -145,6 +151,9 @@ class AuxiliaryLossAlgorithm(Algorithm):
         #: The auxiliary model of each client this process holds, by client index.
         self.aux: dict[int, AuxModel] = {c: self.build_aux(c, federation.clients[c].model.module.input_embeddings())
                                          for c in federation.held_clients}
+        if aux_init == "random" and not federation.placement.is_server:
+            # Each copy has weights of its own: the server blocks they were shaped after are not needed here.
+            release_unneeded(federation.split.model, federation.split.cut_layer, 0)
 
     @staticmethod
     def aux_settings(args: Any) -> dict[str, Any]:
@@ -157,11 +166,15 @@ class AuxiliaryLossAlgorithm(Algorithm):
     def from_config(cls, args: Any, federation: Federation) -> AuxiliaryLossAlgorithm:
         return cls(federation, **cls.aux_settings(args))
 
+    @classmethod
+    def server_blocks_on_clients(cls, args: Any) -> int | None:
+        return args.aux_num_layers  # the auxiliary model's blocks start as copies of these
+
     def build_aux(self, index: int, embedding: nn.Module) -> AuxModel:
         """Client ``index``'s auxiliary model, its head reading ``embedding``; its random draws depend on the index
         only, not on the process."""
         fed = self.fed
-        device = next(fed.split.server.parameters()).device
+        device = embedding.weight.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(party_seed(fed.seed, -1, 0, index, "aux_init"))
             module = build_aux_model(fed.split, self.aux_num_layers, self.aux_init, embedding, self.aux_trainable)

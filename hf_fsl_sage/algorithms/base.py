@@ -62,6 +62,16 @@ class Algorithm:
         """
         return cls(federation)
 
+    @classmethod
+    def server_blocks_on_clients(cls, args: Any) -> int | None:
+        """How many blocks after the cut a process that holds clients (and not the server) needs; None: all.
+
+        The rest of the server half, and an LM head not tied to the input embedding, stay on the ``meta``
+        device there (:mod:`hf_fsl_sage.splitting.materialise`). Subclasses whose clients copy server weights
+        say so here.
+        """
+        return 0
+
     # ------------------------------------------------------------ what the trainer reads
     def parties(self) -> dict[str, Party]:
         """The parties, besides the federation's, whose optimizers and schedules this process steps and saves."""

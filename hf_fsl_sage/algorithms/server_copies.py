@@ -27,6 +27,10 @@ class WithServerCopies(Algorithm):
         #: Each client's copy of the server model, with its optimizer and loss, where this process holds it.
         self.server_copies: dict[int, Party] = {c: federation.copy_server() for c in holders}
 
+    @classmethod
+    def server_blocks_on_clients(cls, args: Any) -> int | None:
+        return None if cls.copies_kind is not None else super().server_blocks_on_clients(args)
+
     def server_copy(self, client: Client) -> Party:
         return self.server_copies[client.index]
 

@@ -246,6 +246,14 @@ def _find_blocks(base: nn.Module, num_layers: int, model_type: str) -> str:
     return min(found, key=lambda n: n.count("."))
 
 
+def decoder_blocks(lm: PreTrainedModel) -> tuple[str, str]:
+    """``(base_path, blocks_path)``: the base model inside ``lm`` and the list of decoder blocks inside the base."""
+    base_path = lm.base_model_prefix if isinstance(getattr(lm, lm.base_model_prefix, None), nn.Module) else ""
+    model_type = getattr(lm.config, "model_type", type(lm).__name__)
+    return base_path, _find_blocks(lm.get_submodule(base_path), lm.config.get_text_config().num_hidden_layers,
+                                   model_type)
+
+
 def _output_count(output: Any) -> int:
     return len(output) if isinstance(output, (tuple, list)) else 0
 
@@ -258,6 +266,37 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, dict):
         return [t for v in value.values() for t in _tensors(v)]
     return []
+
+
+def _echo_unheld(base: nn.Module, owners: list[str], blocks: nn.ModuleList, counts: dict[int, int]) -> list[nn.Module]:
+    """Make the modules whose weights this process does not hold (all on the ``meta`` device) return their input.
+
+    A client's process holds the blocks after the cut only as far as its auxiliary model needs them
+    (:mod:`hf_fsl_sage.splitting.materialise`). The checks of :func:`_observe` read what enters each server
+    block, never what it computes, so such a block echoes its hidden states in the structure the last block
+    before it returned. Undone by deleting the instance attribute ``forward``.
+    """
+    def unheld(module: nn.Module) -> bool:
+        params = list(module.parameters())
+        return bool(params) and all(p.is_meta for p in params)
+
+    def echo_block(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        n = counts[max(counts)] if counts else 0
+        return (hidden, *[None] * (n - 1)) if n else hidden
+
+    def echo(*args, **kwargs):
+        return args[0] if args else next(iter(kwargs.values()))
+
+    echoing = []
+    for module, forward in [(b, echo_block) for b in blocks] + [
+        (child, echo) for owner in owners for child in base.get_submodule(owner).children()
+        if child is not blocks and child not in [base.get_submodule(o) for o in owners]
+    ]:
+        if unheld(module):
+            module.forward = forward
+            echoing.append(module)
+    return echoing
 
 
 def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_layer: int, token_embedding: nn.Module,
@@ -303,6 +342,7 @@ def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_laye
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(lambda m, a, k, i=i: enter(m, a, k, i), with_kwargs=True))
         handles.append(block.register_forward_hook(lambda m, a, o, i=i: leave(m, a, o, i)))
+    echoing = _echo_unheld(base, owners, blocks, counts)
     server_params = {id(p) for b in blocks[cut_layer:] for p in b.parameters()}
     server_params |= {id(p) for path in server_runs for p in base.get_submodule(path).parameters()}
     client_params = [p for p in base.parameters() if id(p) not in server_params]
@@ -321,6 +361,8 @@ def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_laye
     finally:
         for h in handles:
             h.remove()
+        for m in echoing:
+            del m.forward
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         for m, flag in modes:
@@ -351,9 +393,8 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
     """
     lm = _unwrap(model)
     model_type = _check_causal_lm(lm)
-    base_path = lm.base_model_prefix if isinstance(getattr(lm, lm.base_model_prefix, None), nn.Module) else ""
+    base_path, blocks_path = decoder_blocks(lm)
     base = lm.get_submodule(base_path)
-    blocks_path = _find_blocks(base, lm.config.get_text_config().num_hidden_layers, model_type)
     blocks: nn.ModuleList = base.get_submodule(blocks_path)
     num_layers = len(blocks)
     if isinstance(cut_layer, bool) or not isinstance(cut_layer, int) or not 1 <= cut_layer <= num_layers - 1:
