@@ -158,7 +158,7 @@ def _free_port() -> int:
 
 def _run(command: list[str]) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
 
@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "gpt2-medium-random")
-        _run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-              f"from benchmarks.memory import write_model; write_model({model_dir!r})"])
+        writer = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.memory import write_model; "
+        _run([sys.executable, "-c", writer + f"write_model({model_dir!r})"])
         for dtype in opts.dtypes:
             for processes in (1, 3):
                 runs[f"{dtype}, {processes} process{'es' if processes > 1 else ''}"] = measure(

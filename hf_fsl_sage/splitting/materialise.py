@@ -131,7 +131,8 @@ def _safetensors_files(model_id: str, files: dict) -> dict | None:
     if single is None:
         return None
     with safe_open(single, framework="pt") as f:
-        return {"model_id": model_id, "files": files, "map": {k: SAFE_WEIGHTS_NAME for k in f.keys()}}
+        keys = list(f.keys())
+    return {"model_id": model_id, "files": files, "map": dict.fromkeys(keys, SAFE_WEIGHTS_NAME)}
 
 
 def _locate(names: list[str], weights: dict, prefix: str) -> dict[tuple[str, str], list[tuple[str, str]]]:
@@ -160,7 +161,7 @@ def _checkpoint_dtype(config, weights: dict) -> torch.dtype:
         return dtype
     shard = next(iter(weights["map"].values()))
     with safe_open(cached_file(weights["model_id"], shard, **weights["files"]), framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - a safetensors file, not a dict
             t = f.get_slice(key)
             found = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(t.get_dtype())
             if found is not None:
