@@ -132,12 +132,12 @@ def worker(model_dir: str, dtype_name: str, steps: int, out_dir: str) -> None:
     started = time.time()
     trainer = FSLSageTrainer(model=model_dir, args=args, train_dataset=train, data_collator=collate,
                              peft_config=lora, model_init_kwargs={"dtype": dtype})
-    built = time.time()
+    built, peak_setup = time.time(), _peak_rss_mb()
     trainer.train()
     result = {
         "rank": trainer.placement.rank,
         "role": _role(trainer.placement),
-        "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": after_imports, "rss_before_imports_mb":
+        "peak_rss_mb": _peak_rss_mb(), "peak_rss_setup_mb": peak_setup, "rss_after_imports_mb": after_imports, "rss_before_imports_mb":
         after_imports_probe, "rss_end_mb": _rss_mb(), "setup_seconds": built - started,
         "train_seconds": time.time() - built, "cpu_seconds": sum(os.times()[:2]),
         "parameter_bytes": party_bytes(trainer),

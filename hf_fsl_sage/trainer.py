@@ -112,7 +112,15 @@ class FSLSageTrainer(Trainer):
         processing_class: the tokenizer (loaded from ``model`` when it is a string and this is None).
         peft_config: a ``peft`` config applied to the whole model before it is split.
         data_collator: defaults to right-padding with -100 labels.
-        model_init_kwargs: keyword arguments for ``from_pretrained`` when ``model`` is a string.
+        model_init_kwargs: keyword arguments for ``from_pretrained`` when ``model`` is a string;
+            ``{"dtype": torch.bfloat16}`` keeps the frozen base in bf16 while LoRA adapters and their
+            optimizer states stay fp32 (PEFT's default), and smashed activations travel in bf16.
+
+    Under ``accelerate launch`` a process that holds clients but not the server materialises only the
+    embedding stage, blocks ``[0, cut_layer)`` and the server blocks its auxiliary models copy; the rest of
+    the model stays on the ``meta`` device. Given a Hub id or a directory it reads only those tensors
+    (:func:`~hf_fsl_sage.splitting.materialise.load_for_clients`); given a model, it frees the rest.
+    Evaluation, saving and ``push_to_hub`` run on the server's process, which holds the whole global model.
     """
 
     def __init__(

@@ -12,11 +12,13 @@ server's process raises (``D/failed_at``) are written as Unix times, so a test c
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,6 +47,24 @@ class DieAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def tiny_config(n_layer: int, n_embd: int, vocab: int, **kwargs) -> GPT2Config:
+    return GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=64, vocab_size=vocab, resid_pdrop=0.1,
+                      embd_pdrop=0.1, attn_pdrop=0.1, **kwargs)
+
+
+def holdings(trainer: FSLSageTrainer) -> dict:
+    """The parameters this process holds: those of the model by name, and the bytes of every live parameter."""
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance over every object touches deprecated torch attributes
+        live = [o for o in gc.get_objects() if isinstance(o, torch.nn.Parameter) and not o.is_meta]
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in live}
+    named = {n: p.numel() * p.element_size() for n, p in trainer.model.named_parameters() if not p.is_meta}
+    dtypes = sorted({str(p.dtype) for p in live})
+    trainable = sorted({str(p.dtype) for p in live if p.requires_grad})
+    return {"model": named, "bytes": sum(unique.values()), "dtypes": dtypes, "trainable_dtypes": trainable}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
@@ -64,14 +84,15 @@ def main() -> None:
     parser.add_argument("--server_update_interval", type=int, default=1)
     parser.add_argument("--align_interval", type=int, default=1)
     parser.add_argument("--max_comm_bytes", type=int, default=None)
+    parser.add_argument("--model_path", default=None, help="load the base model from this directory instead")
+    parser.add_argument("--dtype", default="float32", help="dtype of the base model loaded from --model_path")
+    parser.add_argument("--holdings", action="store_true", help="each process writes D/holdings-rank<r>.json")
     cli = parser.parse_args()
     torch.set_num_threads(1)
 
     train, evalset, vocab, pad = compact_e2e()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=cli.n_layer, n_embd=cli.n_embd, n_head=2, n_positions=64,
-                                                        vocab_size=vocab, resid_pdrop=0.1, embd_pdrop=0.1,
-                                                        attn_pdrop=0.1))
+    model = cli.model_path or AutoModelForCausalLM.from_config(tiny_config(cli.n_layer, cli.n_embd, vocab))
     args = FSLSageConfig(
         output_dir=cli.output_dir, algorithm=cli.algorithm, num_clients=cli.num_clients, local_steps=cli.local_steps,
         max_steps=cli.max_steps, per_device_train_batch_size=cli.batch, per_device_eval_batch_size=16,
@@ -87,7 +108,8 @@ def main() -> None:
         callbacks = [DieAt(cli.stall_rank if cli.kill_rank is None else cli.kill_rank, cli.kill_step,
                            stall=cli.kill_rank is None)]
     trainer = FSLSageTrainer(model=model, args=args, train_dataset=train, eval_dataset=evalset.select(range(32)),
-                             data_collator=PadCollator(pad), peft_config=peft_config, callbacks=callbacks)
+                             data_collator=PadCollator(pad), peft_config=peft_config, callbacks=callbacks,
+                             model_init_kwargs={"dtype": getattr(torch, cli.dtype)})
     try:
         trainer.train(resume_from_checkpoint=cli.resume)
     except FederationCommError:
@@ -97,6 +119,8 @@ def main() -> None:
         raise
     metrics = trainer.evaluate()
     trainer.save_model(os.path.join(cli.output_dir, "final"))
+    if cli.holdings:
+        Path(cli.output_dir, f"holdings-rank{trainer.args.process_index}.json").write_text(json.dumps(holdings(trainer)))
     if trainer.is_world_process_zero():
         result = {"ledger": trainer.federation.transport.ledger.state_dict(), "log_history": trainer.state.log_history,
                   "eval": metrics, "world_size": trainer.placement.world_size,
