@@ -70,8 +70,9 @@ def _tensor_bytes(tensors, seen: set[int]) -> int:
 def party_bytes(trainer) -> dict[str, int]:
     """Bytes of the parameters this process holds, by party; a shared tensor counts once, with the first.
 
-    ``client half`` is the split's client side: the global client model on the server's process, the frozen
-    weights the clients share on a client's process. The copies count only the tensors of their own.
+    ``client half`` is the split's client side (with the input embedding, which a tied LM head reads): the
+    global client model on the server's process, the frozen weights the clients share on a client's process.
+    The copies count only the tensors of their own.
     """
     import torch
 
@@ -81,15 +82,15 @@ def party_bytes(trainer) -> dict[str, int]:
     def add(name: str, modules) -> None:
         out[name] = sum(_tensor_bytes(m.parameters(), seen) for m in modules if m is not None)
 
-    add("server half", [fed.split.server])
+    algo = trainer.algorithm
     add("client half", [fed.split.client])
+    add("server half", [fed.split.server])
     add("client models (own tensors)", [c.model and c.model.module for c in fed.clients])
-    add("client auxiliary models (own tensors)", [c.aux for c in fed.clients])
-    add("server auxiliary models (own tensors)", [c.server_aux for c in fed.clients])
+    add("client auxiliary models (own tensors)", [a.module for a in algo.aux.values()])
+    add("server auxiliary models (own tensors)", [s.aux.module for s in algo.server_aux.values()])
     add("rest of the model", [trainer.model])
     out["all parameters"] = sum(out.values())
-    optimizers = [p.optimizer for p in fed.parties().values()]
-    optimizers += [c.align_optimizer for c in fed.clients if c.align_optimizer is not None]
+    optimizers = [p.optimizer for p in trainer.parties().values()] + [s.optimizer for s in algo.server_aux.values()]
     out["optimizer states"] = _tensor_bytes([t for o in optimizers for s in o.state.values() for t in s.values()
                                              if isinstance(t, torch.Tensor) and t.dim() > 0], set())
     return out

@@ -270,6 +270,8 @@ class FSLSageTrainer(Trainer):
                                            num_workers=self.args.dataloader_num_workers)
 
     def _move_model_to_device(self, model: nn.Module, device: torch.device) -> None:
+        if device.type == "cpu":  # a CPU process under torch.distributed has "cpu:0", to which .to() copies
+            device = torch.device("cpu")
         if any(p.is_meta for p in model.parameters()):  # a client's process: move the parts it holds
             model._apply(lambda t: t if t.is_meta else t.to(device))
             return
