@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from .algorithms.registry import available as available_algorithms
 from .federation.partition import SCHEMES as PARTITIONS
+from .transport.codecs import CODECS
 
 AUX_INITS = ("server_blocks", "random")
 AUX_TRAINABLE = ("adapters", "all")
@@ -129,6 +130,15 @@ class FSLSageConfig(TrainingArguments):
             `seed`, the round, the step and the client, so runs and resumes repeat exactly). For tests
             and benchmarks of `client_failures="drop"`; in [0, 1).
 
+        > Transport
+
+        smashed_codec (`str`, defaults to `"none"`):
+            How the smashed activations (and, for SplitFed, the gradients sent back) are encoded on the
+            wire: `"none"` (as computed), `"bf16"`, `"fp16"`, `"int8"` or `"int4"` (per-token absmax
+            scale, counted in the bytes), or any name registered with
+            `hf_fsl_sage.transport.codecs.register_codec`. Only the positions the attention mask keeps
+            travel. The client steps on its own, unencoded activations.
+
         > Memory
 
         loss_chunk_tokens (`int`, defaults to `1024`):
@@ -193,6 +203,10 @@ class FSLSageConfig(TrainingArguments):
     simulate_client_failures: float = field(
         default=0.0, metadata={"help": "Seeded probability of a client failing at a local step (tests), in [0, 1)."}
     )
+    # Transport
+    smashed_codec: str = field(
+        default="none", metadata={"help": "Wire encoding of activations and gradients: none, bf16, fp16, int8, int4."}
+    )
     # Memory
     loss_chunk_tokens: int = field(default=1024, metadata={"help": "Labelled positions per LM-head loss chunk."})
 
@@ -232,6 +246,8 @@ class FSLSageConfig(TrainingArguments):
         need(self.aux_init in AUX_INITS, f"aux_init={self.aux_init!r} must be one of {AUX_INITS}.")
         need(self.aux_trainable in AUX_TRAINABLE,
              f"aux_trainable={self.aux_trainable!r} must be one of {AUX_TRAINABLE}.")
+        need(self.smashed_codec in CODECS,
+             f"smashed_codec={self.smashed_codec!r} is unknown; choose one of {sorted(CODECS)}.")
         need(self.dirichlet_alpha > 0, f"dirichlet_alpha={self.dirichlet_alpha!r} must be > 0.")
         if self.partition == "dirichlet":
             need(self.partition_column is not None,

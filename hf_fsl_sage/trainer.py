@@ -34,6 +34,7 @@ from .federation.state_io import load_state, save_state
 from .splitting.materialise import load_for_clients, release_unneeded
 from .splitting.split import split_causal_lm
 from .transport.base import LocalTransport
+from .transport.codecs import ActivationCoder
 from .transport.distributed import DistributedTransport, broadcast_json
 from .transport.placement import SERVER_RANK, Placement
 
@@ -210,6 +211,8 @@ class FSLSageTrainer(Trainer):
             logger.info(f"Federated split placement: {self.placement.describe()}")
         else:
             transport = LocalTransport()
+        # Activations cross the wire encoded; the receiver decodes them to the model's dtype.
+        transport.coder = ActivationCoder(args.smashed_codec, dtype=next(self.split.server.parameters()).dtype)
         self.federation = Federation(self.split, [len(p) for p in parts], transport, self._make_optimizer,
                                      self.placement, seed=args.seed, max_grad_norm=args.max_grad_norm,
                                      label_smoothing=args.label_smoothing_factor,

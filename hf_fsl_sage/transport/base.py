@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..splitting.split import Smashed
+from .codecs import ActivationCoder
 
 T = TypeVar("T")
 
@@ -195,26 +196,44 @@ class Transport(ABC):
     message, in the same order: the sending process passes the payload, the
     receiving process gets the delivery, and any other process gets ``None``.
     In one process (:class:`LocalTransport`) sender and receiver are the same.
-    The ledger counts each message once, where the server lives.
+    The ledger counts each message once, where the server lives, as encoded by
+    ``coder`` (:class:`~hf_fsl_sage.transport.codecs.ActivationCoder`): the
+    sender encodes the activations in a message, the receiver decodes them.
     """
 
     def __init__(self) -> None:
         self.ledger = CommLedger()
         self.context = ""  # where the run is ("round 3, global step 31"), for error messages
+        self.coder = ActivationCoder("none")
 
     def to_server(self, client_id: int, kind: str, payload: T | None = None, expect: Expected = None,
                   limits: dict[str, int] | None = None) -> T | None:
         """Send ``payload`` from client ``client_id`` to the server; returns what the server receives.
 
         ``expect`` (given by the receiving process; see :func:`conforms`) is what the message must look like
-        when it comes from another process; a message that differs raises :class:`FederationCommError`.
+        when it comes from another process, once decoded; a message that differs raises
+        :class:`FederationCommError`.
         """
-        return self._checked(client_id, UP, kind, self._move(client_id, UP, kind, payload), expect, limits)
+        return self._checked(client_id, UP, kind, self._coded(client_id, UP, kind, payload), expect, limits)
 
     def to_client(self, client_id: int, kind: str, payload: T | None = None, expect: Expected = None,
                   limits: dict[str, int] | None = None) -> T | None:
         """Send ``payload`` from the server to client ``client_id``; returns what the client receives."""
-        return self._checked(client_id, DOWN, kind, self._move(client_id, DOWN, kind, payload), expect, limits)
+        return self._checked(client_id, DOWN, kind, self._coded(client_id, DOWN, kind, payload), expect, limits)
+
+    def _coded(self, client_id: int, direction: str, kind: str, payload: T | None) -> T | None:
+        received = self._move(client_id, direction, kind, self.coder.encode(client_id, kind, payload))
+        try:
+            return self.coder.decode(client_id, kind, received)
+        except (IndexError, KeyError, RuntimeError, TypeError, ValueError) as error:
+            sender = self._from_peer(client_id, direction)
+            if sender is None:
+                raise
+            raise FederationCommError(
+                f"could not decode the {kind} message of client {client_id} from {sender} at "
+                f"{self.context or 'set-up'} ({type(error).__name__}: {error}). Launch every process with the same "
+                "smashed_codec, script, arguments and seed."
+            ) from error
 
     @abstractmethod
     def _move(self, client_id: int, direction: str, kind: str, payload: T | None) -> T | None: ...
