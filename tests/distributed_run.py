@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--model_path", default=None, help="load the base model from this directory instead")
     parser.add_argument("--dtype", default="float32", help="dtype of the base model loaded from --model_path")
     parser.add_argument("--holdings", action="store_true", help="each process writes D/holdings-rank<r>.json")
+    parser.add_argument("--smashed_codec", default="none")
     cli = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -100,7 +101,7 @@ def main() -> None:
         align_epochs=2, align_buffer_size=8, learning_rate=3e-3, align_learning_rate=1e-3, warmup_steps=0,
         logging_steps=2, eval_strategy="steps", eval_steps=4, report_to="none", seed=0, disable_tqdm=True,
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
-        ddp_timeout=cli.ddp_timeout, max_comm_bytes=cli.max_comm_bytes,
+        ddp_timeout=cli.ddp_timeout, max_comm_bytes=cli.max_comm_bytes, smashed_codec=cli.smashed_codec,
     )
     peft_config = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
     callbacks = None

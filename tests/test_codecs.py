@@ -153,3 +153,19 @@ def test_dropping_padding_changes_neither_the_server_loss_nor_its_gradient(model
     assert float(loss) == float(direct_loss)
     assert torch.equal(direct_grad[mask == 0], torch.zeros_like(direct_grad[mask == 0]))
     assert torch.equal(transport.to_client(0, "gradient", grad), direct_grad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm, codec", [("splitfed_v2", name) for name in sorted(CODECS) if name != "none"]
+                         + [("fsl_sage", "int8")])
+def test_three_processes_decode_exactly_like_one(tmp_path, algorithm, codec):
+    """Encoded on the client's process, decoded on the server's (and back): the same run as in one process."""
+    from test_distributed import _adapter, _check, _result, _single, _three
+
+    _check(_single(tmp_path / "one", "--algorithm", algorithm, "--smashed_codec", codec))
+    _check(_three(tmp_path / "three", "--algorithm", algorithm, "--smashed_codec", codec))
+    one, three = _result(tmp_path / "one"), _result(tmp_path / "three")
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "three")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert three["ledger"] == one["ledger"]
+    assert three["eval"]["eval_loss"] == pytest.approx(one["eval"]["eval_loss"], abs=1e-5)
