@@ -24,6 +24,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.utils import logging
 
 from .algorithms.registry import get as get_algorithm
+from .timing import PARTS, StepTimer, per_step
 from .config import FSLSageConfig
 from .federation.data import check_token_rows, learned_positions, prepare_dataset, split_lm_collator
 from .federation.federation import Federation, Party
@@ -213,6 +214,8 @@ class FSLSageTrainer(Trainer):
             transport = LocalTransport()
         # Activations cross the wire encoded; the receiver decodes them to the model's dtype.
         transport.coder = ActivationCoder(args.smashed_codec, dtype=next(self.split.server.parameters()).dtype)
+        transport.timer = StepTimer(args.device)
+        self._timed_steps = [0, 0]  # global steps timed since the last log, and in all
         self.federation = Federation(self.split, [len(p) for p in parts], transport, self._make_optimizer,
                                      self.placement, seed=args.seed, max_grad_norm=args.max_grad_norm,
                                      label_smoothing=args.label_smoothing_factor,
@@ -295,6 +298,11 @@ class FSLSageTrainer(Trainer):
         round_index, local = inputs["round"], inputs["local_step"]
         participants = list(inputs["clients"])
         self.federation.transport.context = f"round {round_index}, global step {inputs['step']}"
+        self._timed_steps = [n + 1 for n in self._timed_steps]
+        with self.federation.timer("other"):  # what the timed parts of the step leave
+            return self._global_step(inputs, round_index, local, participants)
+
+    def _global_step(self, inputs: dict[str, Any], round_index: int, local: int, participants: list[int]):
         if local == 0:
             self.federation.guard.new_round()
             self._round_metrics.update(self.algorithm.begin_round(round_index, participants))
@@ -347,6 +355,7 @@ class FSLSageTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "train_loss" in logs:
             logs.update(self.federation.transport.ledger.metrics())
+            logs.update(self._time_metrics(self.federation.timer.totals(), self._timed_steps[1]))
         elif "loss" in logs and "eval_loss" not in logs:
             guard = self.federation.guard
             means = {"server_loss": (sum(self._server_losses), len(self._server_losses)),
@@ -367,8 +376,19 @@ class FSLSageTrainer(Trainer):
                 logs["dropped_clients"] = int(sums[-1])
             logs["round"] = self.schedule.position(max(self.state.global_step - 1, 0))[0]
             logs.update(self.federation.transport.ledger.metrics())
+            logs.update(self._time_metrics(self.federation.timer.pop(), self._timed_steps[0]))
+            self._timed_steps[0] = 0
             logs = {k: v for k, v in logs.items() if v is not None}
         super().log(logs, start_time)
+
+    def _time_metrics(self, seconds: dict[str, float], steps: int) -> dict[str, float]:
+        """``time/<part>`` in seconds per global step, summed over the processes (each times its parties)."""
+        if self.placement.is_distributed:  # every process logs at the same steps
+            names = [*PARTS, "other"]
+            values = torch.tensor([seconds.get(k, 0.0) for k in names], dtype=torch.float64, device=self.args.device)
+            torch.distributed.all_reduce(values)
+            seconds = dict(zip(names, values.tolist()))
+        return per_step(seconds, steps)
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

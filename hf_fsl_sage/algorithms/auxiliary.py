@@ -186,7 +186,8 @@ class AuxiliaryLossAlgorithm(Algorithm):
     def aux_forward(self, client: Client, batch: dict[str, torch.Tensor]) -> tuple[Smashed, torch.Tensor]:
         """The client's smashed activations and its auxiliary loss on them."""
         smashed = self.fed.client_forward(client, batch)
-        return smashed, self.aux[client.index].loss(smashed, batch["labels"], self.fed.label_smoothing)
+        with self.fed.timer("aux_forward"):
+            return smashed, self.aux[client.index].loss(smashed, batch["labels"], self.fed.label_smoothing)
 
     def serve(self, client: Client, upload, round_index: int, local_step: int):
         self.measure_heldout(client, *upload)

@@ -170,7 +170,8 @@ class Algorithm:
             try:
                 if fed.fails_at(round_index, local_step, client_index):
                     raise SimulatedClientFailure(f"simulated failure (rate {fed.failure_rate})")
-                reported, upload = self.client_compute(client, batch, round_index, local_step)
+                with fed.timer("client_backward_step"):  # what client_forward and aux_forward leave of it
+                    reported, upload = self.client_compute(client, batch, round_index, local_step)
                 result.update(reported)
             except Exception as error:  # noqa: BLE001 -- any failure of a client's own step; Guard decides
                 guard.drop(client_index, error)
@@ -187,7 +188,8 @@ class Algorithm:
                 guard.dropped.add(client_index)
             elif guard.finite(received, f"{self.upload_kind} message", f"client {client_index}"):
                 torch.manual_seed(party_seed(seed, round_index, local_step, client_index, "server"))
-                reported, reply = self.serve(client, received, round_index, local_step)
+                with fed.timer("server_step"):
+                    reported, reply = self.serve(client, received, round_index, local_step)
                 result.update(reported)
         if self.replies_at(round_index, local_step):
             waiting = holds and client_index not in guard.dropped
@@ -196,7 +198,8 @@ class Algorithm:
             if waiting:
                 if received_reply is not None and guard.finite(received_reply, f"{self.reply_kind} message",
                                                                "the server"):
-                    result.update(self.client_receive(client, received_reply, round_index, local_step))
+                    with fed.timer("client_receive"):
+                        result.update(self.client_receive(client, received_reply, round_index, local_step))
                 else:
                     self.discard(client)
         return result

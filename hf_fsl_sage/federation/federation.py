@@ -28,6 +28,7 @@ from torch import nn
 from ..splitting.loss import ChunkedLMLoss
 from ..splitting.split import Smashed, SplitCausalLM
 from ..splitting.stand_ins import deepcopy_module
+from ..timing import StepTimer
 from ..transport.base import Transport
 from ..transport.placement import Placement, party_seed
 from .aggregation import weighted_average
@@ -232,8 +233,14 @@ class Federation:
                 c.model.module.train(mode)
 
     # ------------------------------------------------------------ per-step operations
+    @property
+    def timer(self) -> StepTimer:
+        """Times the parts of a step (:mod:`hf_fsl_sage.timing`); shared with the transport."""
+        return self.transport.timer
+
     def client_forward(self, client: Client, batch: dict[str, torch.Tensor]) -> Smashed:
-        return client.model.module(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        with self.timer("client_forward"):
+            return client.model.module(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
 
     def fails_at(self, round_index: int, local_step: int, client: int) -> bool:
         """Whether ``client`` fails on purpose at this step: a draw from the step and client alone, so it repeats

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..splitting.split import Smashed
+from ..timing import StepTimer
 from .codecs import ActivationCoder
 
 T = TypeVar("T")
@@ -205,6 +206,7 @@ class Transport(ABC):
         self.ledger = CommLedger()
         self.context = ""  # where the run is ("round 3, global step 31"), for error messages
         self.coder = ActivationCoder("none")
+        self.timer = StepTimer()  # the run's timer: the trainer replaces it, the federation shares it
 
     def to_server(self, client_id: int, kind: str, payload: T | None = None, expect: Expected = None,
                   limits: dict[str, int] | None = None) -> T | None:
@@ -222,9 +224,13 @@ class Transport(ABC):
         return self._checked(client_id, DOWN, kind, self._coded(client_id, DOWN, kind, payload), expect, limits)
 
     def _coded(self, client_id: int, direction: str, kind: str, payload: T | None) -> T | None:
-        received = self._move(client_id, direction, kind, self.coder.encode(client_id, kind, payload))
+        with self.timer("transport_encode"):
+            sent = self.coder.encode(client_id, kind, payload)
+        with self.timer("transport_wait"):
+            received = self._move(client_id, direction, kind, sent)
         try:
-            return self.coder.decode(client_id, kind, received)
+            with self.timer("transport_encode"):
+                return self.coder.decode(client_id, kind, received)
         except (IndexError, KeyError, RuntimeError, TypeError, ValueError) as error:
             sender = self._from_peer(client_id, direction)
             if sender is None:

@@ -82,8 +82,9 @@ class FSLSage(AuxiliaryLossAlgorithm):
         held.buffer.push(smashed, labels)
         if not self.replies_at(round_index, local_step):
             return result, None
-        before, after = align(held.aux.module, held.aux.loss, fed.server_loss, fed.server.module, list(held.buffer),
-                              self.align_epochs, held.optimizer, fed.label_smoothing)
+        with fed.timer("align"):
+            before, after = align(held.aux.module, held.aux.loss, fed.server_loss, fed.server.module,
+                                  list(held.buffer), self.align_epochs, held.optimizer, fed.label_smoothing)
         self._cosines.append((before, after, held.buffer.num_sequences))
         return result, trainable_state(held.aux.module)
 

@@ -1,0 +1,49 @@
+"""The time profile: exclusive time per part of a step, logged as time/* keys and summarised at the end."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from hf_fsl_sage.timing import PARTS, StepTimer, per_step
+
+
+def test_nested_sections_are_charged_their_exclusive_time():
+    timer = StepTimer()
+    with timer("server_step"):
+        time.sleep(0.05)
+        with timer("align"):
+            time.sleep(0.1)
+    with timer("align"):
+        time.sleep(0.02)
+    window = timer.pop()
+    assert window["server_step"] == pytest.approx(0.05, abs=0.03)
+    assert window["align"] == pytest.approx(0.12, abs=0.03)
+    assert set(PARTS) <= window.keys() and window["client_forward"] == 0.0
+    assert timer.pop()["align"] == 0.0 and timer.totals()["align"] == window["align"]  # pop starts a new window
+    assert per_step({"align": 0.3}, 4) == {"time/align": 0.075}
+
+
+@pytest.mark.parametrize("algorithm", ["fsl_sage", "splitfed_v2"])
+def test_trainer_logs_the_profile_at_each_logging_step_and_in_the_train_metrics(tmp_path, algorithm):
+    from test_algorithms import make_trainer
+
+    trainer = make_trainer(tmp_path, algorithm)
+    started = time.perf_counter()
+    metrics = trainer.train().metrics
+    wall = time.perf_counter() - started
+    logged = [h for h in trainer.state.log_history if "loss" in h and "time/server_step" in h]
+    assert [h["step"] for h in logged] == [5, 10]
+    keys = {f"time/{k}" for k in (*PARTS, "other")}
+    assert keys <= metrics.keys() and all(keys <= h.keys() for h in logged)
+    # the two windows of 5 steps make up the whole run; the parts add up to the time spent in training steps
+    for key in keys:
+        assert metrics[key] == pytest.approx((logged[0][key] + logged[1][key]) / 2, abs=2e-6)
+    per_step_total = sum(metrics[k] for k in keys)
+    assert 0.5 * wall / 10 < per_step_total < wall / 10
+    ran = {"client_forward", "client_backward_step", "client_receive", "server_step", "transport_encode",
+           "transport_wait"}  # FSL-SAGE's clients receive aligned auxiliary models
+    ran |= {"aux_forward", "align"} if algorithm == "fsl_sage" else set()
+    assert all(metrics[f"time/{k}"] > 0 for k in ran)
+    assert all(metrics[f"time/{k}"] == 0 for k in set(PARTS) - ran)
