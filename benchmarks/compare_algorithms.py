@@ -284,7 +284,8 @@ def fed_args(cfg, algorithm: str, lora: bool, partition: str, seed: int, out_dir
 
 
 def federated(cfg, base, data, collator, algorithm: str, lora: bool, partition: str, seed: int, out_dir: str,
-              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+              overrides: dict[str, Any] | None = None, inspect=None) -> dict[str, Any]:
+    """One federated run; ``overrides`` are extra FSLSageConfig fields, ``inspect(trainer)`` adds to the result."""
     set_seed(seed)
     budget = cfg["budget_mb"]["lora" if lora else "full"] * 1e6
     args = fed_args(cfg, algorithm, lora, partition, seed, out_dir, budget, overrides or {})
@@ -296,7 +297,7 @@ def federated(cfg, base, data, collator, algorithm: str, lora: bool, partition: 
     trainer.add_callback(curve)
     trainer.evaluate()  # step 0, recorded by the callback
     start, cpu = time.time(), time.process_time()
-    trainer.train()
+    train_metrics = trainer.train().metrics
     seconds, cpu_seconds = time.time() - start, time.process_time() - cpu
     ledger = trainer.federation.transport.ledger
     if curve.points[-1]["step"] != trainer.state.global_step:
@@ -321,7 +322,9 @@ def federated(cfg, base, data, collator, algorithm: str, lora: bool, partition: 
             "settings": {k: getattr(args, k) for k in ("local_steps", "server_update_interval", "learning_rate",
                                                           "aux_num_layers", "align_interval", "align_epochs",
                                                           "align_buffer_size", "align_learning_rate", "aux_init")
-                         if hasattr(args, k)} | (overrides or {})}
+                         if hasattr(args, k)} | (overrides or {}),
+            "time_per_step": {k[5:]: v for k, v in train_metrics.items() if k.startswith("time/")},
+            **(inspect(trainer) if inspect else {})}
 
 
 def summarize(row: dict[str, Any], base_loss: float, central_loss: float) -> dict[str, Any]:

@@ -1,0 +1,291 @@
+"""Activation codecs for FSL-SAGE and SplitFed-V2, and FSL-SAGE's training time against centralized training.
+
+    python benchmarks/codecs.py                  # 2 seeds x 2 algorithms x 5 codecs + timing, ~40 min on 2 cores
+    python benchmarks/codecs.py --quick          # smoke run, a few minutes
+
+The set-up, data, base model and helpers are those of ``compare_algorithms.py``
+(LoRA, IID, 5 clients, 100 global steps). For each algorithm and each
+``smashed_codec`` it reports the bytes of the smashed messages per token that
+travelled (hidden states, labels, attention mask, scales; padding never
+travels), the same for SplitFed's gradients, the eval loss at equal steps (the
+end of the run) and at equal bytes (every run's curve read, by linear
+interpolation, at the smallest total bytes any codec of that algorithm reached),
+and the time profile per global step (``time/*`` of the train metrics).
+
+Then, in this process, back to back and ``--repeats`` times: a centralized PEFT
+``Trainer`` on the unsplit model (same LoRA config, data, batch size, learning
+rate and number of examples) and FSL-SAGE, neither evaluating while it trains;
+it reports wall and CPU seconds per training token (tokens = non-padding
+positions of every batch the run trained on). Writes ``codecs[_quick].json``
+under ``--output-dir`` (default ``benchmarks/results``) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import set_seed
+from transformers.utils import logging as hf_logging
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from compare_algorithms import (
+    _WORKER,
+    FULL,
+    QUICK,
+    PadCollator,
+    _init_worker,
+    federated,
+    load_data,
+    lora_config,
+    plain_trainer,
+    pretrain_base,
+)
+
+from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer
+from hf_fsl_sage.federation.schedule import GlobalStepDataset
+from hf_fsl_sage.transport.codecs import CODECS
+
+ALGORITHMS = ["fsl_sage", "splitfed_v2"]
+CODEC_NAMES = ["none", "bf16", "fp16", "int8", "int4"]
+
+
+# ---------------------------------------------------------------- one run
+def schedule_tokens(trainer) -> dict[str, int]:
+    """Non-padding tokens the clients trained on, and those (and all positions) of the batches they uploaded."""
+    steps = GlobalStepDataset(trainer.schedule, trainer.train_dataset, trainer.data_collator)
+    out = {"train_tokens": 0, "upload_tokens": 0, "upload_positions": 0}
+    for step in range(trainer.args.max_steps):
+        item = steps[step]
+        uploads = trainer.algorithm.uploads_at(item["round"], item["local_step"])
+        for batch in item["clients"].values():
+            kept = int(batch["attention_mask"].sum())
+            out["train_tokens"] += kept
+            if uploads:
+                out["upload_tokens"] += kept
+                out["upload_positions"] += batch["attention_mask"].numel()
+    return out
+
+
+def _task(task: tuple[str, str, int]) -> tuple[tuple[str, str, int], dict[str, Any]]:
+    """A codec run ``(algorithm, codec, seed)``, or ``("timing", repeat, seed)``: centralized then FSL-SAGE."""
+    algorithm, codec, seed = task
+    w = _WORKER
+    if algorithm == "timing":
+        return task, time_pair(w["cfg"], w["base"], w["data"], w["collator"], seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        row = federated(w["cfg"], w["base"], w["data"], w["collator"], algorithm, True, "iid", seed, tmp,
+                        overrides={"smashed_codec": codec}, inspect=schedule_tokens)
+    kinds = row["bytes_by_kind"]
+    # what the same uploads cost before padding was dropped: fp32 hidden, bool mask and int64 labels everywhere
+    row["padded_fp32_bytes_per_token"] = row["upload_positions"] * (4 * w["cfg"]["n_embd"] + 9) / row["upload_tokens"]
+    row["smashed_bytes_per_token"] = kinds.get("smashed_up", 0) / row["upload_tokens"]
+    row["gradient_bytes_per_token"] = kinds.get("gradient_down", 0) / row["upload_tokens"]
+    return task, row
+
+
+def loss_at_bytes(curve: list[dict[str, float]], budget: float) -> float | None:
+    """Eval loss at ``budget`` cumulative bytes, linearly interpolated between evaluations (None if never reached)."""
+    for a, b in itertools.pairwise(curve):
+        if a["bytes"] <= budget <= b["bytes"]:
+            t = 0.0 if b["bytes"] == a["bytes"] else (budget - a["bytes"]) / (b["bytes"] - a["bytes"])
+            return a["eval_loss"] + t * (b["eval_loss"] - a["eval_loss"])
+    return None
+
+
+# ---------------------------------------------------------------- timing against centralized training
+class CountingCollator:
+    """The benchmark's collator, counting the non-padding tokens of every batch it builds."""
+
+    def __init__(self, collator):
+        self.collator, self.tokens = collator, 0
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+
+def time_centralized(cfg, base, data, collator, seed: int) -> dict[str, float]:
+    from peft import get_peft_model
+
+    set_seed(seed)
+    model = get_peft_model(copy.deepcopy(base).train(), lora_config())
+    counting = CountingCollator(collator)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = plain_trainer(model, tmp, data["train"], counting, cfg["max_steps"] * cfg["num_clients"],
+                                cfg["batch"], cfg["lr_lora"], seed)
+        start, cpu = time.time(), time.process_time()
+        trainer.train()
+        wall, cpu = time.time() - start, time.process_time() - cpu
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "tokens": counting.tokens}
+
+
+def time_fsl_sage(cfg, base, data, collator, seed: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        row = federated(cfg, base, data, collator, "fsl_sage", True, "iid", seed, tmp,
+                        overrides={"eval_strategy": "no"}, inspect=schedule_tokens)
+    return {"wall_seconds": row["train_seconds"], "cpu_seconds": row["train_cpu_seconds"],
+            "tokens": row["train_tokens"], "time_per_step": row["time_per_step"]}
+
+
+def time_pair(cfg, base, data, collator, seed: int) -> dict[str, Any]:
+    """Centralized then FSL-SAGE, back to back in this process: seconds per training token, alignment's share."""
+    central = time_centralized(cfg, base, data, collator, seed)
+    sage = time_fsl_sage(cfg, base, data, collator, seed)
+    per = {k: {m: r[m] / r["tokens"] for m in ("wall_seconds", "cpu_seconds")}
+           for k, r in (("centralized", central), ("fsl_sage", sage))}
+    align_share = sage["time_per_step"].get("align", 0.0) / max(sum(sage["time_per_step"].values()), 1e-12)
+    return {"centralized": central, "fsl_sage": sage, "per_token": per, "align_share": align_share,
+            "ratio_wall": per["fsl_sage"]["wall_seconds"] / per["centralized"]["wall_seconds"],
+            "ratio_cpu": per["fsl_sage"]["cpu_seconds"] / per["centralized"]["cpu_seconds"]}
+
+
+# ---------------------------------------------------------------- report
+def summarise(done: dict[tuple[str, str, int], dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for algorithm in ALGORITHMS:
+        rows = {codec: [done[(algorithm, codec, s)] for s in seeds] for codec in CODEC_NAMES}
+        budget = min(r["total_bytes"] for runs in rows.values() for r in runs)
+        base_smashed = statistics.mean(r["smashed_bytes_per_token"] for r in rows["none"])
+        base_loss = [r["final_eval_loss"] for r in rows["none"]]
+        table = {}
+        for codec, runs in rows.items():
+            finals = [r["final_eval_loss"] for r in runs]
+            at_budget = [loss_at_bytes(r["curve"], budget) for r in runs]
+            parts = {k: statistics.mean(r["time_per_step"][k] for r in runs) for k in runs[0]["time_per_step"]}
+            padded = statistics.mean(r["padded_fp32_bytes_per_token"] for r in runs)
+            table[codec] = {
+                "smashed_bytes_per_token": statistics.mean(r["smashed_bytes_per_token"] for r in runs),
+                "gradient_bytes_per_token": statistics.mean(r["gradient_bytes_per_token"] for r in runs),
+                "smashed_ratio_to_none": statistics.mean(r["smashed_bytes_per_token"] for r in runs) / base_smashed,
+                "smashed_ratio_to_padded_fp32": statistics.mean(r["smashed_bytes_per_token"] for r in runs) / padded,
+                "total_bytes": statistics.mean(r["total_bytes"] for r in runs),
+                "final_eval_loss": finals, "final_eval_loss_mean": statistics.mean(finals),
+                "loss_change_vs_none_pct": [100 * (f / b - 1) for f, b in zip(finals, base_loss)],
+                "eval_loss_at_budget": at_budget, "time_per_step": parts,
+                "train_seconds": [r["train_seconds"] for r in runs],
+            }
+        out[algorithm] = {"byte_budget": budget, "codecs": table}
+    return out
+
+
+def codec_table(summary: dict[str, Any]) -> str:
+    lines = []
+    for algorithm, s in summary.items():
+        lines.append(f"\n== {algorithm}: equal-bytes budget {s['byte_budget'] / 1e6:.2f} MB")
+        lines.append(f"{'codec':<6} {'B/token up':>10} {'x none':>7} {'B/token grad':>12} {'loss (seeds)':>22} "
+                     f"{'d% vs none':>16} {'loss @budget':>22} {'s/step':>7}")
+        for codec, r in s["codecs"].items():
+            losses = " ".join(f"{v:.4f}" for v in r["final_eval_loss"])
+            change = " ".join(f"{v:+.2f}" for v in r["loss_change_vs_none_pct"])
+            budget = " ".join("-" if v is None else f"{v:.4f}" for v in r["eval_loss_at_budget"])
+            lines.append(f"{codec:<6} {r['smashed_bytes_per_token']:>10.1f} {r['smashed_ratio_to_none']:>7.3f} "
+                         f"{r['gradient_bytes_per_token']:>12.1f} {losses:>22} {change:>16} {budget:>22} "
+                         f"{sum(r['time_per_step'].values()):>7.3f}")
+    return "\n".join(lines)
+
+
+def timing_table(timing: dict[str, Any]) -> str:
+    lines = [f"\n== per training token (microseconds), {len(timing['runs'])} back-to-back repeats"]
+    for run in timing["runs"]:
+        c, f = run["centralized"], run["fsl_sage"]
+        lines.append(f"centralized wall {1e6 * c['wall_seconds'] / c['tokens']:.1f} cpu "
+                     f"{1e6 * c['cpu_seconds'] / c['tokens']:.1f} | fsl_sage wall "
+                     f"{1e6 * f['wall_seconds'] / f['tokens']:.1f} cpu {1e6 * f['cpu_seconds'] / f['tokens']:.1f} | "
+                     f"ratio wall {run['ratio_wall']:.2f} cpu {run['ratio_cpu']:.2f}, alignment "
+                     f"{100 * run['align_share']:.0f} % of fsl_sage")
+    profile = timing["runs"][-1]["fsl_sage"]["time_per_step"]
+    total = sum(profile.values())
+    lines.append("fsl_sage seconds per global step: " + ", ".join(
+        f"{k} {v:.4f} ({100 * v / total:.0f} %)" for k, v in profile.items() if v))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny budget, to check that everything runs")
+    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="training seeds (data and base: seed 0); default 0 1, or 0 with --quick")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timings of centralized then FSL-SAGE, back to back in one process each")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
+    parser.add_argument("--max-steps", type=int, default=None, help="global steps per run (default: the set-up's)")
+    parser.add_argument("--part", choices=["all", "codecs", "timing"], default="all",
+                        help="run only the codec runs or only the timing (written to codecs[_quick]_<part>.json)")
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    cfg = dict(QUICK if opts.quick else FULL)
+    if opts.max_steps:
+        cfg["max_steps"] = opts.max_steps
+    opts.seeds = opts.seeds or ([0] if opts.quick else [0, 1])
+    out_dir = Path(opts.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = ("codecs_quick" if opts.quick else "codecs") + ("" if opts.part == "all" else f"_{opts.part}")
+    assert set(CODEC_NAMES) <= set(CODECS)
+
+    started = time.time()
+    data = load_data(cfg, offline_gpt2_tokenizer(), 0, False)
+    collator = PadCollator(data["pad_id"])
+    base, base_info = pretrain_base(cfg, data, collator, 0)
+    results: dict[str, Any] = {"config": {**cfg, "seeds": opts.seeds, "quick": opts.quick, "jobs": opts.jobs,
+                                          "threads": 1, "partition": "iid", "lora": True,
+                                          "vocab_size": data["vocab_size"], "data": data["sizes"]},
+                               "base": base_info}
+
+    tasks = []
+    if opts.part != "codecs":  # first: each is two runs in a row
+        tasks += [("timing", str(r), 0) for r in range(opts.repeats)]
+    if opts.part != "timing":
+        tasks += [(a, c, s) for s in opts.seeds for a in ALGORITHMS for c in CODEC_NAMES]
+    done: dict[tuple[str, str, int], dict[str, Any]] = {}
+    init_args = (cfg, 0, False, 1, base.config, base.state_dict())
+    with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=init_args) as pool:
+        for future in as_completed([pool.submit(_task, t) for t in tasks]):
+            task, row = future.result()
+            done[task] = row
+            partial = {**results, "partial": {"/".join(map(str, k)): v for k, v in done.items()}}
+            (out_dir / f"{stem}_partial.json").write_text(json.dumps(partial, indent=1))
+            if task[0] == "timing":
+                print(f"[{len(done)}/{len(tasks)}] timing {task[1]}: fsl_sage / centralized per token: wall "
+                      f"{row['ratio_wall']:.2f}, cpu {row['ratio_cpu']:.2f}", flush=True)
+            else:
+                print(f"[{len(done)}/{len(tasks)}] {task}: eval loss {row['final_eval_loss']:.4f}, "
+                      f"{row['smashed_bytes_per_token']:.1f} B/token up, {row['train_seconds']:.0f} s", flush=True)
+    codec_runs = {k: v for k, v in done.items() if k[0] != "timing"}
+    if codec_runs:
+        results["runs"] = {"/".join(map(str, k)): v for k, v in sorted(codec_runs.items())}
+        results["codecs"] = summarise(codec_runs, opts.seeds)
+        print(codec_table(results["codecs"]))
+    runs = [done[k] for k in sorted(done) if k[0] == "timing"]
+    if runs:
+        results["timing"] = {"runs": runs, "ratio_wall_median": statistics.median(r["ratio_wall"] for r in runs),
+                             "ratio_cpu_median": statistics.median(r["ratio_cpu"] for r in runs),
+                             "align_share_median": statistics.median(r["align_share"] for r in runs)}
+        print(timing_table(results["timing"]))
+    results["seconds"] = time.time() - started
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    print(f"\ntotal {results['seconds'] / 60:.1f} min; wrote {out_dir / (stem + '.json')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
