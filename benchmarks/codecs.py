@@ -1,7 +1,7 @@
 """Activation codecs for FSL-SAGE and SplitFed-V2, and FSL-SAGE's training time against centralized training.
 
-    python benchmarks/codecs.py                  # 2 seeds x 2 algorithms x 5 codecs + timing, ~40 min on 2 cores
-    python benchmarks/codecs.py --quick          # smoke run, a few minutes
+    python benchmarks/codecs.py                  # 2 seeds x 2 algorithms x 5 codecs + 3 timings
+    python benchmarks/codecs.py --quick          # smoke scale
 
 The set-up, data, base model and helpers are those of ``compare_algorithms.py``
 (LoRA, IID, 5 clients, 100 global steps). For each algorithm and each
