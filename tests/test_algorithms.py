@@ -182,6 +182,16 @@ def reference_run(tmp_path_factory):
     return get
 
 
+def kept_upload_tokens(trainer) -> int:
+    """Non-padding positions of every batch the clients uploaded in ``trainer``'s run."""
+    from hf_fsl_sage.federation.schedule import GlobalStepDataset
+
+    steps = GlobalStepDataset(trainer.schedule, trainer.train_dataset, trainer.data_collator)
+    items = [steps[i] for i in range(trainer.args.max_steps)]
+    return sum(int(b["attention_mask"].sum()) for item in items
+               if trainer.algorithm.uploads_at(item["round"], item["local_step"]) for b in item["clients"].values())
+
+
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("algorithm", ALGORITHM_NAMES)
 def test_schedule_and_bytes_are_exact(reference_run, algorithm, use_lora):
@@ -194,6 +204,12 @@ def test_schedule_and_bytes_are_exact(reference_run, algorithm, use_lora):
         assert trainable_bytes(trainer.algorithm.aux[0].module) == sizes["aux"]
 
     nbytes, messages = expected_traffic(algorithm, use_lora, vocab)
+    # Padding never travels: activations, gradients and labels of the kept positions only, the mask of all of them
+    kept = kept_upload_tokens(trainer)
+    if "smashed_up" in nbytes:
+        nbytes["smashed_up"] = kept * (N_EMBD * 4 + 8) + messages["smashed_up"] * BATCH * WIDTH
+    if "gradient_down" in nbytes:
+        nbytes["gradient_down"] = kept * N_EMBD * 4
     ledger = trainer.federation.transport.ledger
     assert dict(ledger.by_kind) == dict(nbytes)
     assert dict(ledger.messages) == dict(messages)
