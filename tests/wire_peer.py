@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from hf_fsl_sage.splitting.split import Smashed
+from hf_fsl_sage.transport.codecs import ActivationCoder
 from hf_fsl_sage.transport.base import TensorSpec, flatten
 from hf_fsl_sage.transport.distributed import (
     DistributedTransport,
@@ -46,9 +47,11 @@ class Payload:
 
 
 def _upload(hidden: int = HIDDEN, batch: int = BATCH) -> tuple[Smashed, torch.Tensor]:
+    """An upload as a client sends it: encoded by the transport's (default, "none") activation coder."""
     torch.manual_seed(0)
-    return (Smashed(torch.randn(batch, SEQ, hidden), torch.ones(batch, SEQ, dtype=torch.bool)),
-            torch.arange(batch * SEQ).reshape(batch, SEQ))
+    upload = (Smashed(torch.randn(batch, SEQ, hidden), torch.ones(batch, SEQ, dtype=torch.bool)),
+              torch.arange(batch * SEQ).reshape(batch, SEQ))
+    return ActivationCoder().encode(0, "smashed", upload)
 
 
 def _header(kind="smashed", client=0, payload=None, **override) -> bytes:
