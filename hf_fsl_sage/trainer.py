@@ -24,7 +24,6 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.utils import logging
 
 from .algorithms.registry import get as get_algorithm
-from .timing import PARTS, StepTimer, per_step
 from .config import FSLSageConfig
 from .federation.data import check_token_rows, learned_positions, prepare_dataset, split_lm_collator
 from .federation.federation import Federation, Party
@@ -34,6 +33,7 @@ from .federation.schedule import GlobalStepDataset, RoundSchedule
 from .federation.state_io import load_state, save_state
 from .splitting.materialise import load_for_clients, release_unneeded
 from .splitting.split import split_causal_lm
+from .timing import PARTS, StepTimer, per_step
 from .transport.base import LocalTransport
 from .transport.codecs import ActivationCoder
 from .transport.distributed import DistributedTransport, broadcast_json
@@ -212,8 +212,9 @@ class FSLSageTrainer(Trainer):
             logger.info(f"Federated split placement: {self.placement.describe()}")
         else:
             transport = LocalTransport()
-        # Activations cross the wire encoded; the receiver decodes them to the model's dtype.
-        transport.coder = ActivationCoder(args.smashed_codec, dtype=next(self.split.server.parameters()).dtype)
+        # Activations cross the wire encoded; the receiver checks and decodes them to the model's dtype.
+        transport.coder = ActivationCoder(args.smashed_codec, dtype=next(self.split.server.parameters()).dtype,
+                                          hidden_size=self.split.server.embed_dim, vocab_size=vocab)
         transport.timer = StepTimer(args.device)
         self._timed_steps = [0, 0]  # global steps timed since the last log, and in all
         self.federation = Federation(self.split, [len(p) for p in parts], transport, self._make_optimizer,

@@ -204,10 +204,11 @@ def test_schedule_and_bytes_are_exact(reference_run, algorithm, use_lora):
         assert trainable_bytes(trainer.algorithm.aux[0].module) == sizes["aux"]
 
     nbytes, messages = expected_traffic(algorithm, use_lora, vocab)
-    # Padding never travels: activations, gradients and labels of the kept positions only, the mask of all of them
-    kept = kept_upload_tokens(trainer)
+    # Padding never travels: activations, gradients and labels of the kept positions only, one length per row
+    # (1 byte: WIDTH <= 255); a label takes 1 byte for up to 255 token ids, else 2 (up to 65535; -100 has a code)
+    kept, label_bytes = kept_upload_tokens(trainer), 1 if vocab <= 255 else 2
     if "smashed_up" in nbytes:
-        nbytes["smashed_up"] = kept * (N_EMBD * 4 + 8) + messages["smashed_up"] * BATCH * WIDTH
+        nbytes["smashed_up"] = kept * (N_EMBD * 4 + label_bytes) + messages["smashed_up"] * BATCH * 1
     if "gradient_down" in nbytes:
         nbytes["gradient_down"] = kept * N_EMBD * 4
     ledger = trainer.federation.transport.ledger

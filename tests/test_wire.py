@@ -110,14 +110,18 @@ def test_crafted_messages_are_rejected_over_a_real_process_group(tmp_path):
     expected = {
         "pickle_header": "the header is not JSON",
         "unknown_dtype": "dtype 'object' is not one of",
-        "fewer_shapes_than_tensors": "the structure holds 3 tensors but the layout describes 1 tensors",
+        "fewer_shapes_than_tensors": "the structure holds 4 tensors but the layout describes 1 tensors",
         "unknown_structure_tag": "unknown tag",
         "extra_header_field": "exactly kind, client, structure and layout",
         "huge_allocation": "would exceed",
         "other_kind": "expected smashed of client 0 from process 1 (client 0) but got gradient of client 0",
         "other_client": "expected smashed of client 0 from process 1 (client 0) but got smashed of client 3",
-        "wrong_hidden_size": "payload[0].hidden_states: shape (2, 5, 9), expected ('batch', 'seq', 8)",
-        "batch_over_limit": "payload[0].hidden_states: shape (3, 5, 8), expected ('batch', 'seq', 8) with batch = 3 <= 2",
+        "wrong_hidden_size": "q is torch.int8 of shape (8, 9); smashed_codec='int8' at hidden size 8 sends "
+                             "torch.int8 rows of shape (8,)",
+        "batch_over_limit": "3 rows, more than a batch (2)",
+        "lengths_disagree_with_rows": "the upload's fields have leading sizes [(8,)], expected (10,)",
+        "label_outside_vocabulary": "a label is outside the vocabulary (0..999, or -100)",
+        "not_encoded": "the upload is not a dict of exactly rows, lengths, mask, position_ids and labels",
     }
     assert outcome.keys() == expected.keys()
     for name, text in expected.items():

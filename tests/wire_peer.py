@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from hf_fsl_sage.splitting.split import Smashed
-from hf_fsl_sage.transport.codecs import ActivationCoder
 from hf_fsl_sage.transport.base import TensorSpec, flatten
+from hf_fsl_sage.transport.codecs import ActivationCoder
 from hf_fsl_sage.transport.distributed import (
     DistributedTransport,
     FederationCommError,
@@ -30,10 +30,15 @@ from hf_fsl_sage.transport.distributed import (
 )
 from hf_fsl_sage.transport.placement import Placement
 
-HIDDEN, BATCH, SEQ = 8, 2, 5
+HIDDEN, BATCH, SEQ, VOCAB = 8, 2, 5, 1000
+CODEC = "int8"  # per-token codes and scales: more fields to get wrong than a plain cast
 EXPECTED = (Smashed(TensorSpec(("batch", "seq", HIDDEN), (torch.float32,)),
                     TensorSpec(("batch", "seq"), (torch.bool,), optional=True), None),
             TensorSpec(("batch", "seq"), (torch.int64,)))
+
+
+def coder() -> ActivationCoder:
+    return ActivationCoder(CODEC, hidden_size=HIDDEN, vocab_size=VOCAB)
 
 
 class Payload:
@@ -46,12 +51,29 @@ class Payload:
         return Path.touch, (Path(self.marker),)
 
 
-def _upload(hidden: int = HIDDEN, batch: int = BATCH) -> tuple[Smashed, torch.Tensor]:
-    """An upload as a client sends it: encoded by the transport's (default, "none") activation coder."""
+def _plain(hidden: int = HIDDEN, batch: int = BATCH) -> tuple[Smashed, torch.Tensor]:
+    """An upload as a client computes it: activations, the mask (the second row right-padded) and labels."""
     torch.manual_seed(0)
-    upload = (Smashed(torch.randn(batch, SEQ, hidden), torch.ones(batch, SEQ, dtype=torch.bool)),
-              torch.arange(batch * SEQ).reshape(batch, SEQ))
-    return ActivationCoder().encode(0, "smashed", upload)
+    mask = torch.ones(batch, SEQ, dtype=torch.bool)
+    mask[1, 3:] = False
+    labels = torch.arange(batch * SEQ).reshape(batch, SEQ).masked_fill(~mask, -100)
+    return Smashed(torch.randn(batch, SEQ, hidden), mask), labels
+
+
+def _upload(hidden: int = HIDDEN, batch: int = BATCH, change=None) -> dict:
+    """An upload as a client sends it: encoded by the activation coder; ``change(message)`` alters it after."""
+    message = ActivationCoder(CODEC, hidden_size=hidden, vocab_size=VOCAB).encode(0, "smashed", _plain(hidden, batch))
+    if change is not None:
+        change(message)
+    return message
+
+
+def _lengths_disagree(message: dict) -> None:
+    message["lengths"] = message["lengths"] + 1
+
+
+def _label_outside_vocabulary(message: dict) -> None:
+    message["labels"][0] = VOCAB - 32768  # int16 code of token id VOCAB
 
 
 def _header(kind="smashed", client=0, payload=None, **override) -> bytes:
@@ -59,6 +81,12 @@ def _header(kind="smashed", client=0, payload=None, **override) -> bytes:
     header = json.loads(encode_header(kind, client, spec))
     header.update(override)
     return json.dumps(header).encode()
+
+
+def _layout() -> list:
+    """The header's layout of a valid upload: int8 codes and bf16 scales of the 8 kept positions, 2 row lengths,
+    8 labels."""
+    return json.loads(_header())["layout"]
 
 
 def _raw(header: bytes, payload=None) -> list[bytes | torch.Tensor]:
@@ -73,17 +101,18 @@ def scenarios(marker: str) -> dict[str, list[torch.Tensor]]:
     """Name -> the raw transfers process 1 sends (each followed on the receiving side by one ``to_server``)."""
     return {
         "pickle_header": _raw(pickle.dumps(("smashed", 0, Payload(marker)))),
-        "unknown_dtype": _raw(_header(layout=[[[BATCH, SEQ, HIDDEN], "object"], [[BATCH, SEQ], "bool"],
-                                              [[BATCH, SEQ], "int64"]])),
-        "fewer_shapes_than_tensors": _raw(_header(layout=[[[BATCH, SEQ, HIDDEN], "float32"]])),
+        "unknown_dtype": _raw(_header(layout=[[[8, HIDDEN], "object"], *_layout()[1:]])),
+        "fewer_shapes_than_tensors": _raw(_header(layout=_layout()[:1])),
         "unknown_structure_tag": _raw(_header(structure=["object", "os.system"])),
         "extra_header_field": _raw(_header(reduce="os.system")),
-        "huge_allocation": _raw(_header(layout=[[[1 << 30, 1 << 30, HIDDEN], "float32"], [[BATCH, SEQ], "bool"],
-                                                [[BATCH, SEQ], "int64"]])),
+        "huge_allocation": _raw(_header(layout=[[[1 << 30, 1 << 30, HIDDEN], "int8"], *_layout()[1:]])),
         "other_kind": _raw(_header(kind="gradient")),
         "other_client": _raw(_header(client=3)),
         "wrong_hidden_size": _raw(_header(payload=_upload(hidden=HIDDEN + 1)), _upload(hidden=HIDDEN + 1)),
         "batch_over_limit": _raw(_header(payload=_upload(batch=BATCH + 1)), _upload(batch=BATCH + 1)),
+        "lengths_disagree_with_rows": _raw(_header(), _upload(change=_lengths_disagree)),
+        "label_outside_vocabulary": _raw(_header(), _upload(change=_label_outside_vocabulary)),
+        "not_encoded": _raw(_header(payload=_plain()), _plain()),
         "valid": _raw(_header(), _upload()),
     }
 
@@ -106,13 +135,17 @@ def main() -> None:
                     dist.send(part, dst=0)
         else:
             transport = DistributedTransport(Placement.build(0, 2, 1), torch.device("cpu"), timedelta(seconds=30))
+            transport.coder = coder()
+            local = coder()  # what the valid message must decode to: the same coder's round trip in one process
+            want, want_labels = local.decode(0, "smashed", local.encode(0, "smashed", _plain()))
             outcome = {}
             for name in plan:
                 transport.context = f"scenario {name}"
                 try:
                     got = transport.to_server(0, "smashed", None, EXPECTED, {"batch": BATCH})
-                    outcome[name] = {"ok": torch.equal(got[0].hidden_states, _upload()[0].hidden_states)
-                                     and torch.equal(got[1], _upload()[1])}
+                    outcome[name] = {"ok": torch.equal(got[0].hidden_states, want.hidden_states)
+                                     and torch.equal(got[0].attention_mask, want.attention_mask)
+                                     and torch.equal(got[1], want_labels) and torch.equal(want_labels, _plain()[1])}
                 except FederationCommError as error:
                     outcome[name] = {"error": str(error)}
             Path(cli.out).write_text(json.dumps(outcome, indent=1))

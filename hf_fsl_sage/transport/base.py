@@ -18,7 +18,7 @@ import torch
 
 from ..splitting.split import Smashed
 from ..timing import StepTimer
-from .codecs import ActivationCoder
+from .codecs import ActivationCoder, MalformedUpload
 
 T = TypeVar("T")
 
@@ -216,28 +216,34 @@ class Transport(ABC):
         when it comes from another process, once decoded; a message that differs raises
         :class:`FederationCommError`.
         """
-        return self._checked(client_id, UP, kind, self._coded(client_id, UP, kind, payload), expect, limits)
+        return self._checked(client_id, UP, kind, self._coded(client_id, UP, kind, payload, limits), expect, limits)
 
     def to_client(self, client_id: int, kind: str, payload: T | None = None, expect: Expected = None,
                   limits: dict[str, int] | None = None) -> T | None:
         """Send ``payload`` from the server to client ``client_id``; returns what the client receives."""
-        return self._checked(client_id, DOWN, kind, self._coded(client_id, DOWN, kind, payload), expect, limits)
+        return self._checked(client_id, DOWN, kind, self._coded(client_id, DOWN, kind, payload, limits), expect,
+                             limits)
 
-    def _coded(self, client_id: int, direction: str, kind: str, payload: T | None) -> T | None:
+    def _coded(self, client_id: int, direction: str, kind: str, payload: T | None,
+               limits: dict[str, int] | None) -> T | None:
         with self.timer("transport_encode"):
             sent = self.coder.encode(client_id, kind, payload)
         with self.timer("transport_wait"):
             received = self._move(client_id, direction, kind, sent)
         try:
             with self.timer("transport_encode"):
-                return self.coder.decode(client_id, kind, received)
+                return self.coder.decode(client_id, kind, received, limits)
         except (IndexError, KeyError, RuntimeError, TypeError, ValueError) as error:
             sender = self._from_peer(client_id, direction)
             if sender is None:
                 raise
+            where = f"the {kind} message of client {client_id} from {sender} at {self.context or 'set-up'}"
+            if isinstance(error, MalformedUpload):
+                raise FederationCommError(f"rejected {where}: {error}. The sender runs other code, another model "
+                                          "or other settings (smashed_codec) than this process; launch every "
+                                          "process with the same script, arguments and seed.") from None
             raise FederationCommError(
-                f"could not decode the {kind} message of client {client_id} from {sender} at "
-                f"{self.context or 'set-up'} ({type(error).__name__}: {error}). Launch every process with the same "
+                f"could not decode {where} ({type(error).__name__}: {error}). Launch every process with the same "
                 "smashed_codec, script, arguments and seed."
             ) from error
 

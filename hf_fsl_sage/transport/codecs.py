@@ -25,13 +25,15 @@ so that no value is clipped and the receiver uses exactly the scale the
 sender used.
 
 :class:`ActivationCoder` applies a codec to whole messages in the transport
-(:mod:`hf_fsl_sage.transport.base`): the hidden states of every
-:class:`~hf_fsl_sage.splitting.split.Smashed` in a payload, and the gradient
-sent back for the client's last upload. Only the positions the attention mask
-keeps travel; the receiver puts zeros at the others. That is exact: a masked
-position is never attended to, so the server's outputs at kept positions do
-not depend on it, and its own output carries no loss (checked on each upload),
-so the gradient the server sends back is exactly zero there.
+(:mod:`hf_fsl_sage.transport.base`): the hidden states of each upload and the
+gradient sent back for it. Only the positions the attention mask keeps travel,
+and beside them only what the server needs, in the smallest integer dtype that
+holds it: each row's length (right padding) and the labels of the kept
+positions. The receiver puts zeros at the other positions. That is exact: a
+masked position is never attended to, so the server's outputs at kept
+positions do not depend on it, and it carries no label and predicts none
+(checked on each upload), so the gradient the server sends back is exactly
+zero there.
 """
 
 from __future__ import annotations
@@ -146,14 +148,219 @@ register_codec("int8", encode_int8, decode_int8)
 register_codec("int4", encode_int4, decode_int4)
 
 
-# ---------------------------------------------------------------- padding positions
-def kept_positions(x: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+# ---------------------------------------------------------------- what travels beside the activations
+def length_dtype(longest: int) -> torch.dtype:
+    """The smallest wire integer dtype that holds every row length up to ``longest``."""
+    return torch.uint8 if longest <= 255 else torch.int16 if longest <= 32767 else torch.int32
+
+
+def label_dtype(vocab_size: int | None) -> torch.dtype:
+    """The smallest wire integer dtype whose codes hold ``vocab_size`` token ids and the ignore index.
+
+    ``uint8``: ids 0..254, 255 = ignore (vocabularies up to 255); ``int16``: id - 32768, 32767 = ignore (up to
+    65535, GPT-2's 50257 included); ``int32``: the ids and -100 as they are. ``None`` (vocabulary unknown): int64.
+    """
+    if vocab_size is None:
+        return torch.int64
+    return torch.uint8 if vocab_size <= 255 else torch.int16 if vocab_size <= 65535 else torch.int32
+
+
+_LABEL_CODES = {torch.uint8: (0, 255), torch.int16: (-32768, 32767)}  # dtype -> (offset added to an id, ignore)
+
+
+def encode_labels(labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    offset, ignore = _LABEL_CODES.get(dtype, (0, IGNORE_INDEX))
+    return torch.where(labels == IGNORE_INDEX, ignore, labels + offset).to(dtype)
+
+
+def decode_labels(codes: torch.Tensor) -> torch.Tensor:
+    offset, ignore = _LABEL_CODES.get(codes.dtype, (0, IGNORE_INDEX))
+    codes = codes.long()
+    return torch.where(codes == ignore, IGNORE_INDEX, codes - offset)
+
+
+def check_padding_carries_no_loss(kept: torch.Tensor, labels: torch.Tensor) -> None:
+    """Positions that do not travel must carry no label and must not predict a labelled token."""
+    kept = kept.to(labels.device)
+    if bool(((labels != IGNORE_INDEX) & ~kept).any()) or bool(
+            ((labels[:, 1:] != IGNORE_INDEX) & ~kept[:, :-1]).any()):
+        raise ValueError(
+            "a padding position (attention_mask 0) has a label or predicts a labelled token, so the server would "
+            "need its activations: set labels to -100 wherever attention_mask is 0 and pad on the right "
+            "(hf_fsl_sage.federation.data.split_lm_collator does both)."
+        )
+
+
+def _right_padded_lengths(mask: torch.Tensor) -> torch.Tensor | None:
+    """Each row's length if every row keeps a prefix of its positions (right padding), else ``None``."""
+    lengths = mask.sum(dim=1)
+    prefix = torch.arange(mask.shape[1], device=mask.device) < lengths.unsqueeze(1)
+    return lengths if torch.equal(prefix, mask) else None
+
+
+class MalformedUpload(ValueError):
+    """An encoded message that is not what the codec, the model or the protocol allows."""
+
+
+def _require(ok: bool, problem: str) -> None:
+    if not ok:
+        raise MalformedUpload(problem)
+
+
+# ---------------------------------------------------------------- messages
+class ActivationCoder:
+    """Encodes the activations in a transport's messages on the sender; checks and decodes them on the receiver.
+
+    An upload (a message of a kind in ``upload_kinds``) is ``(Smashed, labels)``; it travels as a dict:
+
+    - ``rows``: the codec's fields for the hidden states of the positions the attention mask keeps, one row
+      per kept position, batch-major (with no mask: every position, shaped ``(batch, seq, ...)``);
+    - ``lengths``: with a right-padded mask, each row's length in :func:`length_dtype` (the receiver rebuilds
+      the mask, and the batch up to its longest row: positions past it are padding in every row);
+      ``mask``: with any other mask, the bool mask itself; both ``None`` without a mask;
+    - ``labels``: the labels of the kept positions, coded in :func:`label_dtype` of the vocabulary;
+    - ``position_ids``: as the caller gave them (up to the longest row), or ``None``.
+
+    A reply of a kind in ``reply_kinds`` (the gradient w.r.t. the client's last upload) travels as the codec's
+    fields at that upload's kept positions. On the receiver, :meth:`decode` checks the message before it
+    allocates anything (fields, dtypes and shapes of the codec at ``hidden_size``; lengths, mask and rows that
+    agree; at most ``limits["batch"]`` rows; labels inside the vocabulary) and raises :class:`MalformedUpload`
+    naming the problem; it returns float tensors in ``dtype`` (``"none"``: as sent), zeros at the positions
+    that did not travel and -100 labels there.
+    """
+
+    def __init__(self, codec: str = "none", dtype: torch.dtype = torch.float32, *, hidden_size: int | None = None,
+                 vocab_size: int | None = None, upload_kinds: tuple[str, ...] = ("smashed",),
+                 reply_kinds: tuple[str, ...] = ("gradient",)):
+        if codec not in CODECS:
+            raise ValueError(f"unknown smashed_codec {codec!r}; choose one of {sorted(CODECS)}.")
+        self.codec, self.dtype, self.hidden_size, self.vocab_size = CODECS[codec], dtype, hidden_size, vocab_size
+        self.upload_kinds, self.reply_kinds = upload_kinds, reply_kinds
+        self.labels_dtype = label_dtype(vocab_size)
+        # the kept positions of each client's last upload: as sent (client side), as received (server side)
+        self._sent: dict[int, torch.Tensor | None] = {}
+        self._received: dict[int, torch.Tensor | None] = {}
+
+    # ------------------------------------------------------------ sender
+    def encode(self, client_id: int, kind: str, payload: Any) -> Any:
+        if payload is None:
+            return None
+        if kind in self.reply_kinds:
+            return self.codec.encode(_rows(payload.detach(), self._received.get(client_id)))
+        if kind not in self.upload_kinds:
+            return payload
+        if not (isinstance(payload, (tuple, list)) and len(payload) == 2 and isinstance(payload[0], Smashed)):
+            raise TypeError(f"an upload of kind {kind!r} is (Smashed, labels); send other payloads under another kind")
+        smashed, labels = payload
+        with torch.no_grad():
+            return self._encode_upload(client_id, smashed, labels)
+
+    def _encode_upload(self, client_id: int, smashed: Smashed, labels: torch.Tensor) -> Encoded:
+        hidden, mask, positions = smashed.hidden_states.detach(), smashed.attention_mask, smashed.position_ids
+        self._sent[client_id] = mask
+        if self.vocab_size is not None:
+            outside = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.vocab_size))
+            if bool(outside.any()):
+                raise ValueError(f"label {int(labels[outside][0])} is outside the vocabulary "
+                                 f"(0..{self.vocab_size - 1}, or -100 for no loss)")
+        lengths = None
+        if mask is not None:
+            mask = mask.to(torch.bool)
+            check_padding_carries_no_loss(mask, labels)
+            lengths = _right_padded_lengths(mask)
+            if lengths is not None:  # positions past the longest row are padding in every row: they need no room
+                longest = int(lengths.max()) if lengths.numel() else 0
+                if positions is not None and positions.shape[-1] == mask.shape[1]:
+                    positions = positions[..., :longest]
+                lengths = lengths.to(length_dtype(mask.shape[1]))
+            labels = labels[mask.to(labels.device)]
+        return {"rows": self.codec.encode(_rows(hidden, mask)), "lengths": lengths,
+                "mask": mask if lengths is None else None, "position_ids": positions,
+                "labels": encode_labels(labels, self.labels_dtype)}
+
+    # ------------------------------------------------------------ receiver
+    def decode(self, client_id: int, kind: str, payload: Any, limits: dict[str, int] | None = None) -> Any:
+        if payload is None:
+            return None
+        if kind in self.reply_kinds:
+            kept = self._sent.get(client_id)
+            self._check_rows(payload, (int(kept.sum()),) if kept is not None else None, "the reply")
+            return _restore(self.codec.decode(payload, self.dtype), kept)
+        if kind not in self.upload_kinds:
+            return payload
+        return self._decode_upload(client_id, payload, (limits or {}).get("batch"))
+
+    def _decode_upload(self, client_id: int, message: Any, max_batch: int | None) -> tuple[Smashed, torch.Tensor]:
+        _require(isinstance(message, dict) and message.keys() == {"rows", "lengths", "mask", "position_ids",
+                                                                   "labels"},
+                 "the upload is not a dict of exactly rows, lengths, mask, position_ids and labels")
+        rows, lengths, mask, labels = message["rows"], message["lengths"], message["mask"], message["labels"]
+        label_dtypes = (self.labels_dtype,) if self.vocab_size is not None else (*_LABEL_CODES, torch.int32,
+                                                                                  torch.int64)
+        _require(isinstance(labels, torch.Tensor) and labels.dtype in label_dtypes,
+                 f"labels are not a tensor of {' or '.join(map(str, label_dtypes))}")
+        if lengths is not None or mask is not None:
+            _require(lengths is None or mask is None, "the upload carries both row lengths and a mask")
+            if lengths is not None:
+                _require(isinstance(lengths, torch.Tensor) and lengths.dim() == 1
+                         and lengths.dtype in (torch.uint8, torch.int16, torch.int32),
+                         "lengths are not a 1-d tensor of uint8, int16 or int32")
+                lengths = lengths.long()
+                _require(bool((lengths >= 0).all()), "a row length is negative")
+                batch, kept = lengths.numel(), int(lengths.sum())
+            else:
+                _require(isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype == torch.bool,
+                         "the mask is not a 2-d bool tensor")
+                batch, kept = mask.shape[0], int(mask.sum())
+            _require(max_batch is None or batch <= max_batch, f"{batch} rows, more than a batch ({max_batch})")
+            self._check_rows(rows, (kept,), "the upload")
+            _require(labels.shape == (kept,), f"labels of shape {tuple(labels.shape)} for {kept} kept positions")
+        else:
+            lead = self._check_rows(rows, None, "the upload")
+            _require(len(lead) == 2 and (max_batch is None or lead[0] <= max_batch),
+                     f"rows of shape {tuple(lead)}: not (batch <= {max_batch}, seq)")
+            _require(labels.shape == lead, f"labels of shape {tuple(labels.shape)} for rows {tuple(lead)}")
+        labels = decode_labels(labels)
+        top = self.vocab_size or 2**62
+        _require(bool(((labels == IGNORE_INDEX) | (labels >= 0) & (labels < top)).all()),
+                 f"a label is outside the vocabulary (0..{top - 1}, or -100)")
+        if lengths is not None:
+            longest = int(lengths.max()) if batch else 0
+            mask = torch.arange(longest, device=lengths.device) < lengths.unsqueeze(1)
+        self._received[client_id] = mask
+        hidden = _restore(self.codec.decode(rows, self.dtype), mask)
+        if mask is not None:
+            labels = _restore(labels, mask, IGNORE_INDEX)
+        return Smashed(hidden, mask, message["position_ids"]), labels
+
+    def _check_rows(self, rows: Any, lead: tuple[int, ...] | None, what: str) -> tuple[int, ...]:
+        """``rows`` has the codec's fields, dtypes and per-row shapes (``lead``: the leading sizes, if known);
+        returns the leading sizes."""
+        reference = self.codec.encode(torch.zeros(1, self.hidden_size or 2, dtype=self.dtype))
+        _require(isinstance(rows, dict) and rows.keys() == reference.keys()
+                 and all(isinstance(t, torch.Tensor) for t in rows.values()),
+                 f"{what} does not hold the fields {sorted(reference)} of smashed_codec={self.codec.name!r}")
+        firsts = {tuple(t.shape[:t.dim() - ref.dim() + 1]) for t, ref in zip(rows.values(), reference.values())}
+        _require(len(firsts) == 1 and (lead is None or firsts == {lead}),
+                 f"{what}'s fields have leading sizes {sorted(firsts)}, expected {lead or 'the same'}")
+        for name, ref in reference.items():
+            got = rows[name]
+            same_dtype = got.dtype == ref.dtype or self.codec.name == "none" and got.is_floating_point()
+            tail = tuple(got.shape[got.dim() - ref.dim() + 1:]) if got.dim() >= ref.dim() else None
+            _require(same_dtype and tail is not None and (self.hidden_size is None or tail == tuple(ref.shape[1:])),
+                     f"{what}'s {name} is {got.dtype} of shape {tuple(got.shape)}; smashed_codec="
+                     f"{self.codec.name!r} at hidden size {self.hidden_size} sends {ref.dtype} rows of shape "
+                     f"{tuple(ref.shape[1:])}")
+        return next(iter(firsts))
+
+
+def _rows(x: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
     """The rows of ``x`` (batch, seq, ...) at the positions ``kept`` (batch, seq; bool) marks, or ``x``."""
-    return x if kept is None else x[kept]
+    return x if kept is None else x[kept.to(x.device)]
 
 
-def restore_positions(rows: torch.Tensor, kept: torch.Tensor | None, fill: float = 0) -> torch.Tensor:
-    """Inverse of :func:`kept_positions`: ``fill`` at the positions that did not travel."""
+def _restore(rows: torch.Tensor, kept: torch.Tensor | None, fill: float = 0) -> torch.Tensor:
+    """Inverse of :func:`_rows`: ``fill`` at the positions that did not travel."""
     if kept is None:
         return rows
     out = torch.full((*kept.shape, *rows.shape[1:]), fill, dtype=rows.dtype, device=rows.device)
@@ -161,95 +368,5 @@ def restore_positions(rows: torch.Tensor, kept: torch.Tensor | None, fill: float
     return out
 
 
-def check_padding_carries_no_loss(kept: torch.Tensor, labels: torch.Tensor) -> None:
-    """A position that does not travel must not predict a labelled token (its output would carry loss)."""
-    read = labels[:, 1:] != IGNORE_INDEX
-    if bool((read & ~kept[:, :-1].to(read.device)).any()):
-        raise ValueError(
-            "a padding position (attention_mask 0) predicts a labelled token, so the server would need its "
-            "activations: set labels to -100 wherever attention_mask is 0 and pad on the right "
-            "(hf_fsl_sage.federation.data.split_lm_collator does both)."
-        )
-
-
-# ---------------------------------------------------------------- messages
-class ActivationCoder:
-    """Applies one codec to the activations in the messages of a transport.
-
-    On the sender :meth:`encode` turns every :class:`Smashed` of a payload into
-    ``Smashed({encoded hidden rows}, attention_mask, position_ids)``, and labels
-    that travel beside it (an integer tensor of the mask's shape) into their kept
-    positions when every dropped one is -100. A reply of a kind in
-    ``reply_kinds`` (a gradient w.r.t. the client's last upload) is encoded at
-    that upload's kept positions. :meth:`decode` on the receiver inverts both,
-    returning float tensors in ``dtype`` (``"none"`` returns them as sent).
-    Both sides remember the kept positions of each client's last upload.
-    """
-
-    def __init__(self, codec: str = "none", dtype: torch.dtype = torch.float32,
-                 reply_kinds: tuple[str, ...] = ("gradient",)):
-        if codec not in CODECS:
-            raise ValueError(f"unknown smashed_codec {codec!r}; choose one of {sorted(CODECS)}.")
-        self.codec, self.dtype, self.reply_kinds = CODECS[codec], dtype, reply_kinds
-        self._kept: dict[int, torch.Tensor | None] = {}
-
-    def encode(self, client_id: int, kind: str, payload: Any) -> Any:
-        if payload is None:
-            return None
-        if kind in self.reply_kinds:
-            return self.codec.encode(kept_positions(payload.detach(), self._kept.get(client_id)))
-        with torch.no_grad():
-            return self._walk(payload, lambda s, labels: self._encode_smashed(client_id, s, labels))
-
-    def decode(self, client_id: int, kind: str, payload: Any) -> Any:
-        if payload is None:
-            return None
-        if kind in self.reply_kinds:
-            return restore_positions(self.codec.decode(payload, self.dtype), self._kept.get(client_id))
-        return self._walk(payload, lambda s, labels: self._decode_smashed(client_id, s, labels))
-
-    # Smashed, with the labels that travel beside it
-    def _encode_smashed(self, client_id: int, smashed: Smashed, labels: torch.Tensor | None):
-        kept = smashed.attention_mask
-        self._kept[client_id] = kept
-        hidden = self.codec.encode(kept_positions(smashed.hidden_states.detach(), kept))
-        if labels is not None and kept is not None:
-            check_padding_carries_no_loss(kept, labels)
-            if bool((labels[~kept] == IGNORE_INDEX).all()):
-                labels = labels[kept]
-        return Smashed(hidden, smashed.attention_mask, smashed.position_ids), labels
-
-    def _decode_smashed(self, client_id: int, smashed: Smashed, labels: torch.Tensor | None):
-        kept = smashed.attention_mask
-        self._kept[client_id] = kept
-        hidden = restore_positions(self.codec.decode(smashed.hidden_states, self.dtype), kept)
-        if labels is not None and kept is not None and labels.dim() == 1:
-            labels = restore_positions(labels, kept, IGNORE_INDEX)
-        return Smashed(hidden, smashed.attention_mask, smashed.position_ids), labels
-
-    def _walk(self, obj: Any, fn: Callable[[Smashed, torch.Tensor | None], tuple[Smashed, torch.Tensor | None]]):
-        if isinstance(obj, Smashed):
-            return fn(obj, None)[0]
-        if isinstance(obj, dict):
-            return {k: self._walk(v, fn) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            items = list(obj)
-            if len(items) == 2 and isinstance(items[0], Smashed) and _labels_beside(items[0], items[1]):
-                items = list(fn(items[0], items[1]))
-            else:
-                items = [self._walk(v, fn) for v in items]
-            return items if isinstance(obj, list) else tuple(items)
-        return obj
-
-
-def _labels_beside(smashed: Smashed, other: Any) -> bool:
-    """``other`` is per-position labels of ``smashed``: integers laid out like its hidden states' positions."""
-    if not isinstance(other, torch.Tensor) or other.is_floating_point() or other.dtype == torch.bool:
-        return False
-    mask = smashed.attention_mask
-    return other.shape == (mask.shape if mask is not None else smashed.hidden_states.shape[:-1]) or (
-        mask is not None and other.dim() == 1)
-
-
-__all__ = ["CODECS", "ActivationCoder", "Codec", "check_padding_carries_no_loss", "kept_positions", "register_codec",
-           "restore_positions"]
+__all__ = ["CODECS", "ActivationCoder", "Codec", "MalformedUpload", "check_padding_carries_no_loss",
+           "decode_labels", "encode_labels", "label_dtype", "length_dtype", "register_codec"]
