@@ -6,8 +6,8 @@
 The set-up, data, base model and helpers are those of ``compare_algorithms.py``
 (LoRA, IID, 5 clients, 100 global steps). For each algorithm and each
 ``smashed_codec`` it reports the bytes of the smashed messages per token that
-travelled (hidden states, labels, attention mask, scales; padding never
-travels), the same for SplitFed's gradients, the eval loss at equal steps (the
+travelled, whole (hidden states with their scales, row lengths, labels; padding
+never travels) and of the activations alone, the same for SplitFed's gradients, the eval loss at equal steps (the
 end of the run) and at equal bytes (every run's curve read, by linear
 interpolation, at the smallest total bytes any codec of that algorithm reached),
 and the time profile per global step (``time/*`` of the train metrics).
@@ -58,6 +58,7 @@ from compare_algorithms import (
 
 from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer
 from hf_fsl_sage.federation.schedule import GlobalStepDataset
+from hf_fsl_sage.transport.base import payload_nbytes
 from hf_fsl_sage.transport.codecs import CODECS
 
 ALGORITHMS = ["fsl_sage", "splitfed_v2"]
@@ -94,6 +95,9 @@ def _task(task: tuple[str, str, int]) -> tuple[tuple[str, str, int], dict[str, A
     # what the same uploads cost before padding was dropped: fp32 hidden, bool mask and int64 labels everywhere
     row["padded_fp32_bytes_per_token"] = row["upload_positions"] * (4 * w["cfg"]["n_embd"] + 9) / row["upload_tokens"]
     row["smashed_bytes_per_token"] = kinds.get("smashed_up", 0) / row["upload_tokens"]
+    # the activations alone (codes and scales of one kept position, exact: tests/test_codecs.py); the rest of
+    # each message is row lengths and labels
+    row["activation_bytes_per_token"] = payload_nbytes(CODECS[codec].encode(torch.zeros(1, w["cfg"]["n_embd"])))
     row["gradient_bytes_per_token"] = kinds.get("gradient_down", 0) / row["upload_tokens"]
     return task, row
 
@@ -162,6 +166,7 @@ def summarise(done: dict[tuple[str, str, int], dict[str, Any]], seeds: list[int]
         rows = {codec: [done[(algorithm, codec, s)] for s in seeds] for codec in CODEC_NAMES}
         budget = min(r["total_bytes"] for runs in rows.values() for r in runs)
         base_smashed = statistics.mean(r["smashed_bytes_per_token"] for r in rows["none"])
+        base_activation = rows["none"][0]["activation_bytes_per_token"]
         base_loss = [r["final_eval_loss"] for r in rows["none"]]
         table = {}
         for codec, runs in rows.items():
@@ -169,8 +174,12 @@ def summarise(done: dict[tuple[str, str, int], dict[str, Any]], seeds: list[int]
             at_budget = [loss_at_bytes(r["curve"], budget) for r in runs]
             parts = {k: statistics.mean(r["time_per_step"][k] for r in runs) for k in runs[0]["time_per_step"]}
             padded = statistics.mean(r["padded_fp32_bytes_per_token"] for r in runs)
+            smashed = statistics.mean(r["smashed_bytes_per_token"] for r in runs)
+            activation = runs[0]["activation_bytes_per_token"]
             table[codec] = {
-                "smashed_bytes_per_token": statistics.mean(r["smashed_bytes_per_token"] for r in runs),
+                "smashed_bytes_per_token": smashed,
+                "activation_bytes_per_token": activation, "metadata_bytes_per_token": smashed - activation,
+                "activation_ratio_to_none": activation / base_activation,
                 "gradient_bytes_per_token": statistics.mean(r["gradient_bytes_per_token"] for r in runs),
                 "smashed_ratio_to_none": statistics.mean(r["smashed_bytes_per_token"] for r in runs) / base_smashed,
                 "smashed_ratio_to_padded_fp32": statistics.mean(r["smashed_bytes_per_token"] for r in runs) / padded,
@@ -188,14 +197,16 @@ def codec_table(summary: dict[str, Any]) -> str:
     lines = []
     for algorithm, s in summary.items():
         lines.append(f"\n== {algorithm}: equal-bytes budget {s['byte_budget'] / 1e6:.2f} MB")
-        lines.append(f"{'codec':<6} {'B/token up':>10} {'x none':>7} {'B/token grad':>12} {'loss (seeds)':>22} "
-                     f"{'d% vs none':>16} {'loss @budget':>22} {'s/step':>7}")
+        lines.append(f"{'codec':<6} {'B/token up':>10} {'x none':>7} {'activ.':>7} {'x none':>7} {'meta':>5} "
+                     f"{'B/token grad':>12} {'loss (seeds)':>22} {'d% vs none':>16} {'loss @budget':>22} "
+                     f"{'s/step':>7}")
         for codec, r in s["codecs"].items():
             losses = " ".join(f"{v:.4f}" for v in r["final_eval_loss"])
             change = " ".join(f"{v:+.2f}" for v in r["loss_change_vs_none_pct"])
             budget = " ".join("-" if v is None else f"{v:.4f}" for v in r["eval_loss_at_budget"])
             lines.append(f"{codec:<6} {r['smashed_bytes_per_token']:>10.1f} {r['smashed_ratio_to_none']:>7.3f} "
-                         f"{r['gradient_bytes_per_token']:>12.1f} {losses:>22} {change:>16} {budget:>22} "
+                         f"{r['activation_bytes_per_token']:>7.0f} {r['activation_ratio_to_none']:>7.3f} "
+                         f"{r['metadata_bytes_per_token']:>5.2f} {r['gradient_bytes_per_token']:>12.1f} {losses:>22} {change:>16} {budget:>22} "
                          f"{sum(r['time_per_step'].values()):>7.3f}")
     return "\n".join(lines)
 
