@@ -4,7 +4,8 @@
     python benchmarks/codecs.py --quick          # smoke scale
 
 The set-up, data, base model and helpers are those of ``compare_algorithms.py``
-(LoRA, IID, 5 clients, 100 global steps). For each algorithm and each
+(its preset, LoRA, IID), every run to the preset's step cap with no byte
+budget, so that codecs compare at equal steps. For each algorithm and each
 ``smashed_codec`` it reports the bytes of the smashed messages per token that
 travelled, whole (hidden states with their scales, row lengths, labels; padding
 never travels) and of the activations alone, the same for SplitFed's gradients, the eval loss at equal steps (the
@@ -45,18 +46,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from compare_algorithms import (
     _WORKER,
-    FULL,
-    QUICK,
-    PadCollator,
     _init_worker,
+    common_options,
+    fed_args,
     federated,
-    load_data,
     lora_config,
     plain_trainer,
-    pretrain_base,
+    prepare,
+    preset,
 )
 
-from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer
+from hf_fsl_sage import FSLSageTrainer
 from hf_fsl_sage.federation.schedule import GlobalStepDataset
 from hf_fsl_sage.transport.base import payload_nbytes
 from hf_fsl_sage.transport.codecs import CODECS
@@ -70,7 +70,7 @@ def schedule_tokens(trainer) -> dict[str, int]:
     """Non-padding tokens the clients trained on, and those (and all positions) of the batches they uploaded."""
     steps = GlobalStepDataset(trainer.schedule, trainer.train_dataset, trainer.data_collator)
     out = {"train_tokens": 0, "upload_tokens": 0, "upload_positions": 0}
-    for step in range(trainer.args.max_steps):
+    for step in range(trainer.state.global_step or trainer.args.max_steps):
         item = steps[step]
         uploads = trainer.algorithm.uploads_at(item["round"], item["local_step"])
         for batch in item["clients"].values():
@@ -90,7 +90,7 @@ def _task(task: tuple[str, str, int]) -> tuple[tuple[str, str, int], dict[str, A
         return task, time_pair(w["cfg"], w["base"], w["data"], w["collator"], seed)
     with tempfile.TemporaryDirectory() as tmp:
         row = federated(w["cfg"], w["base"], w["data"], w["collator"], algorithm, True, "iid", seed, tmp,
-                        overrides={"smashed_codec": codec}, inspect=schedule_tokens)
+                        overrides={"smashed_codec": codec, "max_comm_bytes": None}, inspect=schedule_tokens)
     kinds = row["bytes_by_kind"]
     # what the same uploads cost before padding was dropped: fp32 hidden, bool mask and int64 labels everywhere
     row["padded_fp32_bytes_per_token"] = row["upload_positions"] * (4 * w["cfg"]["n_embd"] + 9) / row["upload_tokens"]
@@ -125,6 +125,7 @@ class CountingCollator:
 
 
 def time_centralized(cfg, base, data, collator, seed: int) -> dict[str, float]:
+    """A plain PEFT Trainer on the unsplit model, as many examples as FSL-SAGE's clients see, no evaluation."""
     from peft import get_peft_model
 
     set_seed(seed)
@@ -132,7 +133,7 @@ def time_centralized(cfg, base, data, collator, seed: int) -> dict[str, float]:
     counting = CountingCollator(collator)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = plain_trainer(model, tmp, data["train"], counting, cfg["max_steps"] * cfg["num_clients"],
-                                cfg["batch"], cfg["lr_lora"], seed)
+                                cfg["batch"], cfg["lr_lora"], seed, cfg["warmup_steps"], "constant_with_warmup")
         start, cpu = time.time(), time.process_time()
         trainer.train()
         wall, cpu = time.time() - start, time.process_time() - cpu
@@ -140,11 +141,19 @@ def time_centralized(cfg, base, data, collator, seed: int) -> dict[str, float]:
 
 
 def time_fsl_sage(cfg, base, data, collator, seed: int) -> dict[str, Any]:
+    """FSL-SAGE to the step cap, no byte budget, no evaluation."""
+    set_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        row = federated(cfg, base, data, collator, "fsl_sage", True, "iid", seed, tmp,
-                        overrides={"eval_strategy": "no"}, inspect=schedule_tokens)
-    return {"wall_seconds": row["train_seconds"], "cpu_seconds": row["train_cpu_seconds"],
-            "tokens": row["train_tokens"], "time_per_step": row["time_per_step"]}
+        args = fed_args(cfg, "fsl_sage", True, "iid", seed, tmp, 0, {"max_comm_bytes": None, "eval_strategy": "no",
+                                                                      "logging_strategy": "no"})
+        trainer = FSLSageTrainer(model=copy.deepcopy(base).train(), args=args, train_dataset=data["train"],
+                                 data_collator=collator, peft_config=lora_config())
+        start, cpu = time.time(), time.process_time()
+        metrics = trainer.train().metrics
+        wall, cpu = time.time() - start, time.process_time() - cpu
+        tokens = schedule_tokens(trainer)["train_tokens"]
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "tokens": tokens,
+            "time_per_step": {k[5:]: v for k, v in metrics.items() if k.startswith("time/")}}
 
 
 def time_pair(cfg, base, data, collator, seed: int) -> dict[str, Any]:
@@ -230,22 +239,17 @@ def timing_table(timing: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budget, to check that everything runs")
-    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
+    common_options(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="training seeds (data and base: seed 0); default 0 1, or 0 with --quick")
+                        help="training seeds (data and base: --seed); default 0 1, or 0 with --quick")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timings of centralized then FSL-SAGE, back to back in one process each")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
-    parser.add_argument("--max-steps", type=int, default=None, help="global steps per run (default: the set-up's)")
     parser.add_argument("--part", choices=["all", "codecs", "timing"], default="all",
                         help="run only the codec runs or only the timing (written to codecs[_quick]_<part>.json)")
     opts = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
-    cfg = dict(QUICK if opts.quick else FULL)
-    if opts.max_steps:
-        cfg["max_steps"] = opts.max_steps
+    cfg = preset(opts)
     opts.seeds = opts.seeds or ([0] if opts.quick else [0, 1])
     out_dir = Path(opts.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,13 +257,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     assert set(CODEC_NAMES) <= set(CODECS)
 
     started = time.time()
-    data = load_data(cfg, offline_gpt2_tokenizer(), 0, False)
-    collator = PadCollator(data["pad_id"])
-    base, base_info = pretrain_base(cfg, data, collator, 0)
-    results: dict[str, Any] = {"config": {**cfg, "seeds": opts.seeds, "quick": opts.quick, "jobs": opts.jobs,
-                                          "threads": 1, "partition": "iid", "lora": True,
-                                          "vocab_size": data["vocab_size"], "data": data["sizes"]},
-                               "base": base_info}
+    results, init_args, _ = prepare(opts, cfg)
+    results["config"].update(seeds=opts.seeds, quick=opts.quick, partition="iid", lora=True, byte_budget=None)
 
     tasks = []
     if opts.part != "codecs":  # first: each is two runs in a row
@@ -267,7 +266,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if opts.part != "timing":
         tasks += [(a, c, s) for s in opts.seeds for a in ALGORITHMS for c in CODEC_NAMES]
     done: dict[tuple[str, str, int], dict[str, Any]] = {}
-    init_args = (cfg, 0, False, 1, base.config, base.state_dict())
     with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_worker, initargs=init_args) as pool:
         for future in as_completed([pool.submit(_task, t) for t in tasks]):

@@ -10,7 +10,8 @@ Parts timed by the trainer (the keys of :data:`PARTS`): the client's forward
 pass, its auxiliary model's forward pass, the rest of the client's half of a
 step (backward passes through the auxiliary model and the client, optimizer
 step), the client's half after a server reply (SplitFed's backward), the
-server's step, the alignment, encoding and decoding activations, and moving
+server's step, the alignment, the held-out gradient cosine (a diagnostic, see
+``aux_heldout_cosine``), encoding and decoding activations, and moving
 messages (in one process: a copy; across processes: sending, receiving, and
 waiting for the peer).
 """
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 import torch
 
 PARTS = ("client_forward", "aux_forward", "client_backward_step", "client_receive", "server_step", "align",
-         "transport_encode", "transport_wait")
+         "heldout_cosine", "transport_encode", "transport_wait")
 
 
 class StepTimer:

@@ -204,8 +204,9 @@ class AuxiliaryLossAlgorithm(Algorithm):
         aux = self.aux_as_client_uses_it(client) if self.aux_heldout_cosine else None
         if aux is not None:
             fed, start = self.fed, time.perf_counter()
-            self._heldout.append(heldout_cosine(aux.loss, fed.server_loss, (aux.module, fed.server.module), smashed,
-                                                labels, fed.label_smoothing))
+            with fed.timer("heldout_cosine"):
+                self._heldout.append(heldout_cosine(aux.loss, fed.server_loss, (aux.module, fed.server.module),
+                                                    smashed, labels, fed.label_smoothing))
             self.heldout_seconds += time.perf_counter() - start
 
     def log_sums(self) -> dict[str, tuple[float, int]]:
