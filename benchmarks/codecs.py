@@ -13,9 +13,10 @@ end of the run) and at equal bytes (every run's curve read, by linear
 interpolation, at the smallest total bytes any codec of that algorithm reached),
 and the time profile per global step (``time/*`` of the train metrics).
 
-Then, in this process, back to back and ``--repeats`` times: a centralized PEFT
+Then, in one process, back to back and ``--repeats`` times: a centralized PEFT
 ``Trainer`` on the unsplit model (same LoRA config, data, batch size, learning
-rate and number of examples) and FSL-SAGE, neither evaluating while it trains;
+rate and number of examples), FSL-SAGE, and FSL-SAGE without its held-out
+gradient cosine (a diagnostic), none evaluating while it trains;
 it reports wall and CPU seconds per training token (tokens = non-padding
 positions of every batch the run trained on). Writes ``codecs[_quick].json``
 under ``--output-dir`` (default ``benchmarks/results``) and prints the tables.
@@ -140,12 +141,12 @@ def time_centralized(cfg, base, data, collator, seed: int) -> dict[str, float]:
     return {"wall_seconds": wall, "cpu_seconds": cpu, "tokens": counting.tokens}
 
 
-def time_fsl_sage(cfg, base, data, collator, seed: int) -> dict[str, Any]:
-    """FSL-SAGE to the step cap, no byte budget, no evaluation."""
+def time_fsl_sage(cfg, base, data, collator, seed: int, **overrides: Any) -> dict[str, Any]:
+    """FSL-SAGE to the step cap, no byte budget, no evaluation; ``overrides`` are FSLSageConfig fields."""
     set_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         args = fed_args(cfg, "fsl_sage", True, "iid", seed, tmp, 0, {"max_comm_bytes": None, "eval_strategy": "no",
-                                                                      "logging_strategy": "no"})
+                                                                      "logging_strategy": "no", **overrides})
         trainer = FSLSageTrainer(model=copy.deepcopy(base).train(), args=args, train_dataset=data["train"],
                                  data_collator=collator, peft_config=lora_config())
         start, cpu = time.time(), time.process_time()
@@ -157,15 +158,20 @@ def time_fsl_sage(cfg, base, data, collator, seed: int) -> dict[str, Any]:
 
 
 def time_pair(cfg, base, data, collator, seed: int) -> dict[str, Any]:
-    """Centralized then FSL-SAGE, back to back in this process: seconds per training token, alignment's share."""
-    central = time_centralized(cfg, base, data, collator, seed)
-    sage = time_fsl_sage(cfg, base, data, collator, seed)
-    per = {k: {m: r[m] / r["tokens"] for m in ("wall_seconds", "cpu_seconds")}
-           for k, r in (("centralized", central), ("fsl_sage", sage))}
-    align_share = sage["time_per_step"].get("align", 0.0) / max(sum(sage["time_per_step"].values()), 1e-12)
-    return {"centralized": central, "fsl_sage": sage, "per_token": per, "align_share": align_share,
-            "ratio_wall": per["fsl_sage"]["wall_seconds"] / per["centralized"]["wall_seconds"],
-            "ratio_cpu": per["fsl_sage"]["cpu_seconds"] / per["centralized"]["cpu_seconds"]}
+    """Centralized, FSL-SAGE, and FSL-SAGE without the held-out cosine (a diagnostic), back to back in this
+    process: seconds per training token, alignment's share."""
+    runs = {"centralized": time_centralized(cfg, base, data, collator, seed),
+            "fsl_sage": time_fsl_sage(cfg, base, data, collator, seed),
+            "fsl_sage_no_heldout": time_fsl_sage(cfg, base, data, collator, seed, aux_heldout_cosine=False)}
+    per = {k: {m: r[m] / r["tokens"] for m in ("wall_seconds", "cpu_seconds")} for k, r in runs.items()}
+    out = {**runs, "per_token": per}
+    for name in ("fsl_sage", "fsl_sage_no_heldout"):
+        profile = runs[name]["time_per_step"]
+        suffix = "" if name == "fsl_sage" else "_no_heldout"
+        out["align_share" + suffix] = profile.get("align", 0.0) / max(sum(profile.values()), 1e-12)
+        out["ratio_wall" + suffix] = per[name]["wall_seconds"] / per["centralized"]["wall_seconds"]
+        out["ratio_cpu" + suffix] = per[name]["cpu_seconds"] / per["centralized"]["cpu_seconds"]
+    return out
 
 
 # ---------------------------------------------------------------- report
@@ -223,16 +229,19 @@ def codec_table(summary: dict[str, Any]) -> str:
 def timing_table(timing: dict[str, Any]) -> str:
     lines = [f"\n== per training token (microseconds), {len(timing['runs'])} back-to-back repeats"]
     for run in timing["runs"]:
-        c, f = run["centralized"], run["fsl_sage"]
-        lines.append(f"centralized wall {1e6 * c['wall_seconds'] / c['tokens']:.1f} cpu "
-                     f"{1e6 * c['cpu_seconds'] / c['tokens']:.1f} | fsl_sage wall "
-                     f"{1e6 * f['wall_seconds'] / f['tokens']:.1f} cpu {1e6 * f['cpu_seconds'] / f['tokens']:.1f} | "
-                     f"ratio wall {run['ratio_wall']:.2f} cpu {run['ratio_cpu']:.2f}, alignment "
-                     f"{100 * run['align_share']:.0f} % of fsl_sage")
-    profile = timing["runs"][-1]["fsl_sage"]["time_per_step"]
-    total = sum(profile.values())
-    lines.append("fsl_sage seconds per global step: " + ", ".join(
-        f"{k} {v:.4f} ({100 * v / total:.0f} %)" for k, v in profile.items() if v))
+        cells = []
+        for name in ("centralized", "fsl_sage", "fsl_sage_no_heldout"):
+            r = run[name]
+            cells.append(f"{name} wall {1e6 * r['wall_seconds'] / r['tokens']:.1f} cpu "
+                         f"{1e6 * r['cpu_seconds'] / r['tokens']:.1f}")
+        lines.append(" | ".join(cells) + f" | ratio cpu {run['ratio_cpu']:.2f} ({run['ratio_cpu_no_heldout']:.2f} "
+                     f"without held-out cosine), wall {run['ratio_wall']:.2f} ({run['ratio_wall_no_heldout']:.2f}); "
+                     f"alignment {100 * run['align_share']:.0f} % ({100 * run['align_share_no_heldout']:.0f} %)")
+    for name in ("fsl_sage", "fsl_sage_no_heldout"):
+        profile = timing["runs"][-1][name]["time_per_step"]
+        total = sum(profile.values())
+        lines.append(f"{name} seconds per global step: " + ", ".join(
+            f"{k} {v:.4f} ({100 * v / total:.0f} %)" for k, v in profile.items() if v))
     return "\n".join(lines)
 
 
@@ -286,9 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(codec_table(results["codecs"]))
     runs = [done[k] for k in sorted(done) if k[0] == "timing"]
     if runs:
-        results["timing"] = {"runs": runs, "ratio_wall_median": statistics.median(r["ratio_wall"] for r in runs),
-                             "ratio_cpu_median": statistics.median(r["ratio_cpu"] for r in runs),
-                             "align_share_median": statistics.median(r["align_share"] for r in runs)}
+        keys = [f"{k}{s}" for k in ("ratio_wall", "ratio_cpu", "align_share") for s in ("", "_no_heldout")]
+        results["timing"] = {"runs": runs, **{f"{k}_median": statistics.median(r[k] for r in runs) for k in keys}}
         print(timing_table(results["timing"]))
     results["seconds"] = time.time() - started
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
