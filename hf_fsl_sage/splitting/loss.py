@@ -26,10 +26,13 @@ def causal_lm_loss(
 
     Only the positions that carry a label go through ``head`` (for E2E that is
     the reference text only), ``chunk_tokens`` at a time; with ``checkpoint``
-    each chunk's logits are recomputed in the backward pass instead of being
-    kept, so peak memory is one chunk of logits. Matches transformers'
-    ``ForCausalLMLoss`` (shift by one, fp32 logits, mean over labelled tokens).
-    Use ``checkpoint=False`` when second-order gradients are needed.
+    and more than one chunk, each chunk's logits are recomputed in the backward
+    pass instead of being kept, so peak memory is one chunk of logits. A single
+    chunk is not recomputed: the backward pass starts with its logits alive
+    either way, so recomputing them would cost a head forward and save nothing.
+    Matches transformers' ``ForCausalLMLoss`` (shift by one, fp32 logits, mean
+    over labelled tokens). Use ``checkpoint=False`` when second-order gradients
+    are needed.
     """
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
     keep = (targets != IGNORE_INDEX).nonzero(as_tuple=True)[0]
@@ -42,9 +45,10 @@ def causal_lm_loss(
         return F.cross_entropy(head(h).float(), y, reduction="sum", label_smoothing=label_smoothing)
 
     total = hidden.new_zeros((), dtype=torch.float32)
+    checkpoint = checkpoint and torch.is_grad_enabled() and states.shape[0] > chunk_tokens
     for start in range(0, states.shape[0], chunk_tokens):
         h, y = states[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if checkpoint and torch.is_grad_enabled():
+        if checkpoint:
             total = total + activation_checkpoint(chunk_loss, h, y, use_reentrant=False)
         else:
             total = total + chunk_loss(h, y)
