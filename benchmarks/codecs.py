@@ -175,10 +175,11 @@ def time_pair(cfg, base, data, collator, seed: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- report
-def summarise(done: dict[tuple[str, str, int], dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+def summarise(done: dict[tuple[str, str, int], dict[str, Any]], seeds: list[int],
+              codecs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for algorithm in ALGORITHMS:
-        rows = {codec: [done[(algorithm, codec, s)] for s in seeds] for codec in CODEC_NAMES}
+        rows = {codec: [done[(algorithm, codec, s)] for s in seeds] for codec in codecs}
         budget = min(r["total_bytes"] for runs in rows.values() for r in runs)
         base_smashed = statistics.mean(r["smashed_bytes_per_token"] for r in rows["none"])
         base_activation = rows["none"][0]["activation_bytes_per_token"]
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common_options(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="training seeds (data and base: --seed); default 0 1, or 0 with --quick")
+    parser.add_argument("--codecs", nargs="+", default=CODEC_NAMES, help="codecs to run ('none' among them)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timings of centralized then FSL-SAGE, back to back in one process each")
     parser.add_argument("--part", choices=["all", "codecs", "timing"], default="all",
@@ -263,17 +265,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = Path(opts.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = ("codecs_quick" if opts.quick else "codecs") + ("" if opts.part == "all" else f"_{opts.part}")
-    assert set(CODEC_NAMES) <= set(CODECS)
+    unknown = set(opts.codecs) - set(CODECS)
+    if unknown or "none" not in opts.codecs:
+        parser.error(f"--codecs: unknown {sorted(unknown)}, or 'none' (the reference) missing")
 
     started = time.time()
     results, init_args, _ = prepare(opts, cfg)
-    results["config"].update(seeds=opts.seeds, quick=opts.quick, partition="iid", lora=True, byte_budget=None)
+    results["config"].update(seeds=opts.seeds, codecs=opts.codecs, quick=opts.quick, partition="iid", lora=True,
+                             byte_budget=None)
 
     tasks = []
     if opts.part != "codecs":  # first: each is two runs in a row
         tasks += [("timing", str(r), 0) for r in range(opts.repeats)]
     if opts.part != "timing":
-        tasks += [(a, c, s) for s in opts.seeds for a in ALGORITHMS for c in CODEC_NAMES]
+        tasks += [(a, c, s) for s in opts.seeds for a in ALGORITHMS for c in opts.codecs]
     done: dict[tuple[str, str, int], dict[str, Any]] = {}
     with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_worker, initargs=init_args) as pool:
@@ -291,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     codec_runs = {k: v for k, v in done.items() if k[0] != "timing"}
     if codec_runs:
         results["runs"] = {"/".join(map(str, k)): v for k, v in sorted(codec_runs.items())}
-        results["codecs"] = summarise(codec_runs, opts.seeds)
+        results["codecs"] = summarise(codec_runs, opts.seeds, opts.codecs)
         print(codec_table(results["codecs"]))
     runs = [done[k] for k in sorted(done) if k[0] == "timing"]
     if runs:
