@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from hf_fsl_sage.testing_utils import accelerate_launch, run
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from launching import accelerate_launch, run  # noqa: E402
 
 RUN = ROOT / "tests" / "distributed_run.py"
 CONFIG = ROOT / "accelerate_configs" / "cpu_3_processes.yaml"

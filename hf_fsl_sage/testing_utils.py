@@ -7,13 +7,28 @@ serves every family. Per-layer lists (``layer_types``, block types, MoE layer
 flags) are rebuilt for the requested depth so that every kind of layer the family
 has occurs, and sliding windows are made short enough to matter on ~12 tokens.
 Token ids (pad/bos/eos and special ids) are moved inside the small vocabulary.
+
+:func:`run`, :func:`run_together` and :func:`accelerate_launch` start test processes so that none outlives
+its test: each command runs in its own session (process group), and on a timeout, an error or a finished
+test the whole group is killed, so the workers ``accelerate launch`` or torchrun started go with it. Output
+goes to files, not pipes, so a chatty process never blocks while the test waits on another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +36,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 __all__ = [
     "FAMILY_NOTES",
+    "accelerate_launch",
+    "free_port",
     "SLIDING_WINDOW",
     "TINY",
     "max_split_diff",
     "one_fsl_sage_round",
+    "run",
+    "run_together",
     "sample_batch",
     "tiny_causal_lm",
     "tiny_config",
@@ -95,7 +114,8 @@ _FILL_NONE: list[tuple[str, Any]] = [
 
 # SSM (Mamba-2 style) heads: (heads, head dim, expand) fields; heads * head_dim must equal expand * hidden.
 _SSM_HEADS = [("num_heads", "head_dim", "expand"), ("mamba_n_heads", "mamba_d_head", "mamba_expand"),
-              ("n_mamba_heads", "mamba_headdim", "mamba_expand"), ("mamba_num_heads", "mamba_head_dim", "mamba_expand")]
+              ("n_mamba_heads", "mamba_headdim", "mamba_expand"),
+              ("mamba_num_heads", "mamba_head_dim", "mamba_expand")]
 
 
 # ---------------------------------------------------------------- per-family extras (kept small)
@@ -110,7 +130,8 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen2_moe": {"use_sliding_window": True, "max_window_layers": 1},
     "qwen3": {"use_sliding_window": True, "max_window_layers": 1},
     "qwen3_moe": {"use_sliding_window": True, "max_window_layers": 1},
-    "gpt_neo": {"attention_types": lambda n: [[["global", "local"], n // 2]] + [[["global"], n % 2]] * (n % 2), "window_size": SLIDING_WINDOW},
+    "gpt_neo": {"attention_types": lambda n: [[["global", "local"], n // 2]] + [[["global"], n % 2]] * (n % 2),
+                "window_size": SLIDING_WINDOW},
     "zamba": {"attn_layer_period": 1, "attn_layer_offset": 0, "attention_head_dim": None},
     "bamba": {"attn_layer_indices": lambda n: list(range(1, n, 2))},
     "granitemoehybrid": {"layer_types": _cycled("linear_attention", "full_attention")},
@@ -159,7 +180,7 @@ def _tiny_value(name: str, value: Any) -> Any:
 
 
 def _per_layer(values: list, num_layers: int) -> list:
-    """A list of length ``num_layers`` in which every distinct value of ``values`` occurs (cycled, first-seen order)."""
+    """A ``num_layers``-long list in which every distinct value of ``values`` occurs (cycled, first-seen order)."""
     distinct: list = []
     for v in values:
         if v not in distinct:
@@ -197,7 +218,8 @@ def _tiny_kwargs(cfg: PretrainedConfig, num_layers: int) -> dict[str, Any]:
                 continue  # one kind only: let the config derive it in __post_init__ (it may depend on overrides)
             new = _per_layer(value, num_layers)
         elif isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value) \
-                and default_layers and max(value) < default_layers and re.fullmatch(r".*(layers|idxs|ids|indices)", name):
+                and default_layers and max(value) < default_layers \
+                and re.fullmatch(r".*(layers|idxs|ids|indices)", name):
             new = [i for i in range(num_layers) if i % 2 == 1] or [0]  # a layer-index list: every other layer
         if new is not original:
             kw[name] = new
@@ -237,7 +259,7 @@ def _make_consistent(kw: dict[str, Any], names: set[str], amap: dict[str, str]) 
 
 
 def _token_ids(values: dict[str, Any], vocab: int) -> dict[str, Any]:
-    """Token-id fields of ``values`` that fall outside (or at the top of) a ``vocab``-sized vocabulary, moved inside."""
+    """Token-id fields of ``values`` outside (or at the top of) a ``vocab``-sized vocabulary, moved inside."""
     low = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     out: dict[str, Any] = {}
     for name, value in values.items():
@@ -252,7 +274,7 @@ def _token_ids(values: dict[str, Any], vocab: int) -> dict[str, Any]:
 
 
 def _with_layer_count(cfg: PretrainedConfig, default: PretrainedConfig, num_layers: int) -> None:
-    """Make per-layer lists derived in ``__post_init__`` match ``num_layers`` and contain every kind the default has."""
+    """Make per-layer lists derived in ``__post_init__`` match ``num_layers``, with every kind the default has."""
     for name, value in list(vars(cfg).items()):
         if not (isinstance(value, list) and value and _LAYER_LISTS.fullmatch(name)
                 and all(isinstance(v, str) for v in value)):
@@ -402,3 +424,73 @@ def one_fsl_sage_round(model: PreTrainedModel, output_dir: str, seq_len: int = 1
         now = {n: p for n, p in half.named_parameters() if p.requires_grad}
         report[f"{k}_changed"] = sum(not torch.equal(now[n], t) for n, t in before[k].items()) / max(1, len(now))
     return report
+
+
+# ---------------------------------------------------------------- test processes
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def run_together(commands: Sequence[Sequence[str]], env: dict[str, str], timeout: float,
+                 cwd: str | Path | None = None) -> list[subprocess.CompletedProcess]:
+    """Run ``commands`` at the same time, each in its own process group; wait for all, at most ``timeout`` s.
+
+    Raises :class:`subprocess.TimeoutExpired` (after killing every group) when the time runs out.
+    """
+    with tempfile.TemporaryDirectory(prefix="launch-") as logs, contextlib.ExitStack() as stack:
+        processes, files = [], []
+        try:
+            for i, command in enumerate(commands):
+                out = stack.enter_context(open(Path(logs, f"{i}.out"), "w+"))
+                err = stack.enter_context(open(Path(logs, f"{i}.err"), "w+"))
+                files += [out, err]
+                processes.append(subprocess.Popen(list(command), env=env, cwd=cwd, stdout=out, stderr=err, text=True,
+                                                  start_new_session=True))
+            deadline = time.monotonic() + timeout
+            for process, command in zip(processes, commands):
+                remaining = deadline - time.monotonic()
+                try:
+                    process.wait(timeout=max(remaining, 0.01))
+                except subprocess.TimeoutExpired:
+                    raise subprocess.TimeoutExpired(list(command), timeout) from None
+            done = []
+            for i, (process, command) in enumerate(zip(processes, commands)):
+                out, err = files[2 * i], files[2 * i + 1]
+                out.seek(0), err.seek(0)
+                done.append(subprocess.CompletedProcess(list(command), process.returncode, out.read(), err.read()))
+            return done
+        finally:
+            for process in processes:
+                _kill_group(process)  # also the workers a launcher started, even when the launcher exited
+
+
+def run(command: Sequence[str], env: dict[str, str], timeout: float,
+        cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """:func:`run_together` for one command."""
+    return run_together([command], env, timeout, cwd)[0]
+
+
+_PORT_TAKEN = re.compile(r"EADDRINUSE|[Aa]ddress already in use|port .* is already in use")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(config: str | Path, script_and_args: Sequence[str], env: dict[str, str], timeout: float,
+                      attempts: int = 3) -> subprocess.CompletedProcess:
+    """``accelerate launch`` on a free port, again on another port if the chosen one was taken before the
+    launcher could bind it (another test or job may take it in between)."""
+    for attempt in range(attempts):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                   "--main_process_port", str(free_port()), *script_and_args]
+        done = run(command, env, timeout)
+        if done.returncode == 0 or not _PORT_TAKEN.search(done.stderr) or attempt == attempts - 1:
+            return done
+    raise AssertionError("unreachable")

@@ -25,23 +25,22 @@ from transformers.utils import logging
 
 from .algorithms.registry import get as get_algorithm
 from .config import FSLSageConfig
+from .federation.checkpoint import load_federation_state, save_federation_state
 from .federation.data import check_token_rows, learned_positions, prepare_dataset, split_lm_collator
 from .federation.federation import Federation, Party
 from .federation.guard import Guard
 from .federation.partition import partition
 from .federation.schedule import GlobalStepDataset, RoundSchedule
-from .federation.state_io import load_state, save_state
 from .splitting.materialise import load_for_clients, release_unneeded
 from .splitting.split import split_causal_lm
 from .timing import PARTS, StepTimer, per_step
-from .transport.base import LocalTransport
 from .transport.codecs import ActivationCoder
 from .transport.distributed import DistributedTransport, broadcast_json
+from .transport.local import LocalTransport
 from .transport.placement import SERVER_RANK, Placement
 
-logger = logging.get_logger(__name__)
 
-FEDERATION_STATE = "federation.safetensors"
+logger = logging.get_logger(__name__)
 
 
 class RoleOptimizers:
@@ -141,7 +140,8 @@ class FSLSageTrainer(Trainer):
         if args is None:
             args = FSLSageConfig(output_dir="fsl_sage_output")
         if not isinstance(args, FSLSageConfig):
-            raise TypeError(f"args must be an FSLSageConfig, got {type(args).__name__}; build one with FSLSageConfig(...).")
+            raise TypeError(f"args must be an FSLSageConfig, got {type(args).__name__}; "
+                            "build one with FSLSageConfig(...).")
 
         # Placement: a process that holds clients but not the server needs only part of the model
         placement = Placement.build(args.process_index, args.world_size, args.num_clients, args.client_ranks)
@@ -181,7 +181,8 @@ class FSLSageTrainer(Trainer):
                           args.partition_column)
         train_dataset = prepare_dataset(train_dataset, processing_class, "train_dataset")
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: prepare_dataset(v, processing_class, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
+            eval_dataset = {k: prepare_dataset(v, processing_class, f"eval_dataset[{k!r}]")
+                            for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
             eval_dataset = prepare_dataset(eval_dataset, processing_class, "eval_dataset")
         vocab, positions = model.get_input_embeddings().num_embeddings, learned_positions(model)
@@ -414,8 +415,8 @@ class FSLSageTrainer(Trainer):
             eval_dataset = self.eval_dataset[eval_dataset]
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         # Not sharded over processes: the server's process evaluates all of it.
-        return torch.utils.data.DataLoader(dataset, batch_size=self.args.eval_batch_size, collate_fn=self.data_collator,
-                                           num_workers=self.args.dataloader_num_workers,
+        return torch.utils.data.DataLoader(dataset, batch_size=self.args.eval_batch_size,
+                                           collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers,
                                            pin_memory=self.args.dataloader_pin_memory)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -462,28 +463,13 @@ class FSLSageTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save and self.split.untied_after_training():
-            self._untie_for_export()
+            self.split.untie_for_export()
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             for name, state in self.algorithm.exported_states().items():
                 path = os.path.join(output_dir, f"{name}.safetensors")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 save_file({n: t.detach().contiguous() for n, t in state.items()}, path)
-
-    def _untie_for_export(self) -> None:
-        """The server's head was trained apart from the client's embedding: give the global model its own head."""
-        lm = self.split.model.get_base_model() if hasattr(self.split.model, "get_base_model") else self.split.model
-        server_head = self.split.server.lm.get_output_embeddings()
-        lm.config.tie_word_embeddings = False
-        if hasattr(lm.config, "get_text_config"):
-            lm.config.get_text_config().tie_word_embeddings = False
-        lm.get_output_embeddings().weight = server_head.weight
-
-    def _federation_state_file(self, directory: str) -> str:
-        if not self.placement.is_distributed:
-            return os.path.join(directory, FEDERATION_STATE)
-        rank, size = self.placement.rank, self.placement.world_size
-        return os.path.join(directory, f"federation-rank{rank}-of-{size}.safetensors")
 
     def _federation_state(self) -> dict[str, Any]:
         return {**self.federation.state_dict(), "algorithm": self.algorithm.state_dict()}
@@ -496,28 +482,18 @@ class FSLSageTrainer(Trainer):
         if not self.placement.is_distributed:
             super()._save_optimizer_and_scheduler(output_dir)
             if self.args.should_save:
-                save_state(self._federation_state(), self._federation_state_file(output_dir))
+                save_federation_state(self._federation_state(), output_dir, self.placement)
             return
         # Each process saves the parties it holds, with their optimizers and schedules.
-        os.makedirs(output_dir, exist_ok=True)
         state = {"federation": self._federation_state(), "optimizers": self.optimizer.state_dict(),
                  "schedulers": self.lr_scheduler.state_dict()}
-        save_state(state, self._federation_state_file(output_dir))
+        save_federation_state(state, output_dir, self.placement)
         torch.distributed.barrier()  # the checkpoint is whole before Trainer writes its state and rotates old ones
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
             return
-        path = self._federation_state_file(checkpoint)
-        if not os.path.isfile(path):
-            written = sorted(f for f in os.listdir(checkpoint) if f.startswith("federation"))
-            raise FileNotFoundError(
-                f"{checkpoint} has no {os.path.basename(path)}"
-                + (f" (it holds {written}: resume with the number of processes that wrote it)." if written
-                   else ": it was not written by FSLSageTrainer.")
-            )
-        device = self.args.device
-        state = load_state(path, "cpu" if device.type == "cpu" else device)  # plain data: nothing in it is run
+        state = load_federation_state(checkpoint, self.placement, self.args.device)
         if not self.placement.is_distributed:
             self._load_federation_state(state)  # first: it says what differs when the run does not match
             super()._load_optimizer_and_scheduler(checkpoint)

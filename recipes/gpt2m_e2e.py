@@ -69,11 +69,6 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.trainer_utils import IntervalStrategy
 
-try:
-    import hf_fsl_sage  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.e2e.central import centralized_reference, pretrained_base
 from hf_fsl_sage.e2e.data import (
@@ -90,6 +85,7 @@ from hf_fsl_sage.e2e.data import (
 from hf_fsl_sage.e2e.evaluation import GenerationEvalCallback, GenerationSettings, evaluate_e2e_generation
 from hf_fsl_sage.e2e.metrics import METRIC_NAMES
 from hf_fsl_sage.integrations.plotting import CommBytesAtEvaluation, plot_loss_vs_comm
+
 
 logger = logging.getLogger("gpt2m_e2e")
 
@@ -252,7 +248,8 @@ def lora_config(script: ScriptArguments, model: PreTrainedModel):
     fan_in_fan_out = script.lora_fan_in_fan_out
     if fan_in_fan_out is None:
         targets = set(script.lora_target_modules)
-        fan_in_fan_out = any(isinstance(m, Conv1D) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
+        fan_in_fan_out = any(isinstance(m, Conv1D) for n, m in model.named_modules()
+                             if n.rsplit(".", 1)[-1] in targets)
     return LoraConfig(r=script.lora_r, lora_alpha=script.lora_alpha, lora_dropout=script.lora_dropout,
                       target_modules=list(script.lora_target_modules), fan_in_fan_out=fan_in_fan_out,
                       task_type="CAUSAL_LM")
@@ -395,7 +392,8 @@ def _card_metrics(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in (*METRIC_NAMES, "slot_error_rate"):
         value = results.get(name)
-        out[f"test_{name}"] = value if value is not None else f"unavailable: {results.get(f'{name}_unavailable_reason')}"
+        reason = results.get(f"{name}_unavailable_reason")
+        out[f"test_{name}"] = value if value is not None else f"unavailable: {reason}"
     out["test_mrs"] = results.get("num_generation_mrs")
     return out
 
@@ -460,7 +458,8 @@ def run(script: ScriptArguments, args: FSLSageConfig,
             set_seed(args.seed)
 
     trainer = FSLSageTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                             processing_class=tokenizer, peft_config=lora_config(script, model) if script.use_peft else None)
+                             processing_class=tokenizer,
+                             peft_config=lora_config(script, model) if script.use_peft else None)
     trainer.add_callback(CommBytesAtEvaluation(trainer.federation.transport.ledger))
     if script.generate_every_eval:
         trainer.add_callback(GenerationEvalCallback(trainer, raw["validation"], script.generation(),

@@ -1,12 +1,15 @@
 """A tiny federated split run, the same in one process or under ``accelerate launch`` (used by test_distributed).
 
-    python tests/distributed_run.py --output_dir D [--algorithm fsl_sage]
-    accelerate launch --config_file accelerate_configs/cpu_3_processes.yaml tests/distributed_run.py --output_dir D
+    PYTHONPATH=. python tests/distributed_run.py --output_dir D [--algorithm fsl_sage]
+    PYTHONPATH=. accelerate launch --config_file accelerate_configs/cpu_3_processes.yaml tests/distributed_run.py \
+        --output_dir D
+
+from the repository root (``tests.helpers`` is imported from there).
 
 Writes ``D/final`` (the global model as a PEFT adapter) and, on the main process, ``D/result.json``
-(ledger, log history, placement). ``--kill_rank R --kill_step S`` makes process R die (SIGKILL) at the end of global step S;
-``--stall_rank R`` makes it hang there instead. The moment of the kill (``D/killed_at``) and of the error the
-server's process raises (``D/failed_at``) are written as Unix times, so a test can time the detection alone.
+(ledger, log history, placement). ``--kill_rank R --kill_step S`` makes process R die (SIGKILL) at the end of
+global step S; ``--stall_rank R`` makes it hang there instead. The moment of the kill (``D/killed_at``) and of the
+error the server's process raises (``D/failed_at``) are written as Unix times, so a test can time the detection alone.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import gc
 import json
 import os
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,11 +27,9 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, GPT2Config, TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_fixtures import PadCollator, compact_e2e  # noqa: E402
-
-from hf_fsl_sage import FSLSageConfig, FSLSageTrainer  # noqa: E402
-from hf_fsl_sage.transport.base import FederationCommError  # noqa: E402
+from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
+from hf_fsl_sage.transport.base import FederationCommError
+from tests.helpers import PadCollator, compact_e2e
 
 
 class DieAt(TrainerCallback):

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 from collections import Counter
-from functools import lru_cache
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, GPT2Config
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.algorithms import ALGORITHMS, Algorithm, StepResult, register
 from hf_fsl_sage.algorithms.auxiliary import AuxiliaryLossAlgorithm
-from hf_fsl_sage.e2e.data import E2E_SAMPLE_PATH, load_e2e_csv, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
 from hf_fsl_sage.federation.federation import trainable_parameters
+from tests.helpers import PadCollator, compact_e2e, lora, snapshot, tiny_gpt2, trainable_bytes
 
 ALGORITHM_NAMES = ["fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
 SPLITFED = ("splitfed_v1", "splitfed_v2")
@@ -26,43 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- fixtures
-@lru_cache(maxsize=None)
-def tiny_e2e(max_length: int = 40) -> tuple[datasets.Dataset, datasets.Dataset, int, int]:
-    """Real E2E sample rows, GPT-2 tokenized, ids renumbered densely: (train, eval, vocab, pad id)."""
-    tok = offline_gpt2_tokenizer()
-    splits = split_by_mr(load_e2e_csv(E2E_SAMPLE_PATH), eval_fraction=0.1, seed=0)
-    parts = {k: tokenize_e2e(v, tok, max_length=max_length) for k, v in splits.items()}
-    used = sorted({t for ds in parts.values() for row in ds["input_ids"] for t in row})
-    index = {t: i for i, t in enumerate(used)}
-
-    def renumber(row):
-        return {"input_ids": [index[t] for t in row["input_ids"]],
-                "labels": [t if t < 0 else index[t] for t in row["labels"]]}
-
-    train, evalset = (parts[k].map(renumber) for k in ("train", "validation"))
-    return train, evalset, len(used), index[tok.eos_token_id]
-
-
-def collate(pad: int, width: int | None = None):
-    """Right padding; to ``width`` when given (every batch the same shape), else to the longest row."""
-    fixed = width
-
-    def fn(rows):
-        width = fixed or max(len(r["input_ids"]) for r in rows)
-        return {key: torch.tensor([list(r[key]) + [fill] * (width - len(r[key])) for r in rows])
-                for key, fill in (("input_ids", pad), ("attention_mask", 0), ("labels", -100))}
-    return fn
-
-
-def tiny_gpt2(vocab: int, seed: int = 0, dropout: float = 0.0):
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(GPT2Config(
-        n_layer=N_LAYER, n_embd=N_EMBD, n_head=2, n_positions=64, vocab_size=vocab,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
-
-
-def lora(dropout: float = 0.0) -> LoraConfig:
-    return LoraConfig(r=LORA_R, lora_alpha=32, lora_dropout=dropout, target_modules=["c_attn"], fan_in_fan_out=True)
+def tiny_e2e() -> tuple[datasets.Dataset, datasets.Dataset, int, int]:
+    return compact_e2e(max_length=40, eval_fraction=0.1, with_mr=False)
 
 
 def make_trainer(tmp_path: Path, algorithm: str, use_lora: bool = False, seed: int = 0, eval_rows: int = 64,
@@ -76,12 +38,12 @@ def make_trainer(tmp_path: Path, algorithm: str, use_lora: bool = False, seed: i
                     align_buffer_size=4, learning_rate=3e-3, warmup_steps=0, logging_steps=5,
                     save_strategy="no", report_to="none", seed=seed, disable_tqdm=True)
     settings.update(overrides)
-    model = tiny_gpt2(vocab, seed, dropout)
+    model = tiny_gpt2(vocab, seed, dropout, n_embd=N_EMBD, n_head=2, n_layer=N_LAYER)
     if client_gradient != 1.0:
         last_client_block = model.transformer.h[settings.get("cut_layer", 1) - 1]
         last_client_block.register_forward_hook(scale_gradient_hook(client_gradient))
     return FSLSageTrainer(model=model, args=FSLSageConfig(**settings), train_dataset=train,
-                          eval_dataset=evalset.select(range(eval_rows)), data_collator=collate(pad, width),
+                          eval_dataset=evalset.select(range(eval_rows)), data_collator=PadCollator(pad, width),
                           peft_config=lora(dropout) if use_lora else None)
 
 
@@ -107,14 +69,6 @@ def scale_gradient_hook(factor: float):
             return (_ScaleGradient.apply(output[0], factor), *output[1:])
         return _ScaleGradient.apply(output, factor)
     return hook
-
-
-def trainable_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in trainable_parameters(module).values())
-
-
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
 # ---------------------------------------------------------------- exact byte accounting
@@ -222,7 +176,8 @@ def test_schedule_and_bytes_are_exact(reference_run, algorithm, use_lora):
     logged = [h for h in trainer.state.log_history if "comm_bytes" in h and "loss" in h]
     assert [h["step"] for h in logged] == [5, 10]
     assert all({"loss", "server_loss", "comm_bytes_up", "comm_bytes_down"} <= h.keys() for h in logged)
-    assert (logged[-1]["comm_bytes_up"], logged[-1]["comm_bytes_down"], logged[-1]["comm_bytes"]) == (up, down, up + down)
+    last = logged[-1]
+    assert (last["comm_bytes_up"], last["comm_bytes_down"], last["comm_bytes"]) == (up, down, up + down)
 
     # Both halves of the global model trained; with LoRA the base stayed frozen
     for half, module in (("client", trainer.split.client), ("server", trainer.split.server)):

@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_fsl_sage.splitting.split import Smashed
+from hf_fsl_sage.testing_utils import accelerate_launch, free_port, run, run_together
 from hf_fsl_sage.transport.base import payload_nbytes
 from hf_fsl_sage.transport.distributed import flatten, pack, unflatten, unpack
 from hf_fsl_sage.transport.placement import Placement, party_seed
-from hf_fsl_sage.splitting.split import Smashed
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from launching import accelerate_launch, free_port, run, run_together  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "distributed_run.py"
@@ -59,8 +58,8 @@ def test_party_seed_depends_on_the_party_and_step_only():
 
 def test_wire_format_round_trips_every_payload_exactly():
     torch.manual_seed(0)
-    smashed = Smashed(torch.randn(2, 5, 8, dtype=torch.bfloat16), torch.tensor([[1, 1, 1, 0, 0]] * 2, dtype=torch.bool),
-                      None)
+    smashed = Smashed(torch.randn(2, 5, 8, dtype=torch.bfloat16),
+                      torch.tensor([[1, 1, 1, 0, 0]] * 2, dtype=torch.bool), None)
     payload = {"act": (smashed, torch.randint(0, 50, (2, 5))), "w": [torch.randn(3, 3), torch.tensor(2.5)], "n": None}
     spec, tensors = flatten(payload)
     buffer = pack(tensors, torch.device("cpu"))

@@ -10,27 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e_fixtures import PadCollator, compact_e2e, pretrained_state
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.federation.federation import trainable_parameters
-
-
-def tiny_gpt2(vocab: int, seed: int = 0, dropout: float = 0.0, pretrained: bool = False):
-    torch.manual_seed(seed)
-    config = GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=64, vocab_size=vocab,
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-    model = AutoModelForCausalLM.from_config(config)
-    if pretrained:
-        model.load_state_dict(pretrained_state(config.to_json_string(use_diff=False)))
-    return model
-
-
-def lora(dropout: float = 0.0, target_modules: tuple[str, ...] = ("c_attn",)) -> LoraConfig:
-    return LoraConfig(r=4, lora_alpha=32, lora_dropout=dropout, target_modules=list(target_modules),
-                      fan_in_fan_out=True)
+from tests.helpers import PadCollator, compact_e2e, lora, tiny_gpt2
 
 
 def make_trainer(tmp_path: Path, model=None, peft_config=None, **overrides) -> FSLSageTrainer:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hf_fsl_sage.splitting.split import Smashed
+from hf_fsl_sage.testing_utils import run_together
 from hf_fsl_sage.transport.base import TensorSpec, conforms, flatten
 from hf_fsl_sage.transport.distributed import (
     MalformedMessage,
@@ -19,8 +20,6 @@ from hf_fsl_sage.transport.distributed import (
     encode_header,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from launching import run_together  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +32,8 @@ def _payload():
 def test_header_is_json_and_round_trips():
     spec = flatten(_payload())[0]
     raw = encode_header("smashed", 3, spec)
-    assert json.loads(raw)["layout"] == [[[2, 5, 8], "bfloat16"], [[2, 5], "bool"], [[2, 5], "int64"], [[3], "float32"]]
+    assert json.loads(raw)["layout"] == [[[2, 5, 8], "bfloat16"], [[2, 5], "bool"], [[2, 5], "int64"],
+                                         [[3], "float32"]]
     kind, client, (structure, layout) = decode_header(raw)
     assert (kind, client) == ("smashed", 3)
     assert layout == [((2, 5, 8), torch.bfloat16), ((2, 5), torch.bool), ((2, 5), torch.int64), ((3,), torch.float32)]
@@ -99,7 +99,8 @@ def test_crafted_messages_are_rejected_over_a_real_process_group(tmp_path):
     """Process 1 sends a pickle header and malformed or unexpected messages; process 0 rejects each, names the
     sender, unpickles nothing, and still receives the valid message after them exactly."""
     marker, out = tmp_path / "unpickled", tmp_path / "outcome.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     peer = [sys.executable, str(ROOT / "tests" / "wire_peer.py"), "--store", str(tmp_path / "store"),
             "--marker", str(marker), "--out", str(out)]
     done = run_together([[*peer, "--rank", "0"], [*peer, "--rank", "1"]], env, timeout=180)

@@ -19,7 +19,7 @@ from ..federation.federation import Client, Federation, load_trainable_state, tr
 from ..splitting.loss import ChunkedLMLoss
 from ..splitting.materialise import release_unneeded
 from ..splitting.split import Smashed, SplitCausalLM, SplitServer
-from ..splitting.stand_ins import _has_params, _owner_paths, _path_of, _SkippedBlock, _with_replaced, deepcopy_module
+from ..splitting.stand_ins import SkippedBlock, block_owner_paths, deepcopy_module, has_params, path_of, with_replaced
 from ..transport.placement import party_seed
 from .base import Algorithm, StepResult
 from .gradients import heldout_cosine
@@ -56,7 +56,7 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
     gradient matching needs on every device.
     """
     server_lm = split.server.lm
-    first = split.server._first_block[0]
+    first = split.first_server_block
     blocks_path, blocks = next(
         (n, m) for n, m in server_lm.named_modules() if isinstance(m, nn.ModuleList) and any(b is first for b in m)
     )
@@ -67,8 +67,8 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
             f"aux_num_layers={num_layers} exceeds the {available} blocks the server holds after cut_layer={cut}; "
             f"choose aux_num_layers <= {available}."
         )
-    owner_paths = _owner_paths(blocks_path)
-    head_path = _path_of(server_lm, server_lm.get_output_embeddings())
+    owner_paths = block_owner_paths(blocks_path)
+    head_path = path_of(server_lm, server_lm.get_output_embeddings())
 
     # With init="server_blocks" and only adapters training, frozen weights equal the server's for ever: every copy
     # reads the same tensors. With trainable="all" each copy needs its own (they train).
@@ -76,15 +76,15 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
     memo = {id(p): p for p in server_lm.parameters() if not p.requires_grad} if share else {}
     aux_blocks = deepcopy_module(blocks[cut : cut + num_layers], dict(memo))
     replacements: dict[str, nn.Module] = {
-        blocks_path: nn.ModuleList([_SkippedBlock(b) for b in blocks[:cut]] + list(aux_blocks)),
+        blocks_path: nn.ModuleList([SkippedBlock(b) for b in blocks[:cut]] + list(aux_blocks)),
         head_path: TiedHead(embedding),
     }
     for own in owner_paths:
         for name, child in server_lm.get_submodule(own).named_children():
             path = ".".join(p for p in (own, name) if p)
-            if child is not blocks and path not in owner_paths and path != head_path and _has_params(child):
+            if child is not blocks and path not in owner_paths and path != head_path and has_params(child):
                 replacements[path] = deepcopy_module(child, dict(memo))  # final norm (and any other post-block module)
-    aux_lm = _with_replaced(server_lm, replacements)
+    aux_lm = with_replaced(server_lm, replacements)
 
     config = copy.deepcopy(server_lm.config)
     config._attn_implementation = "eager"

@@ -29,7 +29,6 @@ import datasets
 from tokenizers import Tokenizer
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ..federation.data import split_lm_collator, tokenize_text
 from ..splitting.loss import IGNORE_INDEX
 
 RESOURCES_DIR = Path(__file__).resolve().parent / "resources"

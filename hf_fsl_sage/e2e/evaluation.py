@@ -23,6 +23,7 @@ from .data import E2E_SEPARATOR, e2e_prompt
 from .metrics import compute_e2e_metrics
 from .slot_errors import slot_error_rate, slot_errors, venue_lexicon
 
+
 __all__ = ["GenerationSettings", "E2EGenerationResult", "GenerationEvalCallback", "group_references",
            "generation_model", "generate_texts", "evaluate_e2e_generation"]
 
@@ -78,7 +79,7 @@ def generation_model(trainer: Any) -> nn.Module:
     """
     split = getattr(trainer, "split", None)  # a plain Trainer has none: its model is the global one
     if split is not None and split.untied_after_training():
-        trainer._untie_for_export()
+        split.untie_for_export()
     return trainer.model
 
 

@@ -44,6 +44,6 @@ UNSUPPORTED_FEATURES: list[tuple[str, str]] = [
 
 # Embedding-stage modules (by attribute name) that the server runs itself: their output is used by every
 # block, not only added to the token embeddings, and they are fixed tables computed from positions.
-_SERVER_RUNS: dict[str, tuple[str, ...]] = {
+SERVER_RUNS: dict[str, tuple[str, ...]] = {
     "roformer": ("embed_positions",),  # sinusoidal table feeding the rotary embedding of every layer
 }

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .stand_ins import _PassThrough, _path_of, _with_replaced
+from .stand_ins import PassThrough, path_of, with_replaced
+
 
 IGNORE_INDEX = -100
 
@@ -55,7 +56,7 @@ def causal_lm_loss(
     return total / keep.numel()
 
 
-class _HeadlessOutput(_PassThrough):
+class _HeadlessOutput(PassThrough):
     """The trunk's LM head: returns the final hidden states, and shows the real head's ``weight``
     (some families read it in their forward, e.g. Mamba for the dtype of its logits)."""
 
@@ -84,10 +85,10 @@ class ChunkedLMLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         lm = server.lm
         head = lm.get_output_embeddings()
-        head_path = _path_of(lm, head)
+        head_path = path_of(lm, head)
         trunk = copy.copy(server)
         trunk._modules = dict(server._modules)
-        trunk.lm = _with_replaced(lm, {head_path: _HeadlessOutput(head)})
+        trunk.lm = with_replaced(lm, {head_path: _HeadlessOutput(head)})
         self._trunk = [trunk]  # shares every weight with ``server``
         self._head_path = head_path
         self.fast: bool | None = None
@@ -103,7 +104,7 @@ class ChunkedLMLoss(nn.Module):
             hidden = self._trunk[0](smashed).logits
             return causal_lm_loss(hidden, self.head, labels, label_smoothing, self.chunk_tokens, checkpoint)
         logits = self.server(smashed).logits
-        return causal_lm_loss(logits, _PassThrough(), labels, label_smoothing, self.chunk_tokens, checkpoint=False)
+        return causal_lm_loss(logits, PassThrough(), labels, label_smoothing, self.chunk_tokens, checkpoint=False)
 
     @torch.no_grad()
     def _head_reproduces_logits(self, smashed) -> bool:

@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file, logging
 
 from .split import _unwrap, decoder_blocks
-from .stand_ins import _join, _path_of
+from .stand_ins import join_path, path_of
 
 logger = logging.get_logger(__name__)
 
@@ -52,11 +52,11 @@ def unneeded_modules(model: nn.Module, cut_layer: int, server_blocks: int) -> li
     """
     lm = _unwrap(model)
     base_path, blocks_path = decoder_blocks(lm)
-    blocks = lm.get_submodule(_join(base_path, blocks_path))
-    paths = [_join(base_path, blocks_path, str(i)) for i in range(cut_layer + server_blocks, len(blocks))]
+    blocks = lm.get_submodule(join_path(base_path, blocks_path))
+    paths = [join_path(base_path, blocks_path, str(i)) for i in range(cut_layer + server_blocks, len(blocks))]
     head = lm.get_output_embeddings()
     if head is not None and head.weight is not lm.get_input_embeddings().weight:
-        paths.append(_path_of(lm, head))
+        paths.append(path_of(lm, head))
     return paths
 
 
@@ -141,7 +141,7 @@ def _locate(names: list[str], weights: dict, prefix: str) -> dict[tuple[str, str
     by_file: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
     resolved: dict[str, str] = {}
     for name in names:
-        candidates = [name, name.removeprefix(prefix + "."), _join(prefix, name)]
+        candidates = [name, name.removeprefix(prefix + "."), join_path(prefix, name)]
         stored = next((c for c in candidates if c in stored_map), None)
         if stored is None:
             continue  # a tied weight, or a renamed key: checked after loading

@@ -45,19 +45,20 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .families import _SERVER_RUNS, UNSUPPORTED_FEATURES, UNSUPPORTED_MODEL_TYPES
+from .families import SERVER_RUNS, UNSUPPORTED_FEATURES, UNSUPPORTED_MODEL_TYPES
 from .stand_ins import (
-    _first_output,
-    _has_params,
-    _join,
-    _NotHeld,
-    _owner_paths,
-    _path_of,
-    _SkippedBlock,
-    _Stop,
-    _server_stand_ins,
-    _with_replaced,
+    NotHeld,
+    SkippedBlock,
+    StopForward,
+    block_owner_paths,
+    first_output,
+    has_params,
+    join_path,
+    path_of,
+    server_stand_ins,
+    with_replaced,
 )
+
 
 __all__ = ["Smashed", "SplitClient", "SplitServer", "SplitCausalLM", "split_causal_lm"]
 
@@ -117,14 +118,14 @@ class SplitClient(nn.Module):
         captured: list[torch.Tensor] = []
 
         def stop(module, args, output):  # nothing after the last client block runs on the client
-            captured.append(_first_output(output))
-            raise _Stop
+            captured.append(first_output(output))
+            raise StopForward
 
         handle = self._last_block[0].register_forward_hook(stop)
         try:
             self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       inputs_embeds=inputs_embeds, use_cache=False)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             handle.remove()
@@ -142,6 +143,11 @@ class SplitServer(nn.Module):
         self.lm = lm
         self._first_block = [first_block]
         self.embed_dim = embed_dim
+
+    @property
+    def first_block(self) -> nn.Module:
+        """The first decoder block this half runs: the smashed activations enter there."""
+        return self._first_block[0]
 
     def forward(self, smashed: Smashed, labels: torch.Tensor | None = None, **kwargs):
         hidden = smashed.hidden_states
@@ -189,6 +195,20 @@ class SplitCausalLM(nn.Module):
         head = self.server.lm.get_output_embeddings().weight
         return not torch.equal(emb.detach().to(head.device), head.detach())
 
+    @property
+    def first_server_block(self) -> nn.Module:
+        """The first decoder block of the server half (block ``cut_layer``)."""
+        return self.server.first_block
+
+    def untie_for_export(self) -> None:
+        """Give the split model its own LM head, the server's, when that was trained apart from the client's
+        embedding (:meth:`untied_after_training`): saving or generating with ``model`` then uses the trained head."""
+        lm = _unwrap(self.model)
+        lm.config.tie_word_embeddings = False
+        if hasattr(lm.config, "get_text_config"):
+            lm.config.get_text_config().tie_word_embeddings = False
+        lm.get_output_embeddings().weight = self.server.lm.get_output_embeddings().weight
+
 
 # ---------------------------------------------------------------- construction
 def _unwrap(model: nn.Module) -> PreTrainedModel:
@@ -235,7 +255,7 @@ def _find_blocks(base: nn.Module, num_layers: int, model_type: str) -> str:
     lists = {n: m for n, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2}
     found = [n for n, m in lists.items() if len(m) == num_layers]
     if not found:
-        weighted = [n for n, m in lists.items() if all(_has_params(b) for b in m)]
+        weighted = [n for n, m in lists.items() if all(has_params(b) for b in m)]
         depth = min((n.count(".") for n in weighted), default=0)
         found = sorted((n for n in weighted if n.count(".") == depth), key=lambda n: -len(lists[n]))[:1]
     if not found:
@@ -320,7 +340,7 @@ def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_laye
     handles = []
     for owner in owners:
         for name, child in base.get_submodule(owner).named_children():
-            path = _join(owner, name)
+            path = join_path(owner, name)
             if child is blocks or path in owners:
                 continue
             handles.append(child.register_forward_pre_hook(
@@ -337,7 +357,7 @@ def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_laye
         order.append(i)
 
     def leave(module, args, output, i):
-        firsts[i], counts[i] = _first_output(output), _output_count(output)
+        firsts[i], counts[i] = first_output(output), _output_count(output)
 
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(lambda m, a, k, i=i: enter(m, a, k, i), with_kwargs=True))
@@ -402,36 +422,36 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
             f"cut_layer={cut_layer!r} is out of range for {model_type} with {num_layers} blocks: "
             f"choose an integer in 1 … {num_layers - 1} (the client runs blocks [0, cut_layer))."
         )
-    owners = _owner_paths(blocks_path)
+    owners = block_owner_paths(blocks_path)
 
     token_embedding = lm.get_input_embeddings()
-    server_runs = {p for p, _ in base.named_modules() if p.rpartition(".")[2] in _SERVER_RUNS.get(model_type, ())}
+    server_runs = {p for p, _ in base.named_modules() if p.rpartition(".")[2] in SERVER_RUNS.get(model_type, ())}
     called, outputs = _observe(base, owners, blocks, cut_layer, token_embedding, server_runs, model_type)
     pre = set(called)
     client_repl: dict[str, nn.Module] = {blocks_path: nn.ModuleList(list(blocks[:cut_layer]))}
-    skipped = [_SkippedBlock(b, n) for b, n in zip(blocks[:cut_layer], outputs)]
+    skipped = [SkippedBlock(b, n) for b, n in zip(blocks[:cut_layer], outputs)]
     server_repl: dict[str, nn.Module] = {blocks_path: nn.ModuleList(skipped + list(blocks[cut_layer:]))}
     for own in owners:
         for name, child in base.get_submodule(own).named_children():
-            path = _join(own, name)
-            if child is blocks or path in owners or not _has_params(child) or path in server_runs:
+            path = join_path(own, name)
+            if child is blocks or path in owners or not has_params(child) or path in server_runs:
                 continue  # (modules in ``server_runs`` are fixed tables both sides run)
             if child is token_embedding or path in pre:
-                server_repl.update(_server_stand_ins(path, child, token_embedding))
+                server_repl.update(server_stand_ins(path, child, token_embedding))
             else:
-                client_repl[path] = _NotHeld(f"{path!r}", "server")
+                client_repl[path] = NotHeld(f"{path!r}", "server")
 
     head = lm.get_output_embeddings()
-    head_path = _path_of(lm, head)
+    head_path = path_of(lm, head)
     head_copied = head.weight is token_embedding.weight and head.weight.requires_grad
-    lm_repl = {_join(base_path, p): m for p, m in server_repl.items()}
+    lm_repl = {join_path(base_path, p): m for p, m in server_repl.items()}
     if head_copied:
         own_head = copy.copy(head)
         own_head._parameters = dict(head._parameters)
         own_head.weight = nn.Parameter(head.weight.detach().clone())
         lm_repl[head_path] = own_head
 
-    embedding_path = _path_of(base, token_embedding)
-    client = SplitClient(_with_replaced(base, client_repl), blocks[cut_layer - 1], embedding_path)
-    server = SplitServer(_with_replaced(lm, lm_repl), blocks[cut_layer], token_embedding.embedding_dim)
+    embedding_path = path_of(base, token_embedding)
+    client = SplitClient(with_replaced(base, client_repl), blocks[cut_layer - 1], embedding_path)
+    server = SplitServer(with_replaced(lm, lm_repl), blocks[cut_layer], token_embedding.embedding_dim)
     return SplitCausalLM(client, server, model, cut_layer, num_layers, head_copied)

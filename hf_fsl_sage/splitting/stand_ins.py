@@ -14,11 +14,11 @@ from torch import nn
 from transformers import PretrainedConfig
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass early (the client stops after its last block)."""
 
 
-class _NotHeld(nn.Module):
+class NotHeld(nn.Module):
     """Placeholder for a module the other side owns; calling it is a bug."""
 
     def __init__(self, what: str, owner: str):
@@ -29,14 +29,14 @@ class _NotHeld(nn.Module):
         raise RuntimeError(f"{self.what} is held by the {self.owner}, not on this side of the split")
 
 
-class _PassThrough(nn.Module):
+class PassThrough(nn.Module):
     """Returns its first input unchanged (shape-preserving stand-in)."""
 
     def forward(self, *args, **kwargs):
         return args[0] if args else next(iter(kwargs.values()))
 
 
-class _SkippedBlock(nn.Module):
+class SkippedBlock(nn.Module):
     """A client-side block as seen by the server: no weights, same plain attributes, same output structure.
 
     Plain attributes of the real block (``attention_type``, ``layer_idx``, class attributes and properties such
@@ -49,7 +49,7 @@ class _SkippedBlock(nn.Module):
 
     def __init__(self, block: nn.Module, outputs: int = 0):
         super().__init__()
-        if isinstance(block, _SkippedBlock):  # a stand-in of a stand-in keeps what the first one knew
+        if isinstance(block, SkippedBlock):  # a stand-in of a stand-in keeps what the first one knew
             outputs = outputs or block.outputs
         self.outputs = outputs
         for key, value in self._snapshot(block).items():
@@ -59,7 +59,7 @@ class _SkippedBlock(nn.Module):
     def _snapshot(cls, block: nn.Module) -> dict[str, Any]:
         found: dict[str, Any] = {}
         for klass in reversed(type(block).__mro__):
-            if klass in nn.Module.__mro__ or klass is _SkippedBlock:
+            if klass in nn.Module.__mro__ or klass is SkippedBlock:
                 continue
             for key, value in vars(klass).items():
                 if isinstance(value, property):
@@ -111,30 +111,31 @@ def _server_stand_in(module: nn.Module) -> nn.Module | None:
     if isinstance(module, nn.Linear):
         return _ZeroProjection(module.out_features)
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or type(module).__name__.lower().endswith("norm"):
-        return _PassThrough()
+        return PassThrough()
     return None
 
 
-def _server_stand_ins(path: str, module: nn.Module, token_embedding: nn.Module) -> dict[str, nn.Module]:
+def server_stand_ins(path: str, module: nn.Module, token_embedding: nn.Module) -> dict[str, nn.Module]:
     """Stand-ins for the weighted parts of an embedding-stage module, recursing into composite modules
     (e.g. a BERT-style ``embeddings`` block holding token, position and type tables and a norm)."""
     if module is token_embedding:
-        return {path: _NotHeld("the token embedding", "client")}
+        return {path: NotHeld("the token embedding", "client")}
     stand_in = _server_stand_in(module)
     if stand_in is not None:
         return {path: stand_in}
     found: dict[str, nn.Module] = {}
     for name, child in module.named_children():
-        if _has_params(child):
-            found.update(_server_stand_ins(_join(path, name), child, token_embedding))
+        if has_params(child):
+            found.update(server_stand_ins(join_path(path, name), child, token_embedding))
     return found
 
 
-def _has_params(module: nn.Module) -> bool:
+def has_params(module: nn.Module) -> bool:
+    """Whether ``module`` (or any submodule) holds a parameter."""
     return any(True for _ in module.parameters())
 
 
-def _with_replaced(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+def with_replaced(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
     """Shallow copy of ``root`` with the submodules at dotted ``replacements`` paths swapped; all else shared."""
     new = copy.copy(root)
     new._modules = dict(root._modules)
@@ -146,7 +147,7 @@ def _with_replaced(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Mo
         else:
             new._modules[head] = module
     for head, sub in nested.items():
-        new._modules[head] = _with_replaced(root._modules[head], sub)
+        new._modules[head] = with_replaced(root._modules[head], sub)
     return new
 
 
@@ -164,20 +165,22 @@ def deepcopy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn
     return copy.deepcopy(module, memo)
 
 
-def _first_output(output: Any) -> torch.Tensor:
+def first_output(output: Any) -> torch.Tensor:
+    """The hidden states of a block's output (a tensor, or a tuple that starts with them)."""
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def _join(*parts: str) -> str:
+def join_path(*parts: str) -> str:
+    """Dotted module path of the non-empty ``parts``."""
     return ".".join(p for p in parts if p)
 
 
-def _path_of(root: nn.Module, module: nn.Module) -> str:
+def path_of(root: nn.Module, module: nn.Module) -> str:
     """Dotted path of ``module`` inside ``root``."""
     return next(n for n, m in root.named_modules() if m is module)
 
 
-def _owner_paths(blocks_path: str) -> list[str]:
+def block_owner_paths(blocks_path: str) -> list[str]:
     """The block list's parent and every module above it, as paths from the base model ("" is the base)."""
     owner = blocks_path.rpartition(".")[0]
     return [".".join(owner.split(".")[:i]) for i in range(owner.count(".") + 2)] if owner else [""]

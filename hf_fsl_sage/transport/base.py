@@ -2,9 +2,9 @@
 
 An algorithm never touches another party's tensors directly: it sends them
 with :meth:`Transport.to_server` / :meth:`Transport.to_client` and works on
-what arrives. :class:`LocalTransport` runs both parties in one process;
-:class:`~hf_fsl_sage.distributed.DistributedTransport` carries the same
-messages between processes, without any change to the algorithms.
+what arrives. :class:`~hf_fsl_sage.transport.local.LocalTransport` runs both parties in one
+process; :class:`~hf_fsl_sage.transport.distributed.DistributedTransport`
+carries the same messages between processes, without any change to the algorithms.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from ..splitting.split import Smashed
 from ..timing import StepTimer
 from .codecs import ActivationCoder, MalformedUpload
+
 
 T = TypeVar("T")
 
@@ -196,7 +197,7 @@ class Transport(ABC):
     Every process calls :meth:`to_server` / :meth:`to_client` for every
     message, in the same order: the sending process passes the payload, the
     receiving process gets the delivery, and any other process gets ``None``.
-    In one process (:class:`LocalTransport`) sender and receiver are the same.
+    In one process (:class:`~hf_fsl_sage.transport.local.LocalTransport`) sender and receiver are the same.
     The ledger counts each message once, where the server lives, as encoded by
     ``coder`` (:class:`~hf_fsl_sage.transport.codecs.ActivationCoder`): the
     sender encodes the activations in a message, the receiver decodes them.
@@ -268,14 +269,3 @@ class Transport(ABC):
             )
         return received
 
-
-class LocalTransport(Transport):
-    """Both parties in this process: delivery detaches (nothing autograd-related crosses) and moves devices."""
-
-    def __init__(self, server_device: torch.device | None = None, client_device: torch.device | None = None):
-        super().__init__()
-        self.devices = {UP: server_device, DOWN: client_device}
-
-    def _move(self, client_id: int, direction: str, kind: str, payload: T | None) -> T | None:
-        self.ledger.record(direction, kind, payload_nbytes(payload))
-        return deliver(payload, self.devices[direction])
