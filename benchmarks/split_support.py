@@ -32,6 +32,7 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "split_support.json"
 README = ROOT / "README.md"
@@ -148,7 +149,8 @@ def run_all(families: list[str], workers: int, timeout: float) -> list[dict]:
                 finished.append((w, {"family": w.family, "status": "error", "reason": "worker process crashed"}))
         for w in pool:
             if w.family and time.monotonic() - w.started > timeout:
-                finished.append((w, {"family": w.family, "status": "error", "reason": f"timeout after {timeout:.0f} s"}))
+                row = {"family": w.family, "status": "error", "reason": f"timeout after {timeout:.0f} s"}
+                finished.append((w, row))
         for w, row in finished:
             if row["status"] == "error" and row["reason"].startswith(("timeout", "worker")):
                 w.kill()

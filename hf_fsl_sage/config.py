@@ -12,6 +12,7 @@ from .algorithms.registry import available as available_algorithms
 from .federation.partition import SCHEMES as PARTITIONS
 from .transport.codecs import CODECS
 
+
 AUX_INITS = ("server_blocks", "random")
 AUX_TRAINABLE = ("adapters", "all")
 
@@ -159,7 +160,9 @@ class FSLSageConfig(TrainingArguments):
         default=None, metadata={"help": "Clients sampled per round, 1..num_clients; None = all."}
     )
     local_steps: int = field(default=10, metadata={"help": "Local steps per client per round (>= 1)."})
-    partition: str = field(default="iid", metadata={"help": "Client partition of the training set.", "choices": PARTITIONS})
+    partition: str = field(
+        default="iid", metadata={"help": "Client partition of the training set.", "choices": PARTITIONS}
+    )
     dirichlet_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (> 0)."})
     partition_column: str | None = field(
         default=None, metadata={"help": "Column whose values group examples for the Dirichlet partition."}
@@ -230,7 +233,8 @@ class FSLSageConfig(TrainingArguments):
         need(self.algorithm in available_algorithms(),
              f"algorithm={self.algorithm!r} is unknown; choose one of {available_algorithms()} (or import the module "
              "that registers yours with hf_fsl_sage.algorithms.register).")
-        need(_is_int(self.num_clients) and self.num_clients >= 1, f"num_clients={self.num_clients!r} must be an integer >= 1.")
+        need(_is_int(self.num_clients) and self.num_clients >= 1,
+             f"num_clients={self.num_clients!r} must be an integer >= 1.")
         if self.clients_per_round is not None:
             need(
                 _is_int(self.clients_per_round) and 1 <= self.clients_per_round <= self.num_clients,
@@ -241,7 +245,8 @@ class FSLSageConfig(TrainingArguments):
                      "align_buffer_size", "loss_chunk_tokens"):
             value = getattr(self, name)
             need(_is_int(value) and value >= 1, f"{name}={value!r} must be an integer >= 1.")
-        need(_is_int(self.align_epochs) and self.align_epochs >= 0, f"align_epochs={self.align_epochs!r} must be >= 0.")
+        need(_is_int(self.align_epochs) and self.align_epochs >= 0,
+             f"align_epochs={self.align_epochs!r} must be >= 0.")
         need(self.partition in PARTITIONS, f"partition={self.partition!r} must be one of {PARTITIONS}.")
         need(self.aux_init in AUX_INITS, f"aux_init={self.aux_init!r} must be one of {AUX_INITS}.")
         need(self.aux_trainable in AUX_TRAINABLE,

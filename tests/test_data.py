@@ -15,10 +15,10 @@ from hf_fsl_sage.e2e.data import (
     offline_gpt2_tokenizer,
     parse_mr,
     split_by_mr,
-    split_lm_collator,
     tokenize_e2e,
-    tokenize_text,
 )
+from hf_fsl_sage.federation.data import split_lm_collator, tokenize_text
+
 
 MR = "name[Alimentum], area[city centre], familyFriendly[no]"
 REF = "There is a place in the city centre, Alimentum, that is not family-friendly."

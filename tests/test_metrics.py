@@ -24,6 +24,7 @@ from hf_fsl_sage.e2e.metrics import (
     load_metric,
 )
 
+
 HAS_JAVA = shutil.which("java") is not None
 HAS_COCO = importlib.util.find_spec("pycocoevalcap") is not None
 needs_java = pytest.mark.skipif(not HAS_JAVA, reason="needs a `java` executable on PATH")

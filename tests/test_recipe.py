@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_fsl_sage.e2e.data import E2E_SEPARATOR, IGNORE_INDEX, load_e2e_csv
 
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "gpt2m_e2e.py"
 # A shorter tiny run: a smaller model, few steps, few generated texts.
@@ -45,7 +46,8 @@ recipe = load_recipe()
 def test_presets_and_paper_defaults(tmp_path):
     script, args = recipe.parse_args([])
     assert (script.model_name_or_path, script.dataset_name, script.use_peft) == ("gpt2-medium", "e2e_nlg", True)
-    assert (script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules) == (4, 32, 0.1, ["c_attn"])
+    lora = (script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules)
+    assert lora == (4, 32, 0.1, ["c_attn"])
     assert (script.num_beams, script.length_penalty, script.no_repeat_ngram_size) == (10, 0.9, 4)
     assert (args.num_clients, args.cut_layer, args.aux_num_layers, args.server_update_interval, args.align_interval,
             args.learning_rate, args.per_device_train_batch_size, args.warmup_steps,

@@ -19,6 +19,7 @@ from hf_fsl_sage.testing_utils import (
     tiny_config,
 )
 
+
 FAMILIES = [
     "gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "falcon", "gpt_bigcode", "mpt", "llama", "mistral",
     "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "stablelm", "starcoder2",
@@ -93,7 +94,8 @@ def test_sample_batch_covers_padding_cases() -> None:
 # ---------------------------------------------------------------- who holds what
 @pytest.mark.parametrize(("model_type", "client_prefixes", "server_prefixes"), [
     ("llama", ["model.embed_tokens."], ["model.norm.", "lm_head."]),
-    ("bloom", ["transformer.word_embeddings.", "transformer.word_embeddings_layernorm."], ["transformer.ln_f.", "lm_head."]),
+    ("bloom", ["transformer.word_embeddings.", "transformer.word_embeddings_layernorm."],
+     ["transformer.ln_f.", "lm_head."]),
     ("opt", ["model.decoder.embed_tokens.", "model.decoder.embed_positions."],
      ["model.decoder.final_layer_norm.", "lm_head."]),
 ])

@@ -30,6 +30,7 @@ from hf_fsl_sage.transport.distributed import (
 )
 from hf_fsl_sage.transport.placement import Placement
 
+
 HIDDEN, BATCH, SEQ, VOCAB = 8, 2, 5, 1000
 CODEC = "int8"  # per-token codes and scales: more fields to get wrong than a plain cast
 EXPECTED = (Smashed(TensorSpec(("batch", "seq", HIDDEN), (torch.float32,)),

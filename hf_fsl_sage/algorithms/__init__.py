@@ -10,5 +10,6 @@ from .fsl_sage import FSLSage
 from .registry import ALGORITHMS, register
 from .splitfed import SplitFedV1, SplitFedV2
 
+
 __all__ = ["ALGORITHMS", "Algorithm", "CSEFSL", "FSLSage", "FedAvg", "SplitFedV1", "SplitFedV2", "StepResult",
            "register"]

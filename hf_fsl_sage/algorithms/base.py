@@ -26,12 +26,13 @@ from ..splitting.split import Smashed
 from ..transport.base import TensorSpec
 from ..transport.placement import party_seed
 
+
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INTEGERS = (torch.int64, torch.int32)
 
 
 class StepResult(dict):
-    """What one local step reports: ``loss`` (the client's training loss) and ``server_loss`` when the server stepped."""
+    """What one local step reports: ``loss`` (the client's training loss), ``server_loss`` when the server stepped."""
 
 
 class Algorithm:

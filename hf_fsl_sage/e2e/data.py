@@ -31,6 +31,7 @@ from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase, PreTrainedT
 
 from ..splitting.loss import IGNORE_INDEX
 
+
 RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
 GPT2_TOKENIZER_DIR = RESOURCES_DIR / "gpt2-tokenizer"
 E2E_SAMPLE_PATH = RESOURCES_DIR / "e2e" / "e2e_sample.csv"
@@ -249,7 +250,8 @@ def mr_slot(key: str, column: str = "mr"):
     return group
 
 
-def with_mr_slot_column(ds: datasets.Dataset, key: str, name: str | None = None, column: str = "mr") -> datasets.Dataset:
+def with_mr_slot_column(ds: datasets.Dataset, key: str, name: str | None = None,
+                        column: str = "mr") -> datasets.Dataset:
     """``ds`` with a column (``name``, default ``key``) holding each row's slot ``key`` (``None`` where absent),
     ready to be an :class:`~hf_fsl_sage.FSLSageConfig` ``partition_column``."""
     return ds.add_column(name or key, [mr_attribute(mr, key) for mr in ds[column]])

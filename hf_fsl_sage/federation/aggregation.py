@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+
 StateDict = dict[str, torch.Tensor]
 
 

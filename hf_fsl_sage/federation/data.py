@@ -11,6 +11,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from ..splitting.loss import IGNORE_INDEX
 
+
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 

@@ -34,6 +34,7 @@ from ..transport.placement import Placement, party_seed
 from .aggregation import weighted_average
 from .guard import Guard
 
+
 #: ``make_optimizer(module, lr)``: an optimizer over ``module``'s trainable parameters and its schedule; with
 #: ``lr`` given, a fixed-rate optimizer and no schedule.
 OptimizerFactory = Callable[[nn.Module, float | None], tuple[torch.optim.Optimizer, object]]

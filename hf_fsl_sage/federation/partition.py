@@ -19,6 +19,7 @@ from typing import Any
 import datasets
 import numpy as np
 
+
 NONE_GROUP = "<none>"
 SCHEMES = ("iid", "dirichlet")
 

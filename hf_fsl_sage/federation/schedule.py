@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+
 BatchCollator = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+
 __all__ = ["FSL_SAGE_CITATION", "render_model_card", "write_model_card"]
 
 FSL_SAGE_CITATION = """\
@@ -95,8 +96,8 @@ def _final_metrics(trainer: Any, metrics: dict[str, Any] | None) -> dict[str, An
     out: dict[str, Any] = {}
     for entry in trainer.state.log_history:  # the last evaluation, if any
         if "eval_loss" in entry:
-            out = {k: v for k, v in entry.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
-                   and k != "eval_model_preparation_time"}
+            out = {k: v for k, v in entry.items() if k.startswith("eval_")
+                   and not k.endswith(("_runtime", "_per_second")) and k != "eval_model_preparation_time"}
     out.update(metrics or {})
     return out
 
@@ -147,7 +148,8 @@ def render_model_card(
                 f"base = AutoModelForCausalLM.from_pretrained({base or '<base model>'!r})\n"
                 f"model = PeftModel.from_pretrained(base, {repo!r})")
     else:
-        load = f"from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained({repo!r})"
+        load = ("from transformers import AutoModelForCausalLM\n\n"
+                f"model = AutoModelForCausalLM.from_pretrained({repo!r})")
 
     sections = [
         f"# {name}",
@@ -178,8 +180,10 @@ def render_model_card(
     ]
     if dataset_attribution:
         sections += ["## Data", dataset_attribution]
-    sections += ["## Citation", "FSL-SAGE: Nair, Lin, Talebi, Ju, Bentley, Liu, \"FSL-SAGE: Accelerating Federated Split Learning via Smashed Activation "
-                 "Gradient Estimation\", ICML 2025, arXiv:2505.23182.", f"```bibtex\n{FSL_SAGE_CITATION}\n```"]
+    sections += ["## Citation",
+                 "FSL-SAGE: Nair, Lin, Talebi, Ju, Bentley, Liu, \"FSL-SAGE: Accelerating Federated Split Learning "
+                 "via Smashed Activation Gradient Estimation\", ICML 2025, arXiv:2505.23182.",
+                 f"```bibtex\n{FSL_SAGE_CITATION}\n```"]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+
 __all__ = ["CommBytesAtEvaluation", "loss_curves", "plot_loss_vs_comm"]
 
 MB = 1e6

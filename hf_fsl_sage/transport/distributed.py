@@ -35,6 +35,7 @@ import torch.distributed as dist
 from .base import DOWN, UP, FederationCommError, Layout, Transport, deliver, flatten, payload_nbytes, unflatten
 from .placement import SERVER_RANK, Placement
 
+
 T = TypeVar("T")
 _ALIGN = 16  # bytes; every tensor starts at an aligned offset of the buffer, so it can be viewed in place
 #: The dtypes a tensor may have on the wire, by the name the header gives them.

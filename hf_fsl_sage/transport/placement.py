@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+
 SERVER_RANK = 0
 
 
@@ -30,7 +31,8 @@ class Placement:
     client_ranks: tuple[int, ...]
 
     @classmethod
-    def build(cls, rank: int, world_size: int, num_clients: int, client_ranks: Sequence[int] | None = None) -> Placement:
+    def build(cls, rank: int, world_size: int, num_clients: int,
+              client_ranks: Sequence[int] | None = None) -> Placement:
         """Round-robin over ranks 1..P-1 unless ``client_ranks`` (one rank per client) is given."""
         if world_size == 1:
             ranks = tuple(0 for _ in range(num_clients))

@@ -2,4 +2,5 @@
 
 from .algorithm import FSLSage
 
+
 __all__ = ["FSLSage"]

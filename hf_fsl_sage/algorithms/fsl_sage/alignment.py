@@ -35,7 +35,8 @@ def align(
     targets = [gradient_wrt_hidden(server_loss, s, y, label_smoothing) for s, y in buffer]
 
     def cosine() -> float:
-        sims = [mean_cosine(gradient_wrt_hidden(aux_loss, s, y, label_smoothing), g) for (s, y), g in zip(buffer, targets)]
+        sims = [mean_cosine(gradient_wrt_hidden(aux_loss, s, y, label_smoothing), g)
+                for (s, y), g in zip(buffer, targets)]
         weights = [g.shape[0] for g in targets]
         return float(sum(c * w for c, w in zip(sims, weights)) / sum(weights))
 

@@ -30,6 +30,7 @@ import evaluate
 from hf_fsl_sage.e2e.metrics._common import check_inputs
 from hf_fsl_sage.e2e.metrics._tokenize import coco_tokenize_pairs
 
+
 METRICS_DIR = Path(__file__).resolve().parent
 METRIC_NAMES = ("bleu", "nist", "meteor", "rouge_l", "cider")
 

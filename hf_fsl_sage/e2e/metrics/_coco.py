@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 from hf_fsl_sage.e2e.metrics._common import check_inputs
 
+
 ROUGE_BETA = 1.2
 CIDER_MAX_N = 4
 CIDER_SIGMA = 6.0

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import datasets
 
+
 # Characters that java programs may read as line ends (the Java tools read one text per line).
 LINE_BREAKS = re.compile("[\r\n\u2028\u2029\x0b\x0c\x85]")
 

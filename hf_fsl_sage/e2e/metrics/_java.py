@@ -12,6 +12,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+
 PTB_JAR = ("tokenizer", "stanford-corenlp-3.4.1.jar")
 METEOR_JAR = ("meteor", "meteor-1.5.jar")
 METEOR_PARAPHRASES = ("meteor", "data", "paraphrase-en.gz")

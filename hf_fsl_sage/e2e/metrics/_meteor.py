@@ -27,6 +27,7 @@ from hf_fsl_sage.e2e.metrics._java import (
     unavailable_reason,
 )
 
+
 METEOR_ARGS = ("-", "-", "-stdio", "-l", "en", "-norm")
 
 

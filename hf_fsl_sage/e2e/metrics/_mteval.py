@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+
 BLEU_MAX_N = 4
 NIST_MAX_N = 5
 

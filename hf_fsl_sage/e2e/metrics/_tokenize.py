@@ -22,6 +22,7 @@ from pathlib import Path
 from hf_fsl_sage.e2e.metrics._common import LINE_BREAKS
 from hf_fsl_sage.e2e.metrics._java import PTB_JAR, JavaToolUnavailable, require, stderr_tail
 
+
 COCO_PUNCTUATION = frozenset(
     ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
      ".", "?", "!", ",", ":", "-", "--", "...", ";"]

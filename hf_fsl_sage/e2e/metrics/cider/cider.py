@@ -4,6 +4,7 @@ from hf_fsl_sage.e2e.metrics import _base
 from hf_fsl_sage.e2e.metrics._coco import cider
 from hf_fsl_sage.e2e.metrics._common import COCO_TOKENIZER_ARG, INPUTS_DESCRIPTION
 
+
 _DESCRIPTION = """
 CIDEr as the MS-COCO caption evaluation code computes it for the E2E NLG Challenge:
 tf-idf vectors of 1..4-grams with document frequencies taken from the references of

@@ -11,6 +11,7 @@ from hf_fsl_sage.e2e.metrics._java import JavaToolUnavailable
 from hf_fsl_sage.e2e.metrics._meteor import meteor_scores, meteor_unavailable_reason
 from hf_fsl_sage.e2e.metrics._tokenize import coco_tokenize_pairs
 
+
 _DESCRIPTION = """
 METEOR as the E2E NLG Challenge reports it: the official METEOR 1.5 jar (English,
 `-norm`, paraphrase table), run through the MS-COCO caption evaluation protocol on

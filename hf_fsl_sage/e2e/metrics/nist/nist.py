@@ -4,6 +4,7 @@ from hf_fsl_sage.e2e.metrics import _base
 from hf_fsl_sage.e2e.metrics._common import INPUTS_DESCRIPTION, PRESERVE_CASE_ARG
 from hf_fsl_sage.e2e.metrics._mteval import MtevalStats, NistResult, nist_from_stats
 
+
 _DESCRIPTION = """
 Corpus-level NIST (n-grams up to 5) exactly as the E2E NLG Challenge computes it with
 NIST mteval-v13a: mteval's tokenization, information weights

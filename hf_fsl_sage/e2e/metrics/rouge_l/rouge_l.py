@@ -4,6 +4,7 @@ from hf_fsl_sage.e2e.metrics import _base
 from hf_fsl_sage.e2e.metrics._coco import rouge_l
 from hf_fsl_sage.e2e.metrics._common import COCO_TOKENIZER_ARG, INPUTS_DESCRIPTION
 
+
 _DESCRIPTION = """
 ROUGE-L as the MS-COCO caption evaluation code computes it for the E2E NLG Challenge:
 per prediction, the longest common subsequence with each reference gives a precision
