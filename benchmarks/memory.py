@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 GPT2_MEDIUM = {"n_layer": 24, "n_embd": 1024, "n_head": 16, "n_positions": 1024, "vocab_size": 50257}
 SEQUENCE, CLIENTS = 32, 10
@@ -139,8 +139,8 @@ def worker(model_dir: str, dtype_name: str, steps: int, out_dir: str) -> None:
     result = {
         "rank": trainer.placement.rank,
         "role": _role(trainer.placement),
-        "peak_rss_mb": _peak_rss_mb(), "peak_rss_setup_mb": peak_setup, "rss_after_imports_mb": after_imports, "rss_before_imports_mb":
-        after_imports_probe, "rss_end_mb": _rss_mb(), "setup_seconds": built - started,
+        "peak_rss_mb": _peak_rss_mb(), "peak_rss_setup_mb": peak_setup, "rss_after_imports_mb": after_imports,
+        "rss_before_imports_mb": after_imports_probe, "rss_end_mb": _rss_mb(), "setup_seconds": built - started,
         "train_seconds": time.time() - built, "cpu_seconds": sum(os.times()[:2]),
         "parameter_bytes": party_bytes(trainer),
         "smashed_dtype": str(trainer.federation.split.client.input_embeddings().weight.dtype),
@@ -188,7 +188,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--write_model", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
+    if opts.write_model:
+        write_model(opts.write_model)
+        return {}
     if opts.worker:
         worker(opts.model_dir, opts.dtype, opts.steps, opts.out)
         return {}
@@ -197,8 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "gpt2-medium-random")
-        writer = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.memory import write_model; "
-        _run([sys.executable, "-c", writer + f"write_model({model_dir!r})"])
+        _run([sys.executable, __file__, "--write_model", model_dir])
         for dtype in opts.dtypes:
             for processes in (1, 3):
                 runs[f"{dtype}, {processes} process{'es' if processes > 1 else ''}"] = measure(

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+
 __all__ = [
     "FAMILY_NOTES",
     "accelerate_launch",
@@ -415,7 +416,8 @@ def one_fsl_sage_round(model: PreTrainedModel, output_dir: str, seq_len: int = 1
     trainer = FSLSageTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,
                              data_collator=default_data_collator)
     halves = {"client": trainer.split.client, "server": trainer.split.server}
-    before = {k: {n: p.detach().clone() for n, p in h.named_parameters() if p.requires_grad} for k, h in halves.items()}
+    before = {k: {n: p.detach().clone() for n, p in h.named_parameters() if p.requires_grad}
+              for k, h in halves.items()}
     trainer.train()
     report = {k: v for h in trainer.state.log_history for k, v in h.items()
               if k in ("loss", "server_loss", "align_grad_cosine_before", "align_grad_cosine_after")}

@@ -299,7 +299,8 @@ def prepare(script: ScriptArguments, seed: int) -> tuple[PreTrainedTokenizerBase
     raw = load_splits(script, seed)
     if script.restrict_vocab:
         rows = [raw[name] for name in ("train", "pretrain") if name in raw]
-        texts = [E2E_SEPARATOR] + [t for ds in rows for mr, ref in zip(ds["mr"], ds["ref"]) for t in (mr, ref, " " + ref)]
+        texts = [E2E_SEPARATOR] + [t for ds in rows for mr, ref in zip(ds["mr"], ds["ref"])
+                                   for t in (mr, ref, " " + ref)]
         tokenizer = restricted_tokenizer(tokenizer, texts)
         tokenizer.padding_side = "right"
     return tokenizer, raw
@@ -317,7 +318,8 @@ def _central_dir(script: ScriptArguments, args: FSLSageConfig) -> Path:
     return Path(args.output_dir) / "centralized"
 
 
-def base_model(script: ScriptArguments, args: FSLSageConfig, tokenizer, raw, validation) -> tuple[PreTrainedModel, dict]:
+def base_model(script: ScriptArguments, args: FSLSageConfig, tokenizer, raw,
+               validation) -> tuple[PreTrainedModel, dict]:
     """The base model: loaded or built, then pre-trained centrally (cached in --base_model_dir) if asked."""
     if script.pretrain_steps == 0:
         return build_model(script, tokenizer, args.seed), {}

@@ -36,7 +36,8 @@ def _seed() -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """Under ``CI=true`` a skipped test fails: CI must run every test (Java on PATH, ../shared/data beside the clone)."""
+    """Under ``CI=true`` a skipped test fails: CI must run every test (Java on PATH, ../shared/data beside the
+    clone)."""
     outcome = yield
     report = outcome.get_result()
     if report.skipped and os.environ.get("CI", "").lower() == "true" and not hasattr(report, "wasxfail"):

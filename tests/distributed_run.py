@@ -121,7 +121,8 @@ def main() -> None:
     metrics = trainer.evaluate()
     trainer.save_model(os.path.join(cli.output_dir, "final"))
     if cli.holdings:
-        Path(cli.output_dir, f"holdings-rank{trainer.args.process_index}.json").write_text(json.dumps(holdings(trainer)))
+        holdings_file = Path(cli.output_dir, f"holdings-rank{trainer.args.process_index}.json")
+        holdings_file.write_text(json.dumps(holdings(trainer)))
     if trainer.is_world_process_zero():
         result = {"ledger": trainer.federation.transport.ledger.state_dict(), "log_history": trainer.state.log_history,
                   "eval": metrics, "world_size": trainer.placement.world_size,

@@ -15,6 +15,7 @@ from hf_fsl_sage.algorithms.auxiliary import AuxiliaryLossAlgorithm
 from hf_fsl_sage.federation.federation import trainable_parameters
 from tests.helpers import PadCollator, compact_e2e, lora, snapshot, tiny_gpt2, trainable_bytes
 
+
 ALGORITHM_NAMES = ["fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
 SPLITFED = ("splitfed_v1", "splitfed_v2")
 PERIODIC = ("cse_fsl", "fsl_sage")  # upload every server_update_interval steps
@@ -128,7 +129,8 @@ def reference_run(tmp_path_factory):
 
     def get(algorithm: str, use_lora: bool) -> tuple[FSLSageTrainer, dict]:
         if (algorithm, use_lora) not in runs:
-            trainer = make_trainer(tmp_path_factory.mktemp(f"{algorithm}-{use_lora}"), algorithm, use_lora, **REFERENCE)
+            directory = tmp_path_factory.mktemp(f"{algorithm}-{use_lora}")
+            trainer = make_trainer(directory, algorithm, use_lora, **REFERENCE)
             before = {"client": snapshot(trainer.split.client), "server": snapshot(trainer.split.server)}
             trainer.train()
             runs[algorithm, use_lora] = trainer, before

@@ -24,6 +24,7 @@ from transformers import (
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.federation.state_io import CheckpointError
 
+
 VOCAB, POSITIONS, LENGTH = 50, 16, 8
 
 

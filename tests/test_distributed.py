@@ -137,7 +137,8 @@ def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoi
            "process 2 (client 1) at round 1, global step 3" in died.stderr
     checkpoint = tmp_path / "killed" / "checkpoint-2"
     written = sorted(p.name for p in checkpoint.iterdir())
-    assert [f"federation-rank{r}-of-3.safetensors" for r in range(3)] == [n for n in written if n.startswith("federation")]
+    expected = [f"federation-rank{r}-of-3.safetensors" for r in range(3)]
+    assert expected == [n for n in written if n.startswith("federation")]
     assert "trainer_state.json" in written and "adapter_model.safetensors" in written
     assert not (tmp_path / "killed" / "checkpoint-4").exists()
 

@@ -7,17 +7,16 @@ from a directory by path. Expected bytes are counted from the GPT-2 architecture
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distributed_run import tiny_config  # noqa: E402
-from e2e_fixtures import PadCollator, compact_e2e  # noqa: E402
-from test_distributed import _adapter, _check, _result, _single, _three  # noqa: E402
+from tests.distributed_run import tiny_config
+from tests.helpers import PadCollator, compact_e2e
+from tests.test_distributed import _adapter, _check, _result, _single, _three
+
 
 E, BLOCKS, POSITIONS, R = 32, 3, 64, 4
 

@@ -59,7 +59,8 @@ def test_presets_and_paper_defaults(tmp_path):
     script, args = recipe.parse_args(["--preset", "tiny", "--learning_rate", "1e-3"])
     # The design in small: a base pre-trained here, LoRA with the paper's settings, a centralized reference.
     assert script.model_name_or_path is None and script.use_peft
-    assert (script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules) == (4, 32, 0.1, ["c_attn"])
+    lora = (script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules)
+    assert lora == (4, 32, 0.1, ["c_attn"])
     assert script.pretrain_steps > 0 and 0 < script.pretrain_fraction < 1 and script.reference == "centralized"
     assert (args.algorithm, args.num_clients, args.cut_layer, args.aux_num_layers) == ("fsl_sage", 10, 1, 3)
     assert args.learning_rate == 1e-3  # an explicit flag wins over the preset
@@ -171,13 +172,15 @@ def test_tiny_preset_end_to_end_as_a_script(tmp_path):
     # The same examples: 4 global steps x 3 clients = 12 centralized steps of the same batch size.
     assert central["steps"] == 12 and metrics["global_steps"] == 4
     assert 0 <= metrics["slot_error_rate"] <= 1 and metrics["slots"] > 0
-    assert metrics["slots_missing"] + metrics["slots_contradicted"] == round(metrics["slot_error_rate"] * metrics["slots"])
+    errors = metrics["slots_missing"] + metrics["slots_contradicted"]
+    assert errors == round(metrics["slot_error_rate"] * metrics["slots"])
     if shutil.which("java") and importlib.util.find_spec("pycocoevalcap"):
         for results, records in ((metrics, metrics["generations"]), (central, metrics["centralized_generations"])):
             for name, value in _coco_scores(records).items():
                 assert results[name] == pytest.approx(value, abs=1e-9), name
     assert len(metrics["generations"]) == len(metrics["centralized_generations"]) == 3
-    assert {"mr", "prediction", "references", "slots_missing", "slots_contradicted"} <= metrics["generations"][0].keys()
+    keys = {"mr", "prediction", "references", "slots_missing", "slots_contradicted"}
+    assert keys <= metrics["generations"][0].keys()
     assert metrics["pretraining"]["steps"] == 4 and not metrics["pretraining"]["cached"]
     assert (out / "loss_vs_comm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "centralized" in proc.stdout and "ratio" in proc.stdout and "slot_error_rate" in proc.stdout
@@ -358,7 +361,8 @@ def test_restricted_tokenizer_keeps_the_tokens_of_its_texts(tmp_path):
     small = restricted_tokenizer(full, seen)
     assert 256 < len(small) < 2000 and small.eos_token == full.eos_token == "<|endoftext|>"
     for text in seen:  # the same BPE tokens (renumbered)
-        assert small.convert_ids_to_tokens(small(text)["input_ids"]) == full.convert_ids_to_tokens(full(text)["input_ids"])
+        tokens = small.convert_ids_to_tokens(small(text)["input_ids"])
+        assert tokens == full.convert_ids_to_tokens(full(text)["input_ids"])
     # Text it was not built from still tokenizes (bytes at worst) and decodes back to itself.
     for text in ["Zyxwv café ÉCOLE £99 \u4e2d\u6587", *rows["ref"][-50:]]:
         assert small.decode(small(text)["input_ids"]) == text

@@ -12,6 +12,7 @@ from test_trainer import lora, make_trainer, tiny_gpt2
 from hf_fsl_sage.federation.federation import load_trainable_state, trainable_state
 from hf_fsl_sage.federation.guard import NonFiniteError
 
+
 VOCAB = compact_e2e()[2]
 N_EMBD, RANK = 64, 4
 # The client half of the tiny GPT-2 holds block 0; LoRA r=4 on c_attn (64 -> 192): A is 4 x 64, B is 192 x 4.

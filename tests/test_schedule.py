@@ -13,6 +13,7 @@ from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.federation.partition import partition
 from hf_fsl_sage.federation.schedule import RoundSchedule
 
+
 SIZES = [7, 5, 9, 6, 8, 4, 7, 5, 6, 3]  # ten clients, none a multiple of the batch size
 PARTS = [list(range(sum(SIZES[:c]), sum(SIZES[: c + 1]))) for c in range(len(SIZES))]
 LOCAL, BATCH, ROUNDS, K = 3, 2, 60, 3

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, Trainin
 from ..config import FSLSageConfig
 from ..federation.data import split_lm_collator
 
+
 __all__ = ["PRETRAINING_FILE", "centralized_reference", "pretrained_base"]
 
 PRETRAINING_FILE = "pretraining.json"

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from .data import parse_mr
 
+
 __all__ = ["SlotErrors", "slot_error_rate", "slot_errors", "venue_lexicon"]
 
 VENUE_SLOTS = ("name", "near")
@@ -43,7 +44,8 @@ _READINGS: dict[str, list[tuple[tuple[str, ...], list[str]]]] = {
                                       rf"\b{_PRICE} low\b", r"\b(?:less than|under|below) £ ?20\b"]),
         (("moderate", "£20-25"), [r"\bmoderate", r"\baverage[- ]pric", r"\bmid[- ]?(?:range|pric)",
                                   rf"\b{_PRICE} average\b", r"£ ?20 ?(?:-|–|to) ?£? ?25"]),
-        (("high", "more than £30"), [r"\bexpensive", r"\bpricey", r"\bhigh[- ](?:end|cost|pric)", rf"\b{_PRICE} high\b",
+        (("high", "more than £30"), [r"\bexpensive", r"\bpricey", r"\bhigh[- ](?:end|cost|pric)",
+                                   rf"\b{_PRICE} high\b",
                                      r"\b(?:more than|over|above) £ ?30", r"£ ?30 ?\+"]),
     ],
     "customer rating": [

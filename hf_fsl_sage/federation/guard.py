@@ -15,6 +15,7 @@ from transformers.utils import logging
 
 from ..transport.base import flatten
 
+
 logger = logging.get_logger(__name__)
 
 

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from ..splitting.split import Smashed
 
+
 FORMAT = "hf_fsl_sage.state/1"
 
 

@@ -35,6 +35,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cache
 from .split import _unwrap, decoder_blocks
 from .stand_ins import join_path, path_of
 
+
 logger = logging.get_logger(__name__)
 
 __all__ = ["load_for_clients", "release_unneeded", "unneeded_modules"]
