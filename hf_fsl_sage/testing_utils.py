@@ -488,10 +488,15 @@ def free_port() -> int:
 def accelerate_launch(config: str | Path, script_and_args: Sequence[str], env: dict[str, str], timeout: float,
                       attempts: int = 3) -> subprocess.CompletedProcess:
     """``accelerate launch`` on a free port, again on another port if the chosen one was taken before the
-    launcher could bind it (another test or job may take it in between)."""
+    launcher could bind it (another test or job may take it in between).
+
+    ``--monitor_interval 5``: once the launcher sees a worker die it stops the others; checking every 5 s
+    rather than every 0.1 s leaves the survivors time to report what they saw (the server's process names the
+    dead peer), which a loaded machine otherwise loses to the race.
+    """
     for attempt in range(attempts):
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                   "--main_process_port", str(free_port()), *script_and_args]
+                   "--main_process_port", str(free_port()), "--monitor_interval", "5", *script_and_args]
         done = run(command, env, timeout)
         if done.returncode == 0 or not _PORT_TAKEN.search(done.stderr) or attempt == attempts - 1:
             return done
