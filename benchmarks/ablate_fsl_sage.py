@@ -22,6 +22,7 @@ import compare_algorithms as bench
 import torch
 from transformers.utils import logging as hf_logging
 
+
 # One change each from the reference; the LoRA/IID setting unless the name says full fine-tuning.
 VARIANTS: dict[str, dict] = {
     "reference": {},

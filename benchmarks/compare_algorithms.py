@@ -38,7 +38,6 @@ import copy
 import json
 import multiprocessing
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -57,9 +56,6 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.e2e.data import (
     E2E_SAMPLE_PATH,
@@ -71,6 +67,8 @@ from hf_fsl_sage.e2e.data import (
     with_mr_slot_column,
 )
 
+
+ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ["fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
 SEEDED = ["splitfed_v2", "cse_fsl", "fsl_sage"]  # the comparison FSL-SAGE's claim is about: several seeds
 DEVSET = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
