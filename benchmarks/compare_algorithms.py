@@ -63,9 +63,9 @@ from hf_fsl_sage.e2e.data import (
     offline_gpt2_tokenizer,
     split_by_mr,
     tokenize_e2e,
-    tokenize_text,
     with_mr_slot_column,
 )
+from hf_fsl_sage.federation.data import tokenize_text
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -80,10 +80,10 @@ from hf_fsl_sage.e2e.data import (
     restricted_tokenizer,
     split_by_mr,
     tokenize_e2e,
-    tokenize_text,
 )
 from hf_fsl_sage.e2e.evaluation import GenerationEvalCallback, GenerationSettings, evaluate_e2e_generation
 from hf_fsl_sage.e2e.metrics import METRIC_NAMES
+from hf_fsl_sage.federation.data import tokenize_text
 from hf_fsl_sage.integrations.plotting import CommBytesAtEvaluation, plot_loss_vs_comm
 
 

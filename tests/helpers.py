@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 from functools import cache
+from pathlib import Path
 
 import datasets
 import torch
 from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
+from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.e2e.data import E2E_SAMPLE_PATH, load_e2e_csv, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
 from hf_fsl_sage.splitting.loss import IGNORE_INDEX
 
@@ -107,3 +109,17 @@ def trainable_bytes(module: torch.nn.Module) -> int:
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def make_trainer(tmp_path: Path, model=None, peft_config=None, **overrides) -> FSLSageTrainer:
+    """A FSLSageTrainer on the compact E2E rows: 3 clients, 4 local steps, 12 global steps, unless overridden."""
+    train, evalset, vocab, pad = compact_e2e()
+    settings = dict(output_dir=str(tmp_path / "out"), num_clients=3, local_steps=4, max_steps=12,
+                    per_device_train_batch_size=4, per_device_eval_batch_size=16, aux_num_layers=1,
+                    server_update_interval=2, align_interval=2, align_epochs=3, align_buffer_size=8,
+                    learning_rate=3e-3, align_learning_rate=1e-3, warmup_steps=0, logging_steps=4, save_strategy="no",
+                    report_to="none", seed=0, disable_tqdm=True)
+    settings.update(overrides)
+    return FSLSageTrainer(model=model if model is not None else tiny_gpt2(vocab), args=FSLSageConfig(**settings),
+                          train_dataset=train, eval_dataset=evalset.select(range(64)),
+                          data_collator=PadCollator(pad), peft_config=peft_config)

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_trainer import lora, make_trainer
 
 from hf_fsl_sage.splitting.split import Smashed
+from tests.helpers import lora, make_trainer
 
 
 def test_all_aux_weights_train_are_sent_and_counted_with_lora(tmp_path):

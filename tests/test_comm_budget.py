@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from test_distributed import _check, _result, _single, _three
-from test_trainer import lora, make_trainer
 from transformers import TrainerCallback
 
 from hf_fsl_sage import FSLSageConfig
+from tests.helpers import lora, make_trainer
+from tests.test_distributed import _check, _result, _single, _three
 
 
 class LedgerPerStep(TrainerCallback):

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from e2e_fixtures import compact_e2e
-from test_trainer import lora, make_trainer, tiny_gpt2
+
+from tests.helpers import compact_e2e, lora, make_trainer, tiny_gpt2
 
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])

@@ -293,7 +293,8 @@ def _tiny_lm(tokenizer):
 
 def test_pretrained_base_is_cached_by_its_settings(tmp_path):
     from hf_fsl_sage.e2e.central import pretrained_base
-    from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer, tokenize_text
+    from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer
+    from hf_fsl_sage.federation.data import tokenize_text
 
     tokenizer = offline_gpt2_tokenizer()
     rows = load_e2e_csv(recipe.E2E_SAMPLE_PATH).select(range(24))

@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
-from e2e_fixtures import compact_e2e
-from test_trainer import lora, make_trainer, tiny_gpt2
 
 from hf_fsl_sage.federation.federation import load_trainable_state, trainable_state
 from hf_fsl_sage.federation.guard import NonFiniteError
+from tests.helpers import compact_e2e, lora, make_trainer, tiny_gpt2
 
 
 VOCAB = compact_e2e()[2]

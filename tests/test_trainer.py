@@ -6,7 +6,6 @@ Exact byte counts and resuming, for every algorithm, are in ``test_algorithms.py
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,20 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.federation.federation import trainable_parameters
-from tests.helpers import PadCollator, compact_e2e, lora, tiny_gpt2
-
-
-def make_trainer(tmp_path: Path, model=None, peft_config=None, **overrides) -> FSLSageTrainer:
-    train, evalset, vocab, pad = compact_e2e()
-    settings = dict(output_dir=str(tmp_path / "out"), num_clients=3, local_steps=4, max_steps=12,
-                    per_device_train_batch_size=4, per_device_eval_batch_size=16, aux_num_layers=1,
-                    server_update_interval=2, align_interval=2, align_epochs=3, align_buffer_size=8,
-                    learning_rate=3e-3, align_learning_rate=1e-3, warmup_steps=0, logging_steps=4, save_strategy="no",
-                    report_to="none", seed=0, disable_tqdm=True)
-    settings.update(overrides)
-    return FSLSageTrainer(model=model if model is not None else tiny_gpt2(vocab), args=FSLSageConfig(**settings),
-                          train_dataset=train, eval_dataset=evalset.select(range(64)),
-                          data_collator=PadCollator(pad), peft_config=peft_config)
+from tests.helpers import PadCollator, compact_e2e, lora, make_trainer, tiny_gpt2
 
 
 @pytest.mark.slow
