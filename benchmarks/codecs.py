@@ -30,7 +30,6 @@ import itertools
 import json
 import multiprocessing
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -38,14 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import set_seed
-from transformers.utils import logging as hf_logging
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from compare_algorithms import (
+from compare_algorithms import (  # beside this script: the equal-bytes set-up's helpers
     _WORKER,
     _init_worker,
     common_options,
@@ -56,11 +48,17 @@ from compare_algorithms import (
     prepare,
     preset,
 )
+from transformers import set_seed
+from transformers.utils import logging as hf_logging
 
 from hf_fsl_sage import FSLSageTrainer
 from hf_fsl_sage.federation.schedule import GlobalStepDataset
 from hf_fsl_sage.transport.base import payload_nbytes
 from hf_fsl_sage.transport.codecs import CODECS
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 ALGORITHMS = ["fsl_sage", "splitfed_v2"]
 CODEC_NAMES = ["none", "bf16", "fp16", "int8", "int4"]
@@ -222,7 +220,8 @@ def codec_table(summary: dict[str, Any]) -> str:
             budget = " ".join("-" if v is None else f"{v:.4f}" for v in r["eval_loss_at_budget"])
             lines.append(f"{codec:<6} {r['smashed_bytes_per_token']:>10.1f} {r['smashed_ratio_to_none']:>7.3f} "
                          f"{r['activation_bytes_per_token']:>7.0f} {r['activation_ratio_to_none']:>7.3f} "
-                         f"{r['metadata_bytes_per_token']:>5.2f} {r['gradient_bytes_per_token']:>12.1f} {losses:>22} {change:>16} {budget:>22} "
+                         f"{r['metadata_bytes_per_token']:>5.2f} {r['gradient_bytes_per_token']:>12.1f} {losses:>22} "
+                         f"{change:>16} {budget:>22} "
                          f"{sum(r['time_per_step'].values()):>7.3f}")
     return "\n".join(lines)
 

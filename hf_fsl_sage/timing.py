@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
+
 PARTS = ("client_forward", "aux_forward", "client_backward_step", "client_receive", "server_step", "align",
          "heldout_cosine", "transport_encode", "transport_wait")
 

@@ -18,6 +18,7 @@ from hf_fsl_sage.transport.codecs import (
     label_dtype,
 )
 
+
 H = 16  # hidden size of the hand-made activations
 
 

@@ -13,9 +13,10 @@ NAME = "hf_fsl_sage"
 
 # Lower tiers never import higher ones; a part may import its own tier. ``integrations`` (the model card, plots)
 # import nothing of the package and the trainer's ``create_model_card`` hook uses the model card: they sit below it.
-# ``testing_utils`` (tiny models, one training round, test processes) sits on top with the public names.
-TIERS = [["splitting"], ["transport"], ["federation"], ["algorithms"], ["integrations"], ["config", "trainer"],
-         ["__init__", "testing_utils"]]
+# ``timing`` (the step timer) is a leaf every part may use. ``testing_utils`` (tiny models, one training round,
+# test processes) sits on top with the public names.
+TIERS = [["splitting", "timing"], ["transport"], ["federation"], ["algorithms"], ["integrations"],
+         ["config", "trainer"], ["__init__", "testing_utils"]]
 
 
 def module_name(path: Path) -> str:

@@ -47,6 +47,7 @@ import torch
 from ..splitting.loss import IGNORE_INDEX
 from ..splitting.split import Smashed
 
+
 Encoded = dict[str, torch.Tensor]
 
 FP16_MAX = 65504.0
