@@ -8,7 +8,6 @@ import torch
 from hf_fsl_sage.splitting.loss import ChunkedLMLoss
 from hf_fsl_sage.splitting.split import Smashed, split_causal_lm
 from hf_fsl_sage.testing_utils import tiny_causal_lm
-from hf_fsl_sage.transport.base import LocalTransport
 from hf_fsl_sage.transport.codecs import (
     CODECS,
     ActivationCoder,
@@ -17,6 +16,7 @@ from hf_fsl_sage.transport.codecs import (
     encode_labels,
     label_dtype,
 )
+from hf_fsl_sage.transport.local import LocalTransport
 
 
 H = 16  # hidden size of the hand-made activations
@@ -285,7 +285,7 @@ def test_dropping_padding_changes_neither_the_server_loss_nor_its_gradient(model
                          + [("fsl_sage", "int8")])
 def test_three_processes_decode_exactly_like_one(tmp_path, algorithm, codec):
     """Encoded on the client's process, decoded on the server's (and back): the same run as in one process."""
-    from test_distributed import _adapter, _check, _result, _single, _three
+    from tests.test_distributed import _adapter, _check, _result, _single, _three
 
     _check(_single(tmp_path / "one", "--algorithm", algorithm, "--smashed_codec", codec))
     _check(_three(tmp_path / "three", "--algorithm", algorithm, "--smashed_codec", codec))

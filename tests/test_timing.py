@@ -29,7 +29,7 @@ def test_nested_sections_are_charged_their_exclusive_time(monkeypatch):
 
 @pytest.mark.parametrize("algorithm", ["fsl_sage", "splitfed_v2"])
 def test_trainer_logs_the_profile_at_each_logging_step_and_in_the_train_metrics(tmp_path, algorithm):
-    from test_algorithms import make_trainer
+    from tests.test_algorithms import make_trainer
 
     trainer = make_trainer(tmp_path, algorithm)
     spent = []  # wall time of each training step, measured around it
