@@ -166,6 +166,11 @@ class ScriptArguments:
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (mr + separator + ref + EOS)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate the loss on the first N rows."})
     use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (True) or every weight (False)."})
+    base_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the frozen base while fine-tuning with LoRA: 'bfloat16' or 'float16' halve the base's "
+                "memory and the smashed activations' bytes, while the adapters and their optimizer states stay "
+                "float32. Pre-training, if any, runs in float32 first.",
+        "choices": ["float32", "bfloat16", "float16"]})
     lora_r: int = field(default=4, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
@@ -212,6 +217,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, FSLSageC
     if script.restrict_vocab and script.model_name_or_path:
         parser.error("--restrict_vocab applies to a model built from --model_config (a pre-trained model keeps the "
                      "vocabulary it was trained with): pass --model_name_or_path '' or --restrict_vocab false")
+    if script.base_dtype != "float32" and not script.use_peft:
+        parser.error(f"--base_dtype {script.base_dtype} keeps a frozen base in half precision, but --use_peft false "
+                     "trains every weight: use --bf16 true (mixed precision) for full fine-tuning instead")
     if script.pretrain_steps < 0 or not 0.0 <= script.pretrain_fraction < 1.0:
         parser.error("--pretrain_steps must be >= 0 and --pretrain_fraction in [0, 1)")
     if (script.pretrain_steps > 0) != (script.pretrain_fraction > 0):
@@ -320,9 +328,11 @@ def _central_dir(script: ScriptArguments, args: FSLSageConfig) -> Path:
 
 def base_model(script: ScriptArguments, args: FSLSageConfig, tokenizer, raw,
                validation) -> tuple[PreTrainedModel, dict]:
-    """The base model: loaded or built, then pre-trained centrally (cached in --base_model_dir) if asked."""
+    """The base model: loaded or built, then pre-trained centrally (cached in --base_model_dir) if asked, then cast
+    to --base_dtype."""
+    dtype = getattr(torch, script.base_dtype)
     if script.pretrain_steps == 0:
-        return build_model(script, tokenizer, args.seed), {}
+        return build_model(script, tokenizer, args.seed).to(dtype), {}
     text = tokenize_text(raw["pretrain"].select_columns(["ref"]).rename_column("ref", "text"), tokenizer,
                          max_length=script.max_length)
     files = [f for f in (script.train_file, script.validation_file, script.test_file) if f]
@@ -337,7 +347,7 @@ def base_model(script: ScriptArguments, args: FSLSageConfig, tokenizer, raw,
                                   script.pretrain_learning_rate, args.seed)
     logger.info("base model %s in %s: eval loss %.3f -> %.3f", "reused" if info["cached"] else "pre-trained",
                 directory, info["eval_loss_before"], info["eval_loss_after"])
-    return model, {**info, "directory": str(Path(directory).resolve()), "rows": len(raw["pretrain"])}
+    return model.to(dtype), {**info, "directory": str(Path(directory).resolve()), "rows": len(raw["pretrain"])}
 
 
 def run_centralized(script: ScriptArguments, args: FSLSageConfig, model, tokenizer, raw, train, validation) -> dict:

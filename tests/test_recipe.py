@@ -69,6 +69,22 @@ def test_presets_and_paper_defaults(tmp_path):
         recipe.parse_args(["--preset", "tiny", "--pretrain_fraction", "0"])
 
 
+def test_half_precision_base_keeps_the_adapters_float32(tmp_path):
+    script, args = recipe.parse_args([*SMALL, "--base_dtype", "bfloat16", "--output_dir", str(tmp_path / "o"),
+                                      "--pretrain_steps", "0", "--pretrain_fraction", "0"])
+    tokenizer, raw = recipe.prepare(script, args.seed)
+    model, _ = recipe.base_model(script, args, tokenizer, raw, None)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, recipe.lora_config(script, model))
+    dtypes = {n: p.dtype for n, p in peft_model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    with pytest.raises(SystemExit):  # a half-precision base is for frozen weights, not full fine-tuning
+        recipe.parse_args([*SMALL, "--base_dtype", "bfloat16", "--use_peft", "false"])
+
+
 def test_splits_share_no_mr_and_loss_covers_only_the_reference(tmp_path):
     script, _ = recipe.parse_args(["--preset", "tiny"])
     splits = recipe.load_splits(script, seed=0)
