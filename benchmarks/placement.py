@@ -15,18 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from hf_fsl_sage.testing_utils import accelerate_launch, run
 
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(command: list[str], out: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run(command + ["--output_dir", str(out)], env=env, capture_output=True, text=True)
+def _result(done, command: list[str], out: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return json.loads((out / "result.json").read_text())
@@ -42,11 +41,14 @@ def main(argv: list[str] | None = None) -> dict:
     script = [str(ROOT / "tests" / "distributed_run.py"), "--n_layer", "4", "--n_embd", "128", "--batch", "8",
               "--max_steps", str(opts.max_steps), "--local_steps", "10", "--server_update_interval", "5",
               "--align_interval", "2"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "accelerate_configs" / "cpu_3_processes.yaml")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    config = ROOT / "accelerate_configs" / "cpu_3_processes.yaml"
     with tempfile.TemporaryDirectory() as tmp:
-        one = run([sys.executable, *script], Path(tmp, "one"))
-        three = run(launch + script, Path(tmp, "three"))
+        # Each launch in its own process group, killed whole on any exit; the launcher's port is retried if taken.
+        single = [sys.executable, *script, "--output_dir", str(Path(tmp, "one"))]
+        one = _result(run(single, env, timeout=3600), single, Path(tmp, "one"))
+        three_args = [*script, "--output_dir", str(Path(tmp, "three"))]
+        three = _result(accelerate_launch(config, three_args, env, timeout=3600), three_args, Path(tmp, "three"))
         a, b = (load_file(str(Path(tmp, d, "final", "adapter_model.safetensors"))) for d in ("one", "three"))
         diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     result = {
