@@ -43,6 +43,7 @@ __all__ = [
     "TINY",
     "max_split_diff",
     "one_fsl_sage_round",
+    "round_problems",
     "run",
     "run_together",
     "sample_batch",
@@ -125,6 +126,9 @@ def _cycled(*kinds: str):
 
 
 _ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+# Sizes of the sliding-window layers, which the family reads from its own ``swa_*`` arguments (MLA head: nope + rope).
+_DOTS3_SWA = {"swa_num_attention_heads": 4, "swa_num_key_value_heads": 4, "swa_q_lora_rank": 32,
+              "swa_kv_lora_rank": 16, "swa_head_dim": 16, "swa_qk_nope_head_dim": 8, "swa_v_head_dim": 16}
 # Values may be callables of the number of layers.
 FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen2": {"use_sliding_window": True, "max_window_layers": 1},
@@ -143,6 +147,9 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma4_text": {"hidden_size_per_layer_input": 0},
     "gemma4_unified_text": {"hidden_size_per_layer_input": 0},
     "xmod": {"default_language": "en_XX"},
+    "dots3_note_text": _DOTS3_SWA,
+    "dots3_note": _DOTS3_SWA,
+    "rwkv": {"rescale_every": 0},
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}},
 }
@@ -152,6 +159,7 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
 FAMILY_NOTES: dict[str, str] = {
     "gemma4_text": "without per-layer inputs (hidden_size_per_layer_input=0); with them: unsupported",
     "gemma4_unified_text": "without per-layer inputs (hidden_size_per_layer_input=0); with them: unsupported",
+    "rwkv": "without inference-time rescaling (rescale_every=0); with it: unsupported",
 }
 
 
@@ -207,8 +215,8 @@ def _tiny_kwargs(cfg: PretrainedConfig, num_layers: int) -> dict[str, Any]:
             continue
         value = _safe_get(cfg, name)
         original = value
-        if value is None and name in class_defaults:  # e.g. a window the default config switched off
-            value = class_defaults[name]
+        if (value is None or (value == 0 and "window" in name)) and name in class_defaults:
+            value = class_defaults[name]  # e.g. a window the default config switched off (None, or 0 in Qwen2-MoE)
         if value is None:
             value = next((v for p, v in _FILL_NONE if re.fullmatch(p, name)), None)
         new = _tiny_value(name, value)
@@ -296,6 +304,13 @@ def _build(cfg: PretrainedConfig, num_layers: int, overrides: dict[str, Any]) ->
     return kw
 
 
+def _encoder_sizes(sub: PretrainedConfig) -> dict[str, Any]:
+    """Sizes of a non-text (vision, audio) sub-config the name patterns miss: channel widths and block counts."""
+    found = {k: 64 for k, v in sub.to_dict().items()
+             if re.fullmatch(r".*channels?", k) and isinstance(v, int) and v > 64}
+    return found | ({"num_blocks": 2} if isinstance(getattr(sub, "num_blocks", None), int) else {})
+
+
 def tiny_config(model_type: str, num_layers: int = 4, **overrides: Any) -> PretrainedConfig:
     """A tiny random-init config of family ``model_type`` with ``num_layers`` decoder blocks.
 
@@ -306,18 +321,16 @@ def tiny_config(model_type: str, num_layers: int = 4, **overrides: Any) -> Pretr
     text_default = default.get_text_config()
     extra = {k: v(num_layers) if callable(v) else v for k, v in FAMILY_OVERRIDES.get(model_type, {}).items()}
     overrides = {**extra, **overrides}
-    if text_default is default:
-        cfg = type(default)(**_build(default, num_layers, overrides))
-    else:
-        kw: dict[str, Any] = {}
-        for key in getattr(type(default), "sub_configs_defaults", {}) or {}:
-            sub = getattr(default, key, None)
-            if isinstance(sub, PretrainedConfig):
-                is_text = sub is text_default
-                sub_kw = _build(sub, num_layers if is_text else 2, overrides if is_text else {})
-                kw[key] = type(sub)(**sub_kw).to_dict()
-        kw.update({k: v for k, v in _build(default, num_layers, {}).items() if k not in kw})
-        cfg = type(default)(**kw)
+    kw: dict[str, Any] = {}
+    for key in getattr(type(default), "sub_configs_defaults", {}) or {}:  # vision, audio … and text sub-configs
+        sub = getattr(default, key, None)
+        if isinstance(sub, PretrainedConfig):
+            is_text = sub is text_default
+            sub_kw = _build(sub, num_layers if is_text else 2, overrides if is_text else _encoder_sizes(sub))
+            kw[key] = type(sub)(**sub_kw).to_dict()
+    root = _build(default, num_layers, overrides if text_default is default else {})
+    kw.update({k: v for k, v in root.items() if k not in kw})
+    cfg = type(default)(**kw)
     _with_layer_count(cfg.get_text_config(), text_default, num_layers)
     return cfg
 
@@ -411,7 +424,8 @@ def one_fsl_sage_round(model: PreTrainedModel, output_dir: str, seq_len: int = 1
     rows = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seq_len] * 4, "labels": ids})
     args = FSLSageConfig(output_dir=output_dir, num_clients=2, local_steps=1, max_steps=1,
                          per_device_train_batch_size=2, per_device_eval_batch_size=4, aux_num_layers=1,
-                         server_update_interval=1, align_interval=1, align_epochs=1, warmup_steps=0, logging_steps=1,
+                         server_update_interval=1, align_interval=1, align_epochs=1, aux_heldout_cosine=False,
+                         warmup_steps=0, logging_steps=1,
                          save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=seed)
     trainer = FSLSageTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,
                              data_collator=default_data_collator)
@@ -426,6 +440,14 @@ def one_fsl_sage_round(model: PreTrainedModel, output_dir: str, seq_len: int = 1
         now = {n: p for n, p in half.named_parameters() if p.requires_grad}
         report[f"{k}_changed"] = sum(not torch.equal(now[n], t) for n, t in before[k].items()) / max(1, len(now))
     return report
+
+
+def round_problems(report: dict[str, float]) -> list[str]:
+    """What is wrong with a :func:`one_fsl_sage_round` report: missing or non-finite losses, unmoved halves."""
+    expected = ("loss", "server_loss", "align_grad_cosine_before", "align_grad_cosine_after", "eval_loss")
+    problems = [f"no {k}" for k in expected if k not in report]
+    problems += [f"{k} = {v}" for k, v in report.items() if not math.isfinite(v)]
+    return problems + [f"{k} == 0" for k in ("client_changed", "server_changed") if report.get(k) == 0]
 
 
 # ---------------------------------------------------------------- test processes

@@ -86,14 +86,13 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
                 replacements[path] = deepcopy_module(child, dict(memo))  # final norm (and any other post-block module)
     aux_lm = with_replaced(server_lm, replacements)
 
-    config = copy.deepcopy(server_lm.config)
-    config._attn_implementation = "eager"
+    configs: dict[int, Any] = {}  # deepcopy memo: each module keeps its own config (blocks read a sub-config)
     for path in ["", *(p for p in owner_paths if p)]:
-        _set_config(aux_lm.get_submodule(path), config)
+        _set_config(aux_lm.get_submodule(path), configs)
     for path, module in replacements.items():
         if path != head_path:
             for sub in module.modules():
-                _set_config(sub, config)
+                _set_config(sub, configs)
     if init == "random":
         base = split.model.get_base_model() if hasattr(split.model, "get_base_model") else split.model
         for path, module in replacements.items():
@@ -106,9 +105,13 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
     return SplitServer(aux_lm, aux_blocks[0], split.server.embed_dim)
 
 
-def _set_config(module: nn.Module, config) -> None:
-    if "config" in vars(module):
-        module.config = config
+def _set_config(module: nn.Module, memo: dict[int, Any]) -> None:
+    """Give ``module`` an eager-attention copy of its own config; ``memo`` (a deepcopy memo shared by all modules)
+    makes modules that shared a config, or a composite config and its sub-configs, share the copies."""
+    config = vars(module).get("config")
+    if config is not None:
+        module.config = memo[id(config)] if id(config) in memo else copy.deepcopy(config, memo)
+        module.config._attn_implementation = "eager"
 
 
 def _reinitialise(module: nn.Module, base: nn.Module) -> None:

@@ -40,6 +40,9 @@ UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
 UNSUPPORTED_FEATURES: list[tuple[str, str]] = [
     ("hidden_size_per_layer_input", "per-layer inputs computed from the token ids feed every block (set "
                                     "hidden_size_per_layer_input=0 or use a model without them)"),
+    ("rescale_every", "RWKV's inference-time rescaling divides the weights of every block in place, on both sides "
+                      "of the cut, whenever the model switches between training and evaluation (load it with "
+                      "rescale_every=0: in float32 the outputs are the same)"),
 ]
 
 # Embedding-stage modules (by attribute name) that the server runs itself: their output is used by every
