@@ -425,6 +425,7 @@ def one_fsl_sage_round(model: PreTrainedModel, output_dir: str, seq_len: int = 1
     args = FSLSageConfig(output_dir=output_dir, num_clients=2, local_steps=1, max_steps=1,
                          per_device_train_batch_size=2, per_device_eval_batch_size=4, aux_num_layers=1,
                          server_update_interval=1, align_interval=1, align_epochs=1, aux_heldout_cosine=False,
+                         weight_decay=0.0,  # only gradients move weights: a client step without its estimate shows
                          warmup_steps=0, logging_steps=1,
                          save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=seed)
     trainer = FSLSageTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,
