@@ -23,20 +23,32 @@ import torch
 from transformers.utils import logging as hf_logging
 
 
-# One change each from the reference; the LoRA/IID setting unless the name says full fine-tuning.
+# One change each from the reference; the LoRA/IID setting unless the name says full fine-tuning. Names that start
+# with "CSE-FSL" run CSE-FSL with the reference settings, as the baseline to beat at the same budget.
 VARIANTS: dict[str, dict] = {
     "reference": {},
+    "CSE-FSL": {},
+    "align_epochs=0 (no alignment)": {"align_epochs": 0},
     "aux_trainable=all": {"aux_trainable": "all"},
+    "aux_trainable=all, align_learning_rate=3e-4": {"aux_trainable": "all", "align_learning_rate": 3e-4},
     "aux_init=random, aux_trainable=all": {"aux_init": "random", "aux_trainable": "all"},
     "aux_num_layers=1": {"aux_num_layers": 1},
+    "aux_num_layers=3": {"aux_num_layers": 3},
     "align_epochs=1": {"align_epochs": 1},
     "align_epochs=15": {"align_epochs": 15},
     "align_buffer_size=48": {"align_buffer_size": 48},
     "align_learning_rate=3e-4": {"align_learning_rate": 3e-4},
+    "align_learning_rate=1e-2": {"align_learning_rate": 1e-2},
     "align_interval=1": {"align_interval": 1},
+    "align_interval=4": {"align_interval": 4},
     "local_steps=25": {"local_steps": 25},
 }
-FULL_VARIANTS: dict[str, dict] = {"full: reference": {}, "full: local_steps=25": {"local_steps": 25}}
+FULL_VARIANTS: dict[str, dict] = {"full: reference": {}, "full: CSE-FSL": {}, "full: local_steps=25": {"local_steps": 25},
+                                  "full: CSE-FSL, local_steps=25": {"local_steps": 25}}
+
+
+def algorithm_of(name: str) -> str:
+    return "cse_fsl" if name.removeprefix("full: ").startswith("CSE-FSL") else "fsl_sage"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.time()
     results, init_args, _ = bench.prepare(opts, cfg)
-    tasks = {name: ("fsl_sage", lora, "iid", opts.seed, tuple(sorted(over.items())))
+    tasks = {name: (algorithm_of(name), lora, "iid", opts.seed, tuple(sorted(over.items())))
              for name, (lora, over) in variants.items()}
     done = bench.run_all(list(tasks.values()), opts.jobs, init_args, out_dir / f"{stem}.partial.jsonl", opts.resume)
     rows = {}
@@ -64,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         run = done[task]
         at = bench.summarize(run, results["base"]["eval_loss"], results["base"]["eval_loss"])["loss_at_fraction"]
         aux_bytes = sum(v for k, v in run["bytes_by_kind"].items() if k.startswith("aux_model"))
-        rows[name] = {"lora": task[1], "overrides": dict(task[4]), **{f"loss_at_{f}": at[str(f)] for f in at},
+        rows[name] = {"algorithm": task[0], "lora": task[1], "overrides": dict(task[4]), **{f"loss_at_{f}": at[str(f)] for f in at},
                       "aux_bytes_share": aux_bytes / run["total_bytes"], **run}
     results.update(variants=rows, seconds=time.time() - started)
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))

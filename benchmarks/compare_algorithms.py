@@ -83,7 +83,7 @@ FULL = {
     "num_clients": 4, "batch": 8, "local_steps": 10, "cut_layer": 1, "server_update_interval": 5,
     "lr_lora": 3e-3, "lr_full": 1e-3, "warmup_steps": 5,
     # budget, step cap, evaluations, centralized reference
-    "budget_mb": {"lora": 16.0, "full": 24.0}, "max_steps": 60, "eval_points": 6, "central_steps": 40,
+    "budget_mb": {"lora": 16.0, "full": 24.0}, "max_steps": 150, "eval_points": 6, "central_steps": 40,
     # each algorithm's own settings
     "fsl_sage": {"aux_num_layers": 2, "align_interval": 2, "align_epochs": 5, "align_buffer_size": 16},
     "cse_fsl": {"aux_num_layers": 2},
