@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict] = {
     "align_interval=1": {"align_interval": 1},
     "align_interval=4": {"align_interval": 4},
     "local_steps=25": {"local_steps": 25},
+    "CSE-FSL, local_steps=25": {"local_steps": 25},
 }
 FULL_VARIANTS: dict[str, dict] = {"full: reference": {}, "full: CSE-FSL": {}, "full: local_steps=25": {"local_steps": 25},
                                   "full: CSE-FSL, local_steps=25": {"local_steps": 25}}

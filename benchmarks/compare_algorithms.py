@@ -480,7 +480,7 @@ def table(results: dict[str, Any]) -> str:
                      f"90 % {t['0.9']:.4f}")
         head = "".join(f"{'@' + format(f, '.0%'):>16}" for f in FRACTIONS)
         lines.append(f"{'algorithm':<12}{'seeds':>6}{head}{'MB to 80%':>16}{'MB to 90%':>16}{'server upd':>11}"
-                     f"{'client steps':>13}{'wall s':>8}{'cos held-out':>13}")
+                     f"{'client steps':>13}{'wall s':>8}{'cos held-out':>16}")
         for name, runs in setting["algorithms"].items():
             cells = []
             for f in FRACTIONS:
@@ -496,7 +496,7 @@ def table(results: dict[str, Any]) -> str:
                          f"{updates:>11}"
                          f"{spread([r['client_steps'] for r in runs], '.0f'):>13}"
                          f"{statistics.fmean(r['train_seconds'] for r in runs):>8.0f}"
-                         f"{spread(cos, '.3f') if cos[0] is not None else '—':>13}")
+                         f"{spread(cos, '.3f') if cos[0] is not None else '—':>16}")
     lines.append("\n* the run stopped at the step cap before that fraction of the budget: its loss at the cap.")
     return "\n".join(lines)
 
