@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 
 # One change each from the reference; the LoRA/IID setting unless the name says full fine-tuning. Names that start
-# with "CSE-FSL" run CSE-FSL with the reference settings, as the baseline to beat at the same budget.
+# with "CSE-FSL" or "SplitFed-V2" run that algorithm with the same settings, as the baselines to beat.
 VARIANTS: dict[str, dict] = {
     "reference": {},
     "CSE-FSL": {},
@@ -44,12 +44,17 @@ VARIANTS: dict[str, dict] = {
     "local_steps=25": {"local_steps": 25},
     "CSE-FSL, local_steps=25": {"local_steps": 25},
 }
-FULL_VARIANTS: dict[str, dict] = {"full: reference": {}, "full: CSE-FSL": {}, "full: local_steps=25": {"local_steps": 25},
-                                  "full: CSE-FSL, local_steps=25": {"local_steps": 25}}
+FULL_VARIANTS: dict[str, dict] = {
+    "full: reference": {}, "full: CSE-FSL": {}, "full: SplitFed-V2": {},
+    "full: local_steps=25": {"local_steps": 25}, "full: CSE-FSL, local_steps=25": {"local_steps": 25},
+    "full: SplitFed-V2, local_steps=25": {"local_steps": 25},
+}
+BASELINES = {"CSE-FSL": "cse_fsl", "SplitFed-V2": "splitfed_v2"}
 
 
 def algorithm_of(name: str) -> str:
-    return "cse_fsl" if name.removeprefix("full: ").startswith("CSE-FSL") else "fsl_sage"
+    short = name.removeprefix("full: ")
+    return next((algorithm for prefix, algorithm in BASELINES.items() if short.startswith(prefix)), "fsl_sage")
 
 
 def main(argv: list[str] | None = None) -> dict:
