@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
         run = done[task]
         at = bench.summarize(run, results["base"]["eval_loss"], results["base"]["eval_loss"])["loss_at_fraction"]
         aux_bytes = sum(v for k, v in run["bytes_by_kind"].items() if k.startswith("aux_model"))
-        rows[name] = {"algorithm": task[0], "lora": task[1], "overrides": dict(task[4]), **{f"loss_at_{f}": at[str(f)] for f in at},
-                      "aux_bytes_share": aux_bytes / run["total_bytes"], **run}
+        rows[name] = {"algorithm": task[0], "lora": task[1], "overrides": dict(task[4]),
+                      **{f"loss_at_{f}": at[str(f)] for f in at}, "aux_bytes_share": aux_bytes / run["total_bytes"],
+                      **run}
     results.update(variants=rows, seconds=time.time() - started)
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out_dir / f"{stem}.partial.jsonl").unlink(missing_ok=True)
