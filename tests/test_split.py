@@ -170,6 +170,16 @@ def test_smashed_nbytes_is_exact() -> None:
     assert isinstance(moved, Smashed) and not moved.hidden_states.requires_grad and moved.nbytes == smashed.nbytes
 
 
+def test_cut_width_is_the_residual_streams_width() -> None:
+    # Qwen4Exp widens the residual stream to 4x the embedding's width inside its blocks; Llama keeps it.
+    for model_type, factor in (("llama", 1), ("qwen4_exp", 4)):
+        model = tiny_causal_lm(model_type, num_layers=2)
+        split = split_causal_lm(model, 1)
+        smashed = split.client(_ids(model, 2, 5))
+        embedding = model.get_input_embeddings().embedding_dim
+        assert split.cut_width == smashed.hidden_states.shape[-1] == factor * embedding, model_type
+
+
 # ---------------------------------------------------------------- PEFT
 @pytest.mark.parametrize(("model_type", "targets"), [("llama", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"])])
 def test_lora_split_trains_both_halves(model_type: str, targets: list[str]) -> None:

@@ -142,7 +142,7 @@ class Algorithm:
         the limits of its named sizes: smashed activations of the model's width and their labels, at most one
         batch of sequences."""
         seq = ("batch", "seq")
-        smashed = Smashed(TensorSpec((*seq, self.fed.split.server.embed_dim), FLOATS),
+        smashed = Smashed(TensorSpec((*seq, self.fed.split.cut_width), FLOATS),
                           TensorSpec(seq, (torch.bool,), optional=True),
                           TensorSpec((None, "seq"), INTEGERS, optional=True))
         return (smashed, TensorSpec(seq, INTEGERS)), {"batch": self.fed.batch_size}

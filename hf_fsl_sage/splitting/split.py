@@ -171,8 +171,11 @@ class SplitCausalLM(nn.Module):
     """A causal LM cut after block ``cut_layer - 1``; ``forward`` composes ``server(client(x))``."""
 
     def __init__(self, client: SplitClient, server: SplitServer, model: nn.Module, cut_layer: int, num_layers: int,
-                 head_copied: bool):
+                 head_copied: bool, cut_width: int | None = None):
         super().__init__()
+        # Width of the smashed activations: the residual stream at the cut (the embedding's width unless a family
+        # widens it in its blocks).
+        self.cut_width = server.embed_dim if cut_width is None else cut_width
         self.client = client
         self.server = server
         self.cut_layer = cut_layer
@@ -320,11 +323,12 @@ def _echo_unheld(base: nn.Module, owners: list[str], blocks: nn.ModuleList, coun
 
 
 def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_layer: int, token_embedding: nn.Module,
-             server_runs: set[str], model_type: str) -> tuple[list[str], list[int]]:
+             server_runs: set[str], model_type: str) -> tuple[list[str], list[int], int]:
     """Run ``base`` once on a tiny input and check that it can be cut before block ``cut_layer``.
 
     Returns the paths (relative to ``base``) of the modules that run before the first block (the embedding
-    stage) and, for blocks ``[0, cut_layer)``, the length of the tuple each returns (0: a bare tensor).
+    stage), for blocks ``[0, cut_layer)`` the length of the tuple each returns (0: a bare tensor), and the width
+    of the hidden states at the cut (the embedding's width for most families, wider for some).
 
     Client-held weights (everything outside blocks ``[cut_layer, L)`` and the modules the server runs itself)
     are made to require grad for the run, so that any input of a server block that depends on them shows it.
@@ -399,7 +403,7 @@ def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_laye
     if problem:
         raise ValueError(f"model_type {model_type!r} cannot be split before block {cut_layer}: {problem}. "
                          "Use a supported family (see the README's table).")
-    return called, [counts[i] for i in range(cut_layer)]
+    return called, [counts[i] for i in range(cut_layer)], firsts[cut_layer - 1].shape[-1]
 
 
 def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
@@ -426,7 +430,7 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
 
     token_embedding = lm.get_input_embeddings()
     server_runs = {p for p, _ in base.named_modules() if p.rpartition(".")[2] in SERVER_RUNS.get(model_type, ())}
-    called, outputs = _observe(base, owners, blocks, cut_layer, token_embedding, server_runs, model_type)
+    called, outputs, cut_width = _observe(base, owners, blocks, cut_layer, token_embedding, server_runs, model_type)
     pre = set(called)
     client_repl: dict[str, nn.Module] = {blocks_path: nn.ModuleList(list(blocks[:cut_layer]))}
     skipped = [SkippedBlock(b, n) for b, n in zip(blocks[:cut_layer], outputs)]
@@ -454,4 +458,4 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
     embedding_path = path_of(base, token_embedding)
     client = SplitClient(with_replaced(base, client_repl), blocks[cut_layer - 1], embedding_path)
     server = SplitServer(with_replaced(lm, lm_repl), blocks[cut_layer], token_embedding.embedding_dim)
-    return SplitCausalLM(client, server, model, cut_layer, num_layers, head_copied)
+    return SplitCausalLM(client, server, model, cut_layer, num_layers, head_copied, cut_width)
