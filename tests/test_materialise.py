@@ -109,6 +109,10 @@ def test_bf16_base_keeps_adapters_fp32_and_sends_bf16_activations(runs, tmp_path
     assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "final" / "adapter_model.safetensors")).values()} == {
         torch.float32}
     fp32, bf16 = _result(root / "three")["ledger"]["by_kind"], _result(tmp_path / "bf16")["ledger"]["by_kind"]
-    # an upload carries, per token, the hidden state (E values), the attention mask (1 byte) and the label (8)
-    assert bf16["smashed_up"] * (4 * E + 9) == fp32["smashed_up"] * (2 * E + 9)
+    # An upload carries, per kept token, the hidden state (E values in the base's dtype) and a 2-byte label (the
+    # vocabulary is below 65,536), plus one length per row: the same tokens and side bytes S in both runs, so
+    # fp32 = 4 E T + S and bf16 = 2 E T + S with 2 T <= S <= 4 T (a row holds at least one token).
+    tokens, rest = divmod(fp32["smashed_up"] - bf16["smashed_up"], 2 * E)
+    side = fp32["smashed_up"] - 4 * E * tokens
+    assert rest == 0 and tokens > 0 and 2 * tokens <= side <= 4 * tokens
     assert {k: v for k, v in bf16.items() if k != "smashed_up"} == {k: v for k, v in fp32.items() if k != "smashed_up"}
