@@ -8,7 +8,9 @@ training runs take seconds on a CPU.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -123,3 +125,12 @@ def make_trainer(tmp_path: Path, model=None, peft_config=None, **overrides) -> F
     return FSLSageTrainer(model=model if model is not None else tiny_gpt2(vocab), args=FSLSageConfig(**settings),
                           train_dataset=train, eval_dataset=evalset.select(range(64)),
                           data_collator=PadCollator(pad), peft_config=peft_config)
+
+
+def load_script(path: Path, name: str):
+    """The module a script file defines (a recipe or benchmark, which is not part of the package), imported by path."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,20 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _benchmark_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_codec_benchmark_quick_reports_bytes_losses_and_time(tmp_path):
-    QUICK = _benchmark_module("compare_algorithms").QUICK
+    QUICK = load_script(ROOT / "benchmarks" / "compare_algorithms.py", "compare_algorithms").QUICK
 
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codecs.py"), "--quick", "--repeats", "1",
                     "--output-dir", str(tmp_path)], check=True, cwd=ROOT, timeout=900)

@@ -19,6 +19,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_fsl_sage.e2e.data import E2E_SEPARATOR, IGNORE_INDEX, load_e2e_csv
+from tests.helpers import load_script
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +34,7 @@ SMALL = ["--preset", "tiny", "--model_config", '{"n_layer": 4, "n_embd": 32, "n_
 
 
 def load_recipe():
-    spec = importlib.util.spec_from_file_location("gpt2m_e2e", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RECIPE, "gpt2m_e2e")
 
 
 recipe = load_recipe()

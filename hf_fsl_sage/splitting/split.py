@@ -171,11 +171,11 @@ class SplitCausalLM(nn.Module):
     """A causal LM cut after block ``cut_layer - 1``; ``forward`` composes ``server(client(x))``."""
 
     def __init__(self, client: SplitClient, server: SplitServer, model: nn.Module, cut_layer: int, num_layers: int,
-                 head_copied: bool, cut_width: int | None = None):
+                 head_copied: bool, cut_width: int):
         super().__init__()
         # Width of the smashed activations: the residual stream at the cut (the embedding's width unless a family
         # widens it in its blocks).
-        self.cut_width = server.embed_dim if cut_width is None else cut_width
+        self.cut_width = cut_width
         self.client = client
         self.server = server
         self.cut_layer = cut_layer
