@@ -439,6 +439,8 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-mb", type=float, nargs=2, default=None, metavar=("LORA", "FULL"),
                         help="communication budget in MB (1e6 bytes) per run, with LoRA and with full fine-tuning")
     parser.add_argument("--max-steps", type=int, default=None, help="global-step cap of every run")
+    parser.add_argument("--local-steps", type=int, default=None,
+                        help="local steps per round of every federated run (default: the preset's 10)")
     parser.add_argument("--full-vocab", action="store_true",
                         help="keep GPT-2's 50,257-row vocabulary instead of the tokens that occur in the data")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
@@ -453,6 +455,8 @@ def preset(opts) -> dict[str, Any]:
         cfg["budget_mb"] = {"lora": opts.budget_mb[0], "full": opts.budget_mb[1]}
     if opts.max_steps:
         cfg["max_steps"] = opts.max_steps
+    if opts.local_steps:
+        cfg["local_steps"] = opts.local_steps
     return cfg
 
 
@@ -541,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common_options(parser)
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds of the federated runs; LoRA/IID runs them all for " + ", ".join(SEEDED))
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)

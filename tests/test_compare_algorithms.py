@@ -17,7 +17,7 @@ ALGORITHMS = ["fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
 @pytest.mark.slow
 def test_compare_algorithms_quick_runs_every_algorithm_to_the_budget(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_algorithms.py"), "--quick", "--output-dir",
-                    str(tmp_path)], check=True, cwd=ROOT, timeout=900)
+                    str(tmp_path), "--seeds", "0", "1"], check=True, cwd=ROOT, timeout=900)
     results = json.loads((tmp_path / "compare_algorithms_quick.json").read_text())
     assert set(results["settings"]) == {"iid/lora", "dirichlet/lora", "iid/full", "dirichlet/full"}
     assert (tmp_path / "compare_algorithms_quick.png").is_file()
