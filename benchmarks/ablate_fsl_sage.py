@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def table(rows: dict, cfg: dict) -> str:
     budget = cfg["budget_mb"]
-    head = (f"{'variant':<54}{'@25%':>8}{'@50%':>8}{'@100%':>8}{'held-out cos':>13}{'align cos':>10}"
+    width = max(len("variant"), *map(len, rows)) + 2
+    head = (f"{'variant':<{width}}{'@25%':>8}{'@50%':>8}{'@100%':>8}{'held-out cos':>13}{'align cos':>10}"
             f"{'aux bytes':>10}{'server upd':>11}{'steps':>7}{'wall s':>8}{'CPU s':>7}")
     title = f"FSL-SAGE ablation at {budget['lora']:g} MB (LoRA) / {budget['full']:g} MB (full fine-tuning), IID"
     lines = [title, head]
@@ -111,7 +112,7 @@ def table(rows: dict, cfg: dict) -> str:
     for name, r in rows.items():
         cos = "—" if r["heldout_cosine"] is None else f"{r['heldout_cosine']:.3f}"
         align = "—" if r["align_cosine_after"] is None else f"{r['align_cosine_after']:.3f}"
-        lines.append(f"{name:<54}{loss(r, 0.25):>8}{loss(r, 0.5):>8}{loss(r, 1.0):>8}{cos:>13}{align:>10}"
+        lines.append(f"{name:<{width}}{loss(r, 0.25):>8}{loss(r, 0.5):>8}{loss(r, 1.0):>8}{cos:>13}{align:>10}"
                      f"{r['aux_bytes_share']:>10.1%}{r['server_updates']:>11}{r['global_steps']:>7}"
                      f"{r['train_seconds']:>8.0f}{r['cpu_seconds']:>7.0f}")
     lines.append("* stopped at the step cap before that fraction of the budget.")

@@ -440,7 +440,8 @@ def common_options(parser: argparse.ArgumentParser) -> None:
                         help="communication budget in MB (1e6 bytes) per run, with LoRA and with full fine-tuning")
     parser.add_argument("--max-steps", type=int, default=None, help="global-step cap of every run")
     parser.add_argument("--local-steps", type=int, default=None,
-                        help="local steps per round of every federated run (default: the preset's 10)")
+                        help=f"local steps per round of every federated run (default: the preset's, "
+                             f"{FULL['local_steps']}; {QUICK['local_steps']} with --quick)")
     parser.add_argument("--full-vocab", action="store_true",
                         help="keep GPT-2's 50,257-row vocabulary instead of the tokens that occur in the data")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
