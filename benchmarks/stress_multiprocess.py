@@ -1,12 +1,16 @@
 """Run the multi-process scenarios of tests/test_distributed.py many times and count failures.
 
     python benchmarks/stress_multiprocess.py --runs 30
+    python benchmarks/stress_multiprocess.py --runs 10 --scenarios drop --output benchmarks/results/stress_drop.json
 
 Each run launches, with the shipped 3-process CPU config: the equality scenario (one algorithm per run, in turn,
 compared with its one-process reference, which is computed once per algorithm), the kill scenario (process 2 is
 killed at global step 3; the job must stop with the server naming it, within 30 s of the kill) and the stall
-scenario (process 2 hangs; the server must give up 10 to 40 s after the stall, with ddp_timeout 10). Every launch
-runs in its own process group, killed as a group when it ends. Writes benchmarks/results/stress_multiprocess.json.
+scenario (process 2 hangs; the server must give up 10 to 40 s after the stall, with ddp_timeout 10). The drop
+scenario (not run by default) is the stall with client_failures="drop": process 2 hangs for 20 s, the others must
+go on without it and finish (exit 0, process 2 leaving with status 0) with the adapters of the one-process run in
+which its clients fail from that step on. Every launch runs in its own process group, killed as a group when it
+ends. Writes benchmarks/results/stress_multiprocess.json (or --output).
 """
 
 from __future__ import annotations
@@ -82,9 +86,32 @@ def failure(work: Path, stall: bool) -> dict:
     return {"detection_s": round(seconds, 2)}
 
 
+def drop(work: Path, references: dict[str, Path]) -> dict:
+    lost = ["--client_failures", "drop"]
+    if "drop" not in references:
+        one = work / "one-drop"
+        _ok(run([sys.executable, str(RUN), "--output_dir", str(one), *lost, "--fail_clients", "1", "3",
+                 "--fail_from_step", "3"], _env(), 900))
+        references["drop"] = one
+    out = work / f"drop-{time.monotonic_ns()}"
+    t0 = time.time()
+    _ok(_three(out, *lost, "--stall_rank", "2", "--kill_step", "3", "--stall_seconds", "20", "--ddp_timeout", "10"))
+    a = load_file(str(references["drop"] / "final" / "adapter_model.safetensors"))
+    b = load_file(str(out / "final" / "adapter_model.safetensors"))
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    if a.keys() != b.keys() or diff > 1e-5:
+        raise AssertionError(f"adapters differ from the one-process run by {diff}")
+    result = json.loads((out / "result.json").read_text())
+    return {"max_abs_diff": diff, "train_runtime_s": result["train_runtime"], "launch_s": round(time.time() - t0, 1)}
+
+
+SCENARIOS = {"equality": equality, "kill": failure, "stall": failure, "drop": drop}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--scenarios", nargs="+", default=["equality", "kill", "stall"], choices=list(SCENARIOS))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "stress_multiprocess.json"))
     cli = parser.parse_args()
     torch.set_num_threads(1)
@@ -93,8 +120,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="stress-") as tmp:
         for i in range(cli.runs):
             algorithm = ALGORITHMS[i % len(ALGORITHMS)]
-            for name, scenario, kwargs in (("equality", equality, {"algorithm": algorithm, "references": references}),
-                                           ("kill", failure, {"stall": False}), ("stall", failure, {"stall": True})):
+            arguments = {"equality": {"algorithm": algorithm, "references": references}, "kill": {"stall": False},
+                         "stall": {"stall": True}, "drop": {"references": references}}
+            for name in cli.scenarios:
+                scenario, kwargs = SCENARIOS[name], arguments[name]
                 t0 = time.time()
                 try:
                     record = {"run": i, "scenario": name, "ok": True, **scenario(Path(tmp), **kwargs)}
@@ -108,7 +137,7 @@ def main() -> None:
     failures = [r for r in records if not r["ok"]]
     summary = {
         "runs": cli.runs, "launches": len(records), "failures": len(failures),
-        "by_scenario": {s: sum(1 for r in failures if r["scenario"] == s) for s in ("equality", "kill", "stall")},
+        "by_scenario": {s: sum(1 for r in failures if r["scenario"] == s) for s in cli.scenarios},
         "wall_s": round(time.time() - started, 1),
         "children_cpu_s": round(cpu.children_user + cpu.children_system - cpu_started.children_user
                                 - cpu_started.children_system, 1),

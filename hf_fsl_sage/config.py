@@ -123,8 +123,11 @@ class FSLSageConfig(TrainingArguments):
         client_failures (`str`, defaults to `"raise"`):
             What to do when a client raises during its local step: `"raise"` stops the run;
             `"drop"` drops that client from the rest of the round (the round aggregates the others,
-            weights renormalised; logged as `dropped_clients`). A process that stops answering still
-            stops the run with `FederationCommError` (resume from the last checkpoint).
+            weights renormalised; logged as `dropped_clients`). Under several processes, `"drop"` also
+            goes on without a client process that dies or does not answer within `ddp_timeout`: its
+            clients stay out until the run is restarted from a checkpoint (see
+            `hf_fsl_sage.transport.membership`). With `"raise"` such a process stops the run with
+            `FederationCommError` (resume from the last checkpoint).
         simulate_client_failures (`float`, defaults to `0.0`):
             Probability, per participant and local step, that the client fails on purpose (seeded from
             `seed`, the round, the step and the client, so runs and resumes repeat exactly). For tests

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Any
 
 import datasets
@@ -25,11 +24,18 @@ from transformers.utils import logging
 
 from .algorithms.registry import get as get_algorithm
 from .config import FSLSageConfig
-from .federation.checkpoint import load_federation_state, save_federation_state
+from .federation.checkpoint import (
+    load_federation_state,
+    load_lost_processes,
+    save_federation_state,
+    save_lost_processes,
+    state_file,
+)
 from .federation.data import check_token_rows, learned_positions, prepare_dataset, split_lm_collator
 from .federation.federation import Federation, Party
 from .federation.guard import Guard
 from .federation.partition import partition
+from .federation.roles import RoleOptimizers, RoleSchedulers
 from .federation.schedule import GlobalStepDataset, RoundSchedule
 from .splitting.materialise import load_for_clients, release_unneeded
 from .splitting.split import split_causal_lm
@@ -37,67 +43,11 @@ from .timing import PARTS, StepTimer, per_step
 from .transport.codecs import ActivationCoder
 from .transport.distributed import DistributedTransport, broadcast_json
 from .transport.local import LocalTransport
+from .transport.membership import Membership
 from .transport.placement import SERVER_RANK, Placement
 
 
 logger = logging.get_logger(__name__)
-
-
-class RoleOptimizers:
-    """Every party's optimizer behind the one object Trainer expects.
-
-    The parties step their own optimizers inside ``training_step`` (the server
-    several times per global step), so ``step``/``zero_grad`` are no-ops here;
-    this object exists so that Trainer saves and restores all their states.
-    """
-
-    def __init__(self, parties: dict[str, Party]):
-        self.parties = parties
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for p in self.parties.values() for g in p.optimizer.param_groups]
-
-    @property
-    def state(self) -> dict:
-        return {}
-
-    def step(self, closure=None) -> None:
-        return None
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: p.optimizer.state_dict() for name, p in self.parties.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, p in self.parties.items():
-            p.optimizer.load_state_dict(state[name])
-
-
-class RoleSchedulers:
-    """Steps every party's learning-rate schedule once per global step."""
-
-    def __init__(self, parties: dict[str, Party]):
-        self.parties = parties
-
-    def step(self) -> None:
-        with warnings.catch_warnings():
-            # A client that sat out the round has not stepped its optimizer; its schedule follows the global step.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            for p in self.parties.values():
-                p.scheduler.step()
-
-    def get_last_lr(self) -> list[float]:
-        return next(iter(self.parties.values())).scheduler.get_last_lr()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: p.scheduler.state_dict() for name, p in self.parties.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, p in self.parties.items():
-            p.scheduler.load_state_dict(state[name])
 
 
 class FSLSageTrainer(Trainer):
@@ -208,8 +158,12 @@ class FSLSageTrainer(Trainer):
         self.schedule = RoundSchedule(parts, args.participants_per_round, args.local_steps,
                                       args.per_device_train_batch_size, args.max_steps, args.seed)
         self.placement = placement
+        #: Which processes are still in the run (several processes with client_failures="drop"; else None).
+        self.membership = None
         if self.placement.is_distributed:
-            transport = DistributedTransport(self.placement, args.device, args.ddp_timeout_delta)
+            if args.client_failures == "drop":
+                self.membership = Membership(self.placement.rank, self.placement.world_size, args.ddp_timeout_delta)
+            transport = DistributedTransport(self.placement, args.device, args.ddp_timeout_delta, self.membership)
             logger.info(f"Federated split placement: {self.placement.describe()}")
         else:
             transport = LocalTransport()
@@ -323,9 +277,24 @@ class FSLSageTrainer(Trainer):
             self._round_metrics.update(self.algorithm.end_round(round_index, participants))
             if any(k.startswith("align_") for k in self._round_metrics):
                 self.log({"round": round_index, **self._pop_align_metrics()})
+        processes = self.placement.world_size
+        if self.membership is not None:  # before any collective: the processes agree on who is left
+            self._sync_membership(inputs["step"])
+            processes = len(self.membership.members)
         if self.args.max_comm_bytes is not None:
             self._check_comm_budget()
-        return torch.tensor(sum(losses) * self.placement.world_size / len(participants), device=self.args.device)
+        return torch.tensor(sum(losses) * processes / len(participants), device=self.args.device)
+
+    def _sync_membership(self, step: int) -> None:
+        """End of a global step with ``client_failures="drop"``: learn which processes left the run (the server's
+        process saw their messages fail or time out) and drop their clients from every later round."""
+        for rank in self.membership.sync(step, self.federation.transport.context):
+            clients = self.placement.clients_of(rank)
+            self.federation.guard.lose(clients, count=self.placement.is_server)
+            if self.placement.is_server:
+                logger.warning(f"Going on without process {rank} and its clients {clients} from "
+                               f"{self.federation.transport.context}; they stay out until the run is restarted. "
+                               f"Why: {self.membership.lost[rank]}")
 
     def _check_comm_budget(self) -> None:
         """Whether this global step reached ``max_comm_bytes``, decided the same on every process.
@@ -488,11 +457,19 @@ class FSLSageTrainer(Trainer):
         state = {"federation": self._federation_state(), "optimizers": self.optimizer.state_dict(),
                  "schedulers": self.lr_scheduler.state_dict()}
         save_federation_state(state, output_dir, self.placement)
+        if self.membership is not None and self.membership.lost and self.placement.is_server:
+            save_lost_processes(output_dir, self.membership.lost)
         torch.distributed.barrier()  # the checkpoint is whole before Trainer writes its state and rotates old ones
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
             return
+        rank = self.placement.rank
+        if self.placement.is_distributed and not os.path.isfile(state_file(checkpoint, self.placement)):
+            lost = load_lost_processes(checkpoint)
+            if rank in lost:
+                self._rejoin(lost[rank])
+                return
         state = load_federation_state(checkpoint, self.placement, self.args.device)
         if not self.placement.is_distributed:
             self._load_federation_state(state)  # first: it says what differs when the run does not match
@@ -501,6 +478,18 @@ class FSLSageTrainer(Trainer):
         self._load_federation_state(state["federation"])
         self.optimizer.load_state_dict(state["optimizers"])
         self.lr_scheduler.load_state_dict(state["schedulers"])
+
+    def _rejoin(self, cause: str) -> None:
+        """Resume a process that had left the run before the checkpoint, so it wrote no state: its clients sit
+        out the rest of the checkpoint's round and start again from the global model at the next one, with
+        new optimizer states on the run's learning-rate schedule."""
+        clients = self.placement.clients_of(self.placement.rank)
+        self.federation.guard.dropped |= set(clients)
+        for _ in range(self.state.global_step):
+            self.lr_scheduler.step()
+        logger.warning(f"Process {self.placement.rank} had left the run before this checkpoint ({cause}). It "
+                       f"rejoins: its clients {clients} train again from the next round, with new optimizer "
+                       "states.")
 
 
 class CommBudgetStop(TrainerCallback):

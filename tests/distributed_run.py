@@ -8,8 +8,11 @@ from the repository root (``tests.helpers`` is imported from there).
 
 Writes ``D/final`` (the global model as a PEFT adapter) and, on the main process, ``D/result.json``
 (ledger, log history, placement). ``--kill_rank R --kill_step S`` makes process R die (SIGKILL) at the end of
-global step S; ``--stall_rank R`` makes it hang there instead. The moment of the kill (``D/killed_at``) and of the
-error the server's process raises (``D/failed_at``) are written as Unix times, so a test can time the detection alone.
+global step S; ``--stall_rank R`` makes it hang there instead (for ``--stall_seconds``, then go on).
+``--fail_clients C.. --fail_from_step S`` makes those clients fail at every local step from global step index S
+on, in any process (a one-process stand-in for losing their process). The moment of the kill (``D/killed_at``)
+and of the error the server's process raises (``D/failed_at``) are written as Unix times, so a test can time the
+detection alone.
 """
 
 from __future__ import annotations
@@ -35,15 +38,16 @@ from tests.helpers import PadCollator, compact_e2e
 class DieAt(TrainerCallback):
     """Process ``rank`` dies (SIGKILL), or hangs with ``stall``, at the end of global step ``step``."""
 
-    def __init__(self, rank: int, step: int, stall: bool = False):
-        self.rank, self.step, self.stall = rank, step, stall
+    def __init__(self, rank: int, step: int, stall: bool = False, stall_seconds: float = 3600):
+        self.rank, self.step, self.stall, self.stall_seconds = rank, step, stall, stall_seconds
 
     def on_step_end(self, args, state, control, **kwargs):
         if args.process_index == self.rank and state.global_step == self.step:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             Path(args.output_dir, "killed_at").write_text(repr(time.time()))
             if self.stall:
-                time.sleep(3600)
+                time.sleep(self.stall_seconds)
+                return
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -75,6 +79,10 @@ def main() -> None:
     parser.add_argument("--kill_rank", type=int, default=None)
     parser.add_argument("--stall_rank", type=int, default=None)
     parser.add_argument("--kill_step", type=int, default=None)
+    parser.add_argument("--stall_seconds", type=float, default=3600)
+    parser.add_argument("--client_failures", default="raise")
+    parser.add_argument("--fail_clients", type=int, nargs="*", default=[])
+    parser.add_argument("--fail_from_step", type=int, default=0)
     parser.add_argument("--ddp_timeout", type=int, default=120)
     parser.add_argument("--n_layer", type=int, default=3)
     parser.add_argument("--n_embd", type=int, default=32)
@@ -102,15 +110,19 @@ def main() -> None:
         logging_steps=2, eval_strategy="steps", eval_steps=4, report_to="none", seed=0, disable_tqdm=True,
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
         ddp_timeout=cli.ddp_timeout, max_comm_bytes=cli.max_comm_bytes, smashed_codec=cli.smashed_codec,
+        client_failures=cli.client_failures,
     )
     peft_config = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
     callbacks = None
     if cli.kill_rank is not None or cli.stall_rank is not None:
         callbacks = [DieAt(cli.stall_rank if cli.kill_rank is None else cli.kill_rank, cli.kill_step,
-                           stall=cli.kill_rank is None)]
+                           stall=cli.kill_rank is None, stall_seconds=cli.stall_seconds)]
     trainer = FSLSageTrainer(model=model, args=args, train_dataset=train, eval_dataset=evalset.select(range(32)),
                              data_collator=PadCollator(pad), peft_config=peft_config, callbacks=callbacks,
                              model_init_kwargs={"dtype": getattr(torch, cli.dtype)})
+    if cli.fail_clients:
+        trainer.federation.fails_at = lambda r, local, c: c in cli.fail_clients and \
+            r * cli.local_steps + local >= cli.fail_from_step
     try:
         trainer.train(resume_from_checkpoint=cli.resume)
     except FederationCommError:

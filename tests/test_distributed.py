@@ -166,6 +166,47 @@ def test_silent_client_process_times_out_with_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stalled_client_process_is_dropped_and_the_others_train_on(tmp_path):
+    """client_failures="drop": process 2 (clients 1 and 3) hangs for 30 s after global step 3. The server gives up
+    on it after ddp_timeout (10 s) in round 1, the others go on in a re-formed group and finish, and process 2,
+    waking up, learns it was left out and exits with status 0. The result is exactly that of one process in
+    which clients 1 and 3 fail at every step from global step index 3 on; only the client models no longer sent
+    to them (rounds 2 and 3) are missing from the bytes. Restarted from a checkpoint written without it, process 2
+    rejoins and its clients train again from the next round."""
+    _check(_single(tmp_path / "one", "--client_failures", "drop", "--fail_clients", "1", "3",
+                   "--fail_from_step", "3"))
+    done = _three(tmp_path / "three", "--client_failures", "drop", "--stall_rank", "2", "--kill_step", "3",
+                  "--stall_seconds", "30", "--ddp_timeout", "10", "--save_steps", "2", timeout=600)
+    _check(done)
+    assert "process 2 is out of the run: the smashed message of client 1 could not be received from it at " \
+           "round 1, global step 3: it stopped, died, or did not answer within the 10 s timeout" in done.stderr
+    assert "Going on without process 2 and its clients [1, 3] from round 1, global step 3" in done.stderr
+    assert "process 2 was dropped from the run at" in done.stderr and "exits with status 0" in done.stderr
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "three")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    one, three = _result(tmp_path / "one")["ledger"], _result(tmp_path / "three")["ledger"]
+    model_bytes = one["by_kind"]["client_model_down"] // one["messages"]["client_model_down"]
+    assert three["up"] == one["up"] > 0 and three["down"] == one["down"] - 2 * 2 * model_bytes
+    logged = [h["dropped_clients"] for h in _result(tmp_path / "three")["log_history"] if "dropped_clients" in h]
+    assert logged == [0, 2, 2, 2]
+
+    checkpoint = tmp_path / "three" / "checkpoint-6"  # written without process 2, at the end of round 2
+    assert sorted(p.name for p in checkpoint.glob("federation*")) == [f"federation-rank{r}-of-3.safetensors"
+                                                                     for r in (0, 1)]
+    lost = json.loads((checkpoint / "lost_processes.json").read_text())
+    assert list(lost) == ["2"] and "could not be received from it at round 1, global step 3" in lost["2"]
+    resumed = _three(tmp_path / "resumed", "--client_failures", "drop", "--resume", str(checkpoint))
+    _check(resumed)
+    assert "Process 2 had left the run before this checkpoint" in resumed.stderr
+    back = _result(tmp_path / "resumed")["ledger"]["messages"]
+    gone = _result(tmp_path / "three")["ledger"]["messages"]
+    # Round 3 (two local steps) with clients 1 and 3 back: their uploads, models sent and received.
+    assert back["smashed_up"] - gone["smashed_up"] == 4
+    assert back["client_model_down"] - gone["client_model_down"] == 2
+    assert back["client_model_up"] - gone["client_model_up"] == 2
+
+
+@pytest.mark.slow
 def test_two_machines_on_one_host_train_exactly_like_one(tmp_path):
     """The shipped two-machine config, as two launches on this host (machine ranks 0 and 1, two processes each):
     the server and client 0's process on "machine" 0, the other clients on "machine" 1; same result as one process."""

@@ -2,11 +2,14 @@
 
 One process writes ``federation.safetensors``; under several processes each writes
 ``federation-rank<r>-of-<P>.safetensors`` with the parties it holds. The format (tensors plus a JSON
-structure and a checksum, nothing executable) is :mod:`.state_io`'s.
+structure and a checksum, nothing executable) is :mod:`.state_io`'s. A process that left the run
+(``client_failures="drop"``) writes nothing; the server's process lists it in ``lost_processes.json``, so
+that a restart from the checkpoint can bring it back.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -17,6 +20,7 @@ from .state_io import load_state, save_state
 
 
 FEDERATION_STATE = "federation.safetensors"
+LOST_PROCESSES = "lost_processes.json"
 
 
 def state_file(directory: str, placement: Placement) -> str:
@@ -45,3 +49,21 @@ def load_federation_state(directory: str, placement: Placement, device: torch.de
                else ": it was not written by FSLSageTrainer.")
         )
     return load_state(path, "cpu" if device.type == "cpu" else device)  # plain data: nothing in it is run
+
+
+def save_lost_processes(directory: str, lost: dict[int, str]) -> None:
+    """List the processes that left the run (launch rank -> why) in checkpoint ``directory``."""
+    path = os.path.join(directory, LOST_PROCESSES)
+    partial = f"{path}.partial-{os.getpid()}"
+    with open(partial, "w") as f:
+        json.dump({str(rank): cause for rank, cause in sorted(lost.items())}, f, indent=1)
+    os.replace(partial, path)
+
+
+def load_lost_processes(directory: str) -> dict[int, str]:
+    """What :func:`save_lost_processes` wrote in ``directory`` (empty if no process had left the run)."""
+    path = os.path.join(directory, LOST_PROCESSES)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return {int(rank): str(cause) for rank, cause in json.load(f).items()}

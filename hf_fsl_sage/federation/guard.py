@@ -1,8 +1,9 @@
 """What a federation does with non-finite values and with clients that fail in their local step.
 
 :class:`Guard` holds the two policies (``nonfinite``: raise or skip; ``client_failures``: raise or drop), the
-counts the trainer logs (``skipped_updates``, ``dropped_clients``) and the clients dropped from the current
-round. Every check names the party, what was checked and where the run is (round and global step).
+counts the trainer logs (``skipped_updates``, ``dropped_clients``), the clients dropped from the current
+round and the clients whose process left the run (out until the run is restarted). Every check names the
+party, what was checked and where the run is (round and global step).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Guard:
         self.skipped_updates = 0
         self.dropped_clients = 0
         self.dropped: set[int] = set()  # in the current round
+        self.lost: set[int] = set()  # their process left the run: out of every later round too
 
     def finite(self, value: Any, what: str, party: str) -> bool:
         """``True`` if ``value`` is finite; otherwise raise (``"raise"``) or count a skipped update (``"skip"``)."""
@@ -69,13 +71,24 @@ class Guard:
         logger.warning(f"client {client} failed at {self.context() or 'set-up'} and is dropped from the rest of the "
                        f"round: {type(error).__name__}: {error}")
 
+    def lose(self, clients: list[int], count: bool) -> None:
+        """Drop ``clients`` from this and every later round: their process left the run. ``count`` them in
+        ``dropped_clients`` on one process only (the trainer sums the counts over processes)."""
+        new = set(clients) - self.lost
+        self.lost |= new
+        self.dropped |= new
+        if count:
+            self.dropped_clients += len(new)
+
     def new_round(self) -> None:
-        self.dropped = set()
+        self.dropped = set(self.lost)
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_updates": self.skipped_updates, "dropped_clients": self.dropped_clients,
-                "dropped": sorted(self.dropped)}
+                "dropped": sorted(self.dropped), "lost": sorted(self.lost)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the counts and the current round's drops; clients of a lost process come back from the next
+        round (a restart brings their process back)."""
         self.skipped_updates, self.dropped_clients = state["skipped_updates"], state["dropped_clients"]
         self.dropped = set(state["dropped"])

@@ -19,6 +19,9 @@ rather than left to the process group, whose timeout Trainer does not set on
 CPU. When a peer dies or stays silent,
 the waiting process raises :class:`FederationCommError` naming itself, the
 peer, the message and the round; ``accelerate launch`` then stops the others.
+With a :class:`~hf_fsl_sage.transport.membership.Membership` (``client_failures="drop"``) the server's
+process instead declares a silent or dead client process lost and goes on without it, and client
+processes wait longer for the server (it may spend a timeout on each process that stalls).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from __future__ import annotations
 import atexit
 import json
 import math
+import queue
+import threading
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -33,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .base import DOWN, UP, FederationCommError, Layout, Transport, deliver, flatten, payload_nbytes, unflatten
+from .membership import Membership
 from .placement import SERVER_RANK, Placement
 
 
@@ -42,6 +48,7 @@ _ALIGN = 16  # bytes; every tensor starts at an aligned offset of the buffer, so
 WIRE_DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
     torch.uint8, torch.bool)}
+_LOST = object()  # what a transfer with a process declared lost returns
 MAX_HEADER_BYTES = 1 << 24
 MAX_MESSAGE_BYTES = 1 << 34  # 16 GiB: a header may not make the receiver allocate more than this
 _MAX_DEPTH = 16
@@ -168,10 +175,48 @@ def broadcast_json(obj: Any, device: torch.device, src: int = SERVER_RANK) -> An
     return json.loads(data.cpu().numpy().tobytes().decode()) if dist.get_rank() != src else obj
 
 
+class _Waiter:
+    """Waits for transfers on a daemon thread, so that the caller can give up on one without a backend timeout.
+
+    A transfer given up on keeps its thread blocked; the next transfer gets a new thread.
+    """
+
+    def __init__(self) -> None:
+        self._start()
+
+    def _start(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, args=(self._jobs,), daemon=True, name="hf_fsl_sage-wait").start()
+
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue) -> None:
+        while True:
+            work, outcome, done = jobs.get()
+            try:
+                work.wait()  # releases the GIL while it blocks
+                outcome.append(None)
+            except BaseException as error:  # noqa: BLE001 -- handed to the caller
+                outcome.append(error)
+            done.set()
+
+    def wait(self, work: dist.Work, seconds: float) -> bool:
+        """Whether ``work`` completed within ``seconds``; raises what it raised."""
+        outcome: list[BaseException | None] = []
+        done = threading.Event()
+        self._jobs.put((work, outcome, done))
+        if not done.wait(seconds):
+            self._start()
+            return False
+        if outcome[0] is not None:
+            raise outcome[0]
+        return True
+
+
 class DistributedTransport(Transport):
     """Messages between the server's process and the clients' processes (see :mod:`hf_fsl_sage.placement`)."""
 
-    def __init__(self, placement: Placement, device: torch.device, timeout: timedelta = timedelta(minutes=30)):
+    def __init__(self, placement: Placement, device: torch.device, timeout: timedelta = timedelta(minutes=30),
+                 membership: Membership | None = None):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistributedTransport needs an initialised torch.distributed process group; run the "
@@ -179,6 +224,10 @@ class DistributedTransport(Transport):
         self.placement = placement
         self.device = torch.device("cpu") if device.type == "cpu" else device  # not "cpu:0"
         self.timeout = timeout
+        self.membership = membership
+        self._waiter = _Waiter()
+        if membership is not None and not placement.is_server:  # the server may spend a timeout per stalled process
+            self.timeout = timeout * (placement.world_size + 1)
         atexit.unregister(_tear_down)  # once, however many transports are built
         atexit.register(_tear_down)
 
@@ -192,13 +241,18 @@ class DistributedTransport(Transport):
         rank = self.placement.rank
         if rank not in (src, dst):
             return None
+        if self.membership is not None and self.membership.is_lost(self.placement.rank_of(client_id)):
+            return None  # its process is out of the run: nothing is sent to or expected from it
         if src == dst:
             out, nbytes = deliver(payload, self.device), payload_nbytes(payload)
         elif rank == src:
             out, nbytes = None, payload_nbytes(payload)
-            self._guarded(lambda: self._send(payload, dst, kind, client_id), "send", kind, client_id, dst)
+            if self._guarded(lambda: self._send(payload, dst, kind, client_id), "send", kind, client_id, dst) is _LOST:
+                return None  # not sent: that client's process is out of the run
         else:
             out = self._guarded(lambda: self._recv(src, kind, client_id), "receive", kind, client_id, src)
+            if out is _LOST:
+                return None
             nbytes = payload_nbytes(out)
         if self.placement.is_server:
             self.ledger.record(direction, kind, nbytes)
@@ -218,12 +272,28 @@ class DistributedTransport(Transport):
         spec, tensors = flatten(payload)
         header = torch.frombuffer(bytearray(encode_header(kind, client_id, spec)), dtype=torch.uint8)
         for part in (torch.tensor([header.numel()], dtype=torch.int64), header, pack(tensors, self.device)):
-            dist.isend(part.to(self.device), dst=dst).wait(self.timeout)
+            part = part.to(self.device)
+            self._wait(dist.isend(part, dst=self._wire(dst)), part)
 
     def _receive(self, shape: int, dtype: torch.dtype, src: int) -> torch.Tensor:
         buffer = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.irecv(buffer, src=src).wait(self.timeout)
+        self._wait(dist.irecv(buffer, src=self._wire(src)), buffer)
         return buffer
+
+    def _wait(self, work: dist.Work, tensor: torch.Tensor) -> None:
+        """Wait for a transfer, at most the timeout.
+
+        With a membership, the server's process waits on a helper thread instead of handing the timeout to
+        the backend: gloo closes every connection of the group when a transfer times out, which would cut off
+        the other clients too. A transfer given up on stays posted, so its tensor is kept until the group is
+        re-formed.
+        """
+        if self.membership is None or not self.placement.is_server:
+            work.wait(self.timeout)
+            return
+        if not self._waiter.wait(work, self.timeout.total_seconds()):
+            self.membership.abandon(work, tensor)
+            raise TimeoutError(f"no answer within {self.timeout.total_seconds():.0f} s")
 
     def _recv(self, src: int, kind: str, client_id: int) -> Any:
         length = int(self._receive(1, torch.int64, src)[0])
@@ -246,7 +316,13 @@ class DistributedTransport(Transport):
         size = sum(_padded(_nbytes(shape, dtype)) for shape, dtype in layout)
         return unflatten(spec, unpack(self._receive(size, torch.uint8, src), layout))
 
+    def _wire(self, rank: int) -> int:
+        """The rank of launch rank ``rank`` in the current process group (they differ once a process is lost)."""
+        return rank if self.membership is None else self.membership.wire_rank(rank)
+
     def _guarded(self, fn, action: str, kind: str, client_id: int, peer: int):
+        """``fn()``; on a transport failure raise :class:`FederationCommError`, or with a membership (on the
+        server's process) declare the peer's process lost and return :data:`_LOST`."""
         try:
             return fn()
         except FederationCommError:
@@ -255,11 +331,18 @@ class DistributedTransport(Transport):
             me = "the server's process" if self.placement.is_server else f"process {self.placement.rank}"
             whose = self._describe(peer, client_id)
             limit = f" within the {int(self.timeout.total_seconds())} s timeout (ddp_timeout)"
+            detail = f"[{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}]"
+            if self.membership is not None and self.placement.is_server:
+                done = "sent to" if action == "send" else "received from"
+                self.membership.lose(peer, f"the {kind} message of client {client_id} could not be {done} it at "
+                                           f"{self.context}: it stopped, died, or did not answer{limit} {detail}")
+                return _LOST
+            if self.membership is not None and self.membership.excluded():
+                self.membership.leave(self.context or "set-up")
             raise FederationCommError(
                 f"{me} could not {action} the {kind} message of client {client_id} "
                 f"{'to' if action == 'send' else 'from'} {whose} at {self.context or 'set-up'}: that process stopped, "
-                f"died, or did not answer{limit}. Stopping this process; resume from the last checkpoint. "
-                f"[{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}]"
+                f"died, or did not answer{limit}. Stopping this process; resume from the last checkpoint. {detail}"
             ) from error
 
 

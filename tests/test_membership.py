@@ -1,0 +1,94 @@
+"""Agreeing on the processes still in a run, over a real rendezvous store (the group itself is not re-formed here)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+
+from hf_fsl_sage.testing_utils import free_port
+from hf_fsl_sage.transport.membership import Membership, ProcessDropped
+
+
+TIMEOUT = timedelta(seconds=1)
+
+
+def _memberships(world: int) -> list[Membership]:
+    port = free_port()
+    master = dist.TCPStore("127.0.0.1", port, world, is_master=True, wait_for_workers=False)
+    stores = [master] + [dist.TCPStore("127.0.0.1", port, world, is_master=False) for _ in range(world - 1)]
+    memberships = [Membership(rank, world, TIMEOUT, store=stores[rank]) for rank in range(world)]
+    for m in memberships:
+        m.regrouped = []
+        m._regroup = m.regrouped.append  # the process group is re-formed in test_distributed's launches
+    return memberships
+
+
+def _sync_all(memberships: list[Membership], step: int, skip: tuple[int, ...] = ()) -> dict[int, object]:
+    """Every process but ``skip`` syncs at ``step`` at once; what each returned or raised."""
+    out: dict[int, object] = {}
+
+    def one(m: Membership) -> None:
+        try:
+            out[m.rank] = m.sync(step, f"global step {step}")
+        except BaseException as error:  # noqa: BLE001 -- recorded for the test
+            out[m.rank] = error
+
+    threads = [threading.Thread(target=one, args=(m,)) for m in memberships if m.rank not in skip]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def test_every_process_checking_in_keeps_the_members_and_the_group():
+    memberships = _memberships(3)
+    for step in (1, 2, 3):
+        assert _sync_all(memberships, step) == {0: [], 1: [], 2: []}
+    assert all(m.members == [0, 1, 2] and m.regrouped == [] for m in memberships)
+    assert memberships[0].wire_rank(2) == 2
+
+
+def test_a_process_that_does_not_check_in_is_left_out_by_all_the_others():
+    memberships = _memberships(4)
+    assert _sync_all(memberships, 1) == {r: [] for r in range(4)}
+    start = time.monotonic()
+    results = _sync_all(memberships, 2, skip=(2,))  # process 2 stalls
+    waited = time.monotonic() - start
+    assert results == {0: [2], 1: [2], 3: [2]}
+    assert TIMEOUT.total_seconds() <= waited < 10 * TIMEOUT.total_seconds()
+    for rank in (0, 1, 3):
+        m = memberships[rank]
+        assert m.members == [0, 1, 3] and m.regrouped == [2] and m.is_lost(2)
+        assert [m.wire_rank(r) for r in (0, 1, 3)] == [0, 1, 2]  # ranks renumbered in the new group
+    assert "did not reach the end of global step 2 within ddp_timeout (1 s)" in memberships[0].lost[2]
+    # The next step goes on without it.
+    assert _sync_all(memberships, 3, skip=(2,)) == {0: [], 1: [], 3: []}
+
+    # Waking up later, it learns that it was left out and leaves with exit status 0.
+    with pytest.raises(ProcessDropped) as left:
+        memberships[2].sync(2, "global step 2")
+    assert left.value.code == 0 and memberships[2].excluded()
+    assert "process 2 was dropped from the run at global step 2" in str(left.value)
+    assert "restart the run from its last checkpoint" in str(left.value)
+
+
+def test_a_process_the_server_declared_lost_mid_step_is_not_waited_for():
+    memberships = _memberships(3)
+    memberships[0].lose(1, "the smashed message of client 0 could not be received from it")
+    start = time.monotonic()
+    results = _sync_all(memberships, 1, skip=(1,))
+    assert results == {0: [1], 2: [1]} and time.monotonic() - start < TIMEOUT.total_seconds()
+    assert memberships[1].excluded() and not memberships[2].excluded()
+    with pytest.raises(ProcessDropped):
+        memberships[1].sync(1, "global step 1")
+
+
+def test_the_server_is_never_declared_lost():
+    memberships = _memberships(2)
+    memberships[0].lose(0, "a mistaken report")
+    assert not memberships[0].lost and _sync_all(memberships, 1) == {0: [], 1: []}
