@@ -1,7 +1,8 @@
 """Run the multi-process scenarios of tests/test_distributed.py many times and count failures.
 
     python benchmarks/stress_multiprocess.py --runs 30
-    python benchmarks/stress_multiprocess.py --runs 10 --scenarios drop --output benchmarks/results/stress_drop.json
+    python benchmarks/stress_multiprocess.py --runs 10 --scenarios drop machine \
+        --output benchmarks/results/stress_drop.json
 
 Each run launches, with the shipped 3-process CPU config: the equality scenario (one algorithm per run, in turn,
 compared with its one-process reference, which is computed once per algorithm), the kill scenario (process 2 is
@@ -9,8 +10,12 @@ killed at global step 3; the job must stop with the server naming it, within 30 
 scenario (process 2 hangs; the server must give up 10 to 40 s after the stall, with ddp_timeout 10). The drop
 scenario (not run by default) is the stall with client_failures="drop": process 2 hangs for 20 s, the others must
 go on without it and finish (exit 0, process 2 leaving with status 0) with the adapters of the one-process run in
-which its clients fail from that step on. Every launch runs in its own process group, killed as a group when it
-ends. Writes benchmarks/results/stress_multiprocess.json (or --output).
+which its clients fail from that step on. The machine scenario (not run by default either) is two launches of
+accelerate_configs/two_machines.yaml on this host, two processes each, with client_failures="drop": process 3 on
+"machine" 1 is killed at global step 3, machine 1's launcher stops process 2 and exits non-zero, and the server's
+machine must go on without both and finish all 8 steps (its launcher then waits in torchrun's exit barrier for the
+lost machine, up to 300 s; the scenario stops it once the result is written). Every launch runs in its own
+process group, killed as a group when it ends. Writes benchmarks/results/stress_multiprocess.json (or --output).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,13 +33,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from hf_fsl_sage.testing_utils import accelerate_launch, run
+from hf_fsl_sage.testing_utils import accelerate_launch, free_port, kill_group, run
 
 
 ROOT = Path(__file__).resolve().parents[1]
 
 RUN = ROOT / "tests" / "distributed_run.py"
 CONFIG = ROOT / "accelerate_configs" / "cpu_3_processes.yaml"
+TWO_MACHINES = ROOT / "accelerate_configs" / "two_machines.yaml"
 ALGORITHMS = ["fsl_sage", "splitfed_v1", "splitfed_v2", "cse_fsl", "fedavg"]
 KILLED = "could not receive the smashed message of client 1 from process 2 (client 1) at round 1, global step 3"
 
@@ -105,7 +112,41 @@ def drop(work: Path, references: dict[str, Path]) -> dict:
     return {"max_abs_diff": diff, "train_runtime_s": result["train_runtime"], "launch_s": round(time.time() - t0, 1)}
 
 
-SCENARIOS = {"equality": equality, "kill": failure, "stall": failure, "drop": drop}
+def machine(work: Path) -> dict:
+    out = work / f"machines-{time.monotonic_ns()}"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_MACHINES),
+              "--num_processes", "4", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    script = [str(RUN), "--output_dir", str(out), "--client_failures", "drop", "--kill_rank", "3", "--kill_step", "3",
+              "--ddp_timeout", "10"]
+    logs = [work / f"{out.name}-machine{r}.err" for r in (0, 1)]
+    t0 = time.time()
+    with open(logs[0], "w") as err0, open(logs[1], "w") as err1:
+        launches = [subprocess.Popen([*launch, "--machine_rank", str(r), *script], env=_env(),
+                                     stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+                    for r, err in ((0, err0), (1, err1))]
+        try:
+            launches[1].wait(timeout=600)
+            deadline = time.monotonic() + 600
+            while not (out / "result.json").is_file():
+                if time.monotonic() > deadline or launches[0].poll() not in (None, 0):
+                    raise AssertionError(f"machine 0 did not finish: {logs[0].read_text()[-2000:]}")
+                time.sleep(1)
+            finished = time.time() - t0
+            time.sleep(2)  # the result file is whole; machine 0's launcher now waits in the exit barrier
+        finally:
+            for launched in launches:
+                kill_group(launched)
+    stderr = logs[0].read_text()
+    lost = sorted(int(line.split()[1]) for line in stderr.splitlines() if line.startswith("Going on without process"))
+    result = json.loads((out / "result.json").read_text())
+    if launches[1].returncode == 0 or 3 not in lost or result["global_step"] != 8:
+        raise AssertionError(f"machine 1 exit {launches[1].returncode}, lost {lost}, {result['global_step']} steps")
+    killed = float((out / "killed_at").read_text())
+    return {"machine1_exit": launches[1].returncode, "lost_processes": lost, "steps": result["global_step"],
+            "finished_after_kill_s": round(t0 + finished - killed, 1)}
+
+
+SCENARIOS = {"equality": equality, "kill": failure, "stall": failure, "drop": drop, "machine": machine}
 
 
 def main() -> None:
@@ -121,7 +162,7 @@ def main() -> None:
         for i in range(cli.runs):
             algorithm = ALGORITHMS[i % len(ALGORITHMS)]
             arguments = {"equality": {"algorithm": algorithm, "references": references}, "kill": {"stall": False},
-                         "stall": {"stall": True}, "drop": {"references": references}}
+                         "stall": {"stall": True}, "drop": {"references": references}, "machine": {}}
             for name in cli.scenarios:
                 scenario, kwargs = SCENARIOS[name], arguments[name]
                 t0 = time.time()

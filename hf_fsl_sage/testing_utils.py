@@ -452,7 +452,7 @@ def round_problems(report: dict[str, float]) -> list[str]:
 
 
 # ---------------------------------------------------------------- test processes
-def _kill_group(process: subprocess.Popen) -> None:
+def kill_group(process: subprocess.Popen) -> None:
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -490,7 +490,7 @@ def run_together(commands: Sequence[Sequence[str]], env: dict[str, str], timeout
             return done
         finally:
             for process in processes:
-                _kill_group(process)  # also the workers a launcher started, even when the launcher exited
+                kill_group(process)  # also the workers a launcher started, even when the launcher exited
 
 
 def run(command: Sequence[str], env: dict[str, str], timeout: float,

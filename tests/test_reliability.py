@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_fsl_sage.federation.federation import load_trainable_state, trainable_state
-from hf_fsl_sage.federation.guard import NonFiniteError
+from hf_fsl_sage.federation.guard import Guard, NonFiniteError
 from tests.helpers import compact_e2e, lora, make_trainer, tiny_gpt2
 
 
@@ -154,3 +154,19 @@ def test_simulated_failures_resume_exactly(tmp_path):
     assert full.federation.transport.ledger.state_dict() == resumed.federation.transport.ledger.state_dict()
     assert full.federation.guard.dropped_clients == resumed.federation.guard.dropped_clients
     assert not math.isnan(full.state.log_history[-1].get("train_loss", 0.0))
+
+
+def test_clients_of_a_lost_process_stay_out_of_later_rounds_until_a_restart():
+    guard = Guard(client_failures="drop")
+    guard.lose([1, 3], count=True)
+    guard.lose([3], count=True)  # already out: not counted twice
+    guard.new_round()
+    assert guard.dropped == {1, 3} and guard.dropped_clients == 2
+    other = Guard(client_failures="drop")
+    other.lose([1, 3], count=False)  # a client process learns of it too, but only the server's process counts
+    assert other.dropped == {1, 3} and other.dropped_clients == 0
+    restarted = Guard(client_failures="drop")
+    restarted.load_state_dict(guard.state_dict())
+    assert restarted.dropped == {1, 3} and restarted.dropped_clients == 2  # out for the rest of the saved round
+    restarted.new_round()
+    assert restarted.dropped == set()  # the restart brought their process back
