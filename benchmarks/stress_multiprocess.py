@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -137,7 +138,7 @@ def machine(work: Path) -> dict:
             for launched in launches:
                 kill_group(launched)
     stderr = logs[0].read_text()
-    lost = sorted(int(line.split()[1]) for line in stderr.splitlines() if line.startswith("Going on without process"))
+    lost = sorted(int(n) for n in re.findall(r"^Going on without process (\d+)", stderr, re.MULTILINE))
     result = json.loads((out / "result.json").read_text())
     if launches[1].returncode == 0 or 3 not in lost or result["global_step"] != 8:
         raise AssertionError(f"machine 1 exit {launches[1].returncode}, lost {lost}, {result['global_step']} steps")
