@@ -22,8 +22,13 @@ def _memberships(world: int) -> list[Membership]:
     stores = [master] + [dist.TCPStore("127.0.0.1", port, world, is_master=False) for _ in range(world - 1)]
     memberships = [Membership(rank, world, TIMEOUT, store=stores[rank]) for rank in range(world)]
     for m in memberships:
-        m.regrouped = []
-        m._regroup = m.regrouped.append  # the process group is re-formed in test_distributed's launches
+        m.joined = []  # (store prefix, world size) of each group joined; launches re-form real groups
+
+        def join(prefix: str, m: Membership = m) -> bool:
+            m.joined.append((prefix.removeprefix("hf_fsl_sage/membership/"), len(m.members)))
+            return True
+
+        m._join = join
     return memberships
 
 
@@ -49,7 +54,7 @@ def test_every_process_checking_in_keeps_the_members_and_the_group():
     memberships = _memberships(3)
     for step in (1, 2, 3):
         assert _sync_all(memberships, step) == {0: [], 1: [], 2: []}
-    assert all(m.members == [0, 1, 2] and m.regrouped == [] for m in memberships)
+    assert all(m.members == [0, 1, 2] and m.joined == [] for m in memberships)
     assert memberships[0].wire_rank(2) == 2
 
 
@@ -63,7 +68,7 @@ def test_a_process_that_does_not_check_in_is_left_out_by_all_the_others():
     assert TIMEOUT.total_seconds() <= waited < 10 * TIMEOUT.total_seconds()
     for rank in (0, 1, 3):
         m = memberships[rank]
-        assert m.members == [0, 1, 3] and m.regrouped == [2] and m.is_lost(2)
+        assert m.members == [0, 1, 3] and m.joined == [("step2/group0", 3)] and m.is_lost(2)
         assert [m.wire_rank(r) for r in (0, 1, 3)] == [0, 1, 2]  # ranks renumbered in the new group
     assert "did not reach the end of global step 2 within ddp_timeout (1 s)" in memberships[0].lost[2]
     # The next step goes on without it.
@@ -92,3 +97,27 @@ def test_the_server_is_never_declared_lost():
     memberships = _memberships(2)
     memberships[0].lose(0, "a mistaken report")
     assert not memberships[0].lost and _sync_all(memberships, 1) == {0: [], 1: []}
+
+
+def test_a_process_that_dies_before_the_new_group_forms_is_left_out_of_it_too():
+    """Process 2 stalls; process 3 checks in and then dies before it is ready to join: the group is formed at the
+    second attempt, among 0 and 1."""
+    memberships = _memberships(4)
+    memberships[3]._regroup = lambda key, where: None  # it returns (dies) without saying it is ready
+    results = _sync_all(memberships, 1, skip=(2,))
+    assert results[0] == results[1] == [2, 3]
+    for rank in (0, 1):
+        m = memberships[rank]
+        assert m.members == [0, 1] and m.joined == [("step1/group1", 2)]
+    assert "did not join the process group formed at the end of global step 1" in memberships[0].lost[3]
+
+
+def test_a_failed_join_is_tried_again_with_whoever_is_still_ready():
+    memberships = _memberships(3)
+    for m in memberships:  # every join of the first attempt times out (a member died after the go)
+        join = m._join
+        m._join = lambda prefix, join=join: join(prefix) and "group0" not in prefix
+    results = _sync_all(memberships, 1, skip=(2,))
+    assert results == {0: [2], 1: [2]}
+    assert [p for p, _ in memberships[0].joined] == [p for p, _ in memberships[1].joined] == ["step1/group0",
+                                                                                             "step1/group1"]

@@ -19,6 +19,7 @@ started when one of them fails: the run then goes on only on other machines (eac
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from datetime import timedelta
@@ -109,50 +110,104 @@ class Membership:
 
         Returns the launch ranks that left the run at this step (the same list on every process).
         """
-        key = f"{_PREFIX}/step{step}"
+        key, before = f"{_PREFIX}/step{step}", list(self.members)
         if self.rank == SERVER_RANK:
-            deadline = time.monotonic() + self.timeout.total_seconds()
-            for rank in [r for r in self.members if r != SERVER_RANK and r not in self.lost]:
-                remaining = max(deadline - time.monotonic(), 0.001)
-                try:
-                    self.store.wait([f"{key}/in{rank}"], timedelta(seconds=remaining))
-                except Exception:  # noqa: BLE001 -- the store's timeout error type differs by version
-                    self.lose(rank, f"it did not reach the end of {where} within ddp_timeout "
-                                    f"({int(self.timeout.total_seconds())} s)")
-            members = [r for r in self.members if r not in self.lost]
-            self.store.set(f"{key}/members", json.dumps(members))
+            self._await(key, "in", f"it did not reach the end of {where}")
+            self.store.set(f"{key}/members", json.dumps(self._survivors()))
             if step > 1:  # every member has read the previous step's keys
                 for old in [f"{_PREFIX}/step{step - 1}/members",
-                            *(f"{_PREFIX}/step{step - 1}/in{r}" for r in self.members)]:
+                            *(f"{_PREFIX}/step{step - 1}/in{r}" for r in before)]:
                     self.store.delete_key(old)
         else:
             self.store.set(f"{key}/in{self.rank}", "1")
-            # The server's process may spend a timeout on each process that stalls before it publishes.
-            limit = self.timeout.total_seconds() * (len(self.members) + 1)
-            deadline = time.monotonic() + limit
-            while not self.store.check([f"{key}/members"]):
-                if self.excluded():  # declared lost while stalled: this step's keys may already be gone
-                    self.leave(where)
-                if time.monotonic() > deadline:
-                    raise FederationCommError(
-                        f"process {self.rank} did not hear from the server's process at the end of {where} within "
-                        f"{int(limit)} s: it stopped or died. Resume from the last checkpoint.")
-                try:
-                    self.store.wait([f"{key}/members"], timedelta(seconds=1))
-                except Exception:  # noqa: BLE001 -- not yet: look again whether this process was left out
-                    pass
-            members = json.loads(self.store.get(f"{key}/members"))
-            if self.rank not in members:
-                self.leave(where)
-        left = [r for r in self.members if r not in members]
-        if left:
-            self.members = members
-            self._regroup(step)
-        return left
+            self._first([f"{key}/members"], where)
+        self._adopt(f"{key}/members", where)
+        if self.members != before:
+            self._regroup(key, where)
+        return [r for r in before if r not in self.members]
 
-    def _regroup(self, step: int) -> None:
-        """Destroy the process group and form one among the members, on a fresh prefix of the same store."""
-        dist.destroy_process_group()
+    # ------------------------------------------------------------ re-forming the group
+    def _regroup(self, key: str, where: str) -> None:
+        """Form a process group among the members, on a fresh prefix of the same store.
+
+        Every member says it is ready, the server's process says go, and all join; a member that is not
+        ready within the timeout is left out, and one that dies while the group forms makes every join time
+        out: then the next attempt finds out who is left.
+        """
+        for attempt in itertools.count():
+            prefix = f"{key}/group{attempt}"
+            if attempt:  # who is left after the last attempt
+                if self.rank == SERVER_RANK:
+                    self.store.set(f"{prefix}/members", json.dumps(self._survivors()))
+                else:
+                    self._first([f"{prefix}/members"], where)
+                self._adopt(f"{prefix}/members", where)
+            if self.rank == SERVER_RANK:
+                lost_before = set(self.lost)
+                self._await(prefix, "ready", f"it did not join the process group formed at the end of {where}")
+                if set(self.lost) != lost_before:
+                    continue
+                self.store.set(f"{prefix}/go", "1")
+            else:
+                self.store.set(f"{prefix}/ready{self.rank}", "1")
+                if self._first([f"{prefix}/go", f"{key}/group{attempt + 1}/members"], where) != f"{prefix}/go":
+                    continue
+            if self._join(prefix):
+                return
+
+    def _join(self, prefix: str) -> bool:
+        """Leave the current process group and join the members' under ``prefix``; False if that timed out."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
         self._abandoned.clear()
-        dist.init_process_group(self.backend, store=dist.PrefixStore(f"{_PREFIX}/group{step}", self.store),
-                                rank=self.wire_rank(self.rank), world_size=len(self.members))
+        try:
+            dist.init_process_group(self.backend, store=dist.PrefixStore(prefix, self.store),
+                                    rank=self.wire_rank(self.rank), world_size=len(self.members),
+                                    timeout=self.timeout)
+            return True
+        except Exception as error:  # noqa: BLE001 -- a member died between go and joining
+            logger.warning(f"process {self.rank} could not join the new process group ({error}); trying again.")
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            return False
+
+    # ------------------------------------------------------------ store helpers
+    def _survivors(self) -> list[int]:
+        return [r for r in self.members if r not in self.lost]
+
+    def _adopt(self, key: str, where: str) -> None:
+        """Take the members published under ``key``; leave if this process is not among them."""
+        members = json.loads(self.store.get(key))
+        if self.rank not in members:
+            self.leave(where)
+        self.members = members
+
+    def _await(self, prefix: str, tag: str, why: str) -> None:
+        """On the server's process: wait up to the timeout, in all, for every other member's ``prefix/tag<rank>``
+        key; declare lost those that do not set it."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        for rank in [r for r in self._survivors() if r != SERVER_RANK]:
+            try:
+                self.store.wait([f"{prefix}/{tag}{rank}"], timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+            except Exception:  # noqa: BLE001 -- the store's timeout error type differs by version
+                self.lose(rank, f"{why} within ddp_timeout ({int(self.timeout.total_seconds())} s)")
+
+    def _first(self, keys: list[str], where: str) -> str:
+        """On a client process: the first of ``keys`` the server's process sets. It may spend a timeout on each
+        process that stalls first; leave if it declares this one lost meanwhile (whose keys may be gone)."""
+        limit = self.timeout.total_seconds() * (len(self.members) + 1)
+        deadline = time.monotonic() + limit
+        while True:
+            for key in keys:
+                if self.store.check([key]):
+                    return key
+            if self.excluded():
+                self.leave(where)
+            if time.monotonic() > deadline:
+                raise FederationCommError(
+                    f"process {self.rank} did not hear from the server's process at the end of {where} within "
+                    f"{int(limit)} s: it stopped or died. Resume from the last checkpoint.")
+            try:
+                self.store.wait([keys[0]], timedelta(seconds=0.2 if len(keys) > 1 else 1))
+            except Exception:  # noqa: BLE001 -- not yet: look again
+                pass
