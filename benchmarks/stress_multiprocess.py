@@ -130,7 +130,8 @@ def machine(work: Path) -> dict:
             deadline = time.monotonic() + 600
             while not (out / "result.json").is_file():
                 if time.monotonic() > deadline or launches[0].poll() not in (None, 0):
-                    raise AssertionError(f"machine 0 did not finish: {logs[0].read_text()[-2000:]}")
+                    server = [line for line in logs[0].read_text().splitlines() if line.startswith("[rank0]")]
+                    raise AssertionError("machine 0 did not finish: " + "\n".join(server)[-3000:])
                 time.sleep(1)
             finished = time.time() - t0
             time.sleep(2)  # the result file is whole; machine 0's launcher now waits in the exit barrier

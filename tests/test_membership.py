@@ -16,11 +16,14 @@ from hf_fsl_sage.transport.membership import Membership, ProcessDropped
 TIMEOUT = timedelta(seconds=1)
 
 
-def _memberships(world: int) -> list[Membership]:
+def _memberships(world: int, machines: list[str] | None = None) -> list[Membership]:
     port = free_port()
     master = dist.TCPStore("127.0.0.1", port, world, is_master=True, wait_for_workers=False)
     stores = [master] + [dist.TCPStore("127.0.0.1", port, world, is_master=False) for _ in range(world - 1)]
-    memberships = [Membership(rank, world, TIMEOUT, store=stores[rank]) for rank in range(world)]
+    machines = machines or ["0"] * world
+    memberships = [Membership(rank, world, TIMEOUT, store=stores[rank], machine=machines[rank])
+                   for rank in range(world)]
+    master.wait([f"hf_fsl_sage/membership/machine{rank}" for rank in range(world)])  # each set from its own client
     for m in memberships:
         m.joined = []  # (store prefix, world size) of each group joined; launches re-form real groups
 
@@ -121,3 +124,19 @@ def test_a_failed_join_is_tried_again_with_whoever_is_still_ready():
     assert results == {0: [2], 1: [2]}
     assert [p for p, _ in memberships[0].joined] == [p for p, _ in memberships[1].joined] == ["step1/group0",
                                                                                              "step1/group1"]
+
+
+def test_a_process_that_died_takes_the_others_of_its_launch_with_it():
+    """Processes 2 and 3 were started by the second launch: when 3's connection breaks, its launcher stops 2 as
+    well, so both leave at once. A timeout (a stall) takes only the silent process; the server's own launch is
+    never dropped that way."""
+    memberships = _memberships(5, machines=["0", "0", "1", "1", "2"])
+    server = memberships[0]
+    server.lose(3, "its connection broke", died=True)
+    assert sorted(server.lost) == [2, 3]
+    assert "process 3, started by the same launch (machine 1), died" in server.lost[2]
+    server.lose(4, "it did not answer within the timeout")
+    server.lose(1, "its connection broke", died=True)  # on the server's machine: that launcher stops the server too
+    assert sorted(server.lost) == [1, 2, 3, 4]
+    results = _sync_all(memberships, 1, skip=(1, 2, 3, 4))
+    assert results == {0: [1, 2, 3, 4]} and server.joined == [("step1/group0", 1)]

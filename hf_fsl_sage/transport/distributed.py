@@ -335,7 +335,8 @@ class DistributedTransport(Transport):
             if self.membership is not None and self.placement.is_server:
                 done = "sent to" if action == "send" else "received from"
                 self.membership.lose(peer, f"the {kind} message of client {client_id} could not be {done} it at "
-                                           f"{self.context}: it stopped, died, or did not answer{limit} {detail}")
+                                           f"{self.context}: it stopped, died, or did not answer{limit} {detail}",
+                                     died=not isinstance(error, TimeoutError))
                 return _LOST
             if self.membership is not None and self.membership.excluded():
                 self.membership.leave(self.context or "set-up")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from datetime import timedelta
 
@@ -54,12 +55,16 @@ class Membership:
         world_size: the number of processes launched.
         timeout: how long the server's process waits for a client process to check in.
         store: the rendezvous store (default: the one of the default process group).
+        machine: which launch (machine) started this process (default: the launcher's ``GROUP_RANK``).
     """
 
-    def __init__(self, rank: int, world_size: int, timeout: timedelta, store: dist.Store | None = None):
+    def __init__(self, rank: int, world_size: int, timeout: timedelta, store: dist.Store | None = None,
+                 machine: str | None = None):
         self.rank, self.timeout = rank, timeout
         self.members = list(range(world_size))
         self.store = store if store is not None else dist.distributed_c10d._get_default_store()
+        self.store.set(f"{_PREFIX}/machine{rank}", machine if machine is not None else os.environ.get("GROUP_RANK",
+                                                                                                        "0"))
         self.lost: dict[int, str] = {}  # launch rank -> why it was lost (on the server's process)
         self.backend = dist.get_backend() if dist.is_initialized() else "gloo"
         self._abandoned: list[tuple[dist.Work, object]] = []
@@ -77,14 +82,27 @@ class Membership:
         return self.members.index(rank)
 
     # ------------------------------------------------------------ declaring and learning losses
-    def lose(self, rank: int, cause: str) -> None:
+    def lose(self, rank: int, cause: str, died: bool = False) -> None:
         """On the server's process: stop talking to ``rank``, and say so in the store at once, so that a
-        stalled process that wakes up learns it was left out."""
+        stalled process that wakes up learns it was left out.
+
+        ``died``: its connection broke (rather than timed out). Its launcher then stops every process it
+        started, so those on its machine are lost too, at once, rather than one by one as they go.
+        """
         if rank == SERVER_RANK or rank in self.lost:
             return
         self.lost[rank] = cause
         self.store.set(f"{_PREFIX}/lost", json.dumps(sorted(self.lost)))
         logger.warning(f"process {rank} is out of the run: {cause}")
+        machine = self._machine(rank)
+        if died and machine is not None and machine != self._machine(SERVER_RANK):
+            for other in [r for r in self._survivors() if r != SERVER_RANK and self._machine(r) == machine]:
+                self.lose(other, f"its launcher stops it: process {rank}, started by the same launch (machine "
+                                 f"{machine}), died")
+
+    def _machine(self, rank: int) -> str | None:
+        key = f"{_PREFIX}/machine{rank}"
+        return self.store.get(key).decode() if self.store.check([key]) else None
 
     def excluded(self) -> bool:
         """On a client process: whether the server's process declared this one lost."""
