@@ -12,9 +12,11 @@ their launch numbering everywhere else (placement, checkpoint files); only the w
 
 A lost process that is still alive (it had stalled) finds itself excluded at its next message or check-in
 and exits with status 0, after logging why, so that ``accelerate launch`` does not stop the others on its
-account. A process that *dies* is seen at once, but a launcher on the same machine stops every process it
-started when one of them fails: the run then goes on only on other machines (each machine runs its own
-``accelerate launch``). The lost process's clients stay out until the run is restarted.
+account. A process that *dies* is seen at once (its connection breaks); its launcher then stops every
+process it started, so the server's process drops all of that launch's processes together (each records
+its launch in the store). The run therefore goes on only when the dead process ran on another machine than
+the server's (each machine runs its own ``accelerate launch``). The lost processes' clients stay out until
+the run is restarted.
 """
 
 from __future__ import annotations
