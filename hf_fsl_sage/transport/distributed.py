@@ -225,7 +225,8 @@ class DistributedTransport(Transport):
         self.device = torch.device("cpu") if device.type == "cpu" else device  # not "cpu:0"
         self.timeout = timeout
         self.membership = membership
-        self._waiter = _Waiter()
+        # Only the server's process gives up on peers (with a membership); it waits on a helper thread.
+        self._waiter = _Waiter() if membership is not None and placement.is_server else None
         if membership is not None and not placement.is_server:  # the server may spend a timeout per stalled process
             self.timeout = timeout * (placement.world_size + 1)
         atexit.unregister(_tear_down)  # once, however many transports are built
@@ -288,7 +289,7 @@ class DistributedTransport(Transport):
         the other clients too. A transfer given up on stays posted, so its tensor is kept until the group is
         re-formed.
         """
-        if self.membership is None or not self.placement.is_server:
+        if self._waiter is None:
             work.wait(self.timeout)
             return
         if not self._waiter.wait(work, self.timeout.total_seconds()):

@@ -117,9 +117,10 @@ class Membership:
     def leave(self, where: str) -> None:
         """Leave the run: log why, and exit this process with status 0 (:class:`ProcessDropped`)."""
         message = (
-            f"process {self.rank} was dropped from the run at {where}: it did not answer the server's process "
-            f"within ddp_timeout ({int(self.timeout.total_seconds())} s), and the others went on without its "
-            "clients (client_failures='drop'). It exits with status 0 so that the launcher keeps the others "
+            f"process {self.rank} was dropped from the run at {where}: the server's process declared it lost (it "
+            f"did not answer within ddp_timeout, {int(self.timeout.total_seconds())} s, or a process of its launch "
+            "died; the server's log says which), and the others went on without its clients "
+            "(client_failures='drop'). It exits with status 0 so that the launcher keeps the others "
             "running; restart the run from its last checkpoint to bring its clients back."
         )
         logger.error(message)
