@@ -219,9 +219,11 @@ class Membership:
         limit = self.timeout.total_seconds() * (len(self.members) + 1)
         deadline = time.monotonic() + limit
         while True:
-            for key in keys:
-                if self.store.check([key]):
-                    return key
+            found = [key for key in keys if self.store.check([key])]
+            if found:
+                # The server's process sets earlier keys first, and may set a later one between two checks here:
+                # the earliest key set, looked at again, is the answer.
+                return next(key for key in keys if self.store.check([key]))
             if self.excluded():
                 self.leave(where)
             if time.monotonic() > deadline:
