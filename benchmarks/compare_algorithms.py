@@ -56,8 +56,7 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
-from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
-from hf_fsl_sage.e2e.data import (
+from e2e_task.data import (
     E2E_SAMPLE_PATH,
     load_e2e_csv,
     offline_gpt2_tokenizer,
@@ -65,6 +64,7 @@ from hf_fsl_sage.e2e.data import (
     tokenize_e2e,
     with_mr_slot_column,
 )
+from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.federation.data import tokenize_text
 
 

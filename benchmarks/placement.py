@@ -19,7 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hf_fsl_sage.testing_utils import accelerate_launch, run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the tests/ helpers
+from tests.processes import accelerate_launch, run  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
 """Which causal-LM families of the installed transformers split exactly.
 
 For every family in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` this builds a tiny
-random model (``hf_fsl_sage.testing_utils.tiny_causal_lm``), splits it at every cut
+random model (``tests.tiny_models.tiny_causal_lm``), splits it at every cut
 ``1 … L-1`` and compares ``server(client(x))`` with the unsplit model (no mask,
 right padding, left padding with and without position ids). Each exact family then trains
-for one FSL-SAGE round (``hf_fsl_sage.testing_utils.one_fsl_sage_round``: client step
+for one FSL-SAGE round (``tests.tiny_models.one_fsl_sage_round``: client step
 on the auxiliary estimate, server step, alignment, FedAvg) and must end with finite
 losses and moved weights. Each family runs in
 a worker process with a time limit, so a family that crashes or hangs costs
@@ -35,6 +35,7 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for the tests/ helpers (tiny models of every family)
 RESULTS = ROOT / "benchmarks" / "results" / "split_support.json"
 README = ROOT / "README.md"
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
@@ -53,7 +54,7 @@ def check_family(model_type: str) -> dict:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from hf_fsl_sage.splitting.split import UNSUPPORTED_MODEL_TYPES
-    from hf_fsl_sage.testing_utils import FAMILY_NOTES, max_split_diff, tiny_causal_lm
+    from tests.tiny_models import FAMILY_NOTES, max_split_diff, tiny_causal_lm
 
     row = {"family": model_type, "model_class": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}
     if model_type in FAMILY_NOTES:
@@ -82,7 +83,7 @@ def _trains(model) -> dict:
     """One FSL-SAGE round (client step on the aux estimate, server step, alignment, FedAvg): finite and moving?"""
     import tempfile
 
-    from hf_fsl_sage.testing_utils import one_fsl_sage_round, round_problems
+    from tests.tiny_models import one_fsl_sage_round, round_problems
 
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from hf_fsl_sage.testing_utils import accelerate_launch, free_port, kill_group, run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the tests/ helpers
+from tests.processes import accelerate_launch, free_port, kill_group, run  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]

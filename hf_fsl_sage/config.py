@@ -259,7 +259,7 @@ class FSLSageConfig(TrainingArguments):
         if self.partition == "dirichlet":
             need(self.partition_column is not None,
                  "partition='dirichlet' needs partition_column (the column whose values define the groups, "
-                 "e.g. a label column; for E2E, hf_fsl_sage.e2e.data.with_mr_slot_column(ds, 'food') adds one).")
+                 "e.g. a label column; for E2E, e2e_task.data.with_mr_slot_column(ds, 'food') adds one).")
         if self.align_learning_rate is not None:
             need(self.align_learning_rate > 0, f"align_learning_rate={self.align_learning_rate!r} must be > 0.")
         need(self.nonfinite in ("raise", "skip"), f"nonfinite={self.nonfinite!r} must be 'raise' or 'skip'.")

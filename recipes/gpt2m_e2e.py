@@ -69,9 +69,8 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.trainer_utils import IntervalStrategy
 
-from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
-from hf_fsl_sage.e2e.central import centralized_reference, pretrained_base
-from hf_fsl_sage.e2e.data import (
+from e2e_task.central import centralized_reference, pretrained_base
+from e2e_task.data import (
     E2E_ATTRIBUTION,
     E2E_SAMPLE_PATH,
     E2E_SEPARATOR,
@@ -81,8 +80,9 @@ from hf_fsl_sage.e2e.data import (
     split_by_mr,
     tokenize_e2e,
 )
-from hf_fsl_sage.e2e.evaluation import GenerationEvalCallback, GenerationSettings, evaluate_e2e_generation
-from hf_fsl_sage.e2e.metrics import METRIC_NAMES
+from e2e_task.evaluation import GenerationEvalCallback, GenerationSettings, evaluate_e2e_generation
+from e2e_task.metrics import METRIC_NAMES
+from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.federation.data import tokenize_text
 from hf_fsl_sage.integrations.plotting import CommBytesAtEvaluation, plot_loss_vs_comm
 

@@ -19,8 +19,8 @@ import torch
 from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
+from e2e_task.data import E2E_SAMPLE_PATH, load_e2e_csv, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
-from hf_fsl_sage.e2e.data import E2E_SAMPLE_PATH, load_e2e_csv, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
 from hf_fsl_sage.splitting.loss import IGNORE_INDEX
 
 

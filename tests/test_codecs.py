@@ -7,7 +7,6 @@ import torch
 
 from hf_fsl_sage.splitting.loss import ChunkedLMLoss
 from hf_fsl_sage.splitting.split import Smashed, split_causal_lm
-from hf_fsl_sage.testing_utils import tiny_causal_lm
 from hf_fsl_sage.transport.codecs import (
     CODECS,
     ActivationCoder,
@@ -17,6 +16,7 @@ from hf_fsl_sage.transport.codecs import (
     label_dtype,
 )
 from hf_fsl_sage.transport.local import LocalTransport
+from tests.tiny_models import tiny_causal_lm
 
 
 H = 16  # hidden size of the hand-made activations

@@ -4,8 +4,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from hf_fsl_sage.e2e import data
-from hf_fsl_sage.e2e.data import (
+from e2e_task import data
+from e2e_task.data import (
     E2E_SAMPLE_PATH,
     IGNORE_INDEX,
     e2e_prompt,

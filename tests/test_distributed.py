@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from hf_fsl_sage.splitting.split import Smashed
-from hf_fsl_sage.testing_utils import accelerate_launch, free_port, run, run_together
 from hf_fsl_sage.transport.base import payload_nbytes
 from hf_fsl_sage.transport.distributed import flatten, pack, unflatten, unpack
 from hf_fsl_sage.transport.placement import Placement, party_seed
+from tests.processes import accelerate_launch, free_port, run, run_together
 
 
 ROOT = Path(__file__).resolve().parents[1]

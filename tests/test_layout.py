@@ -13,10 +13,9 @@ NAME = "hf_fsl_sage"
 
 # Lower tiers never import higher ones; a part may import its own tier. ``integrations`` (the model card, plots)
 # import nothing of the package and the trainer's ``create_model_card`` hook uses the model card: they sit below it.
-# ``timing`` (the step timer) is a leaf every part may use. ``testing_utils`` (tiny models, one training round,
-# test processes) sits on top with the public names.
+# ``timing`` (the step timer) is a leaf every part may use.
 TIERS = [["splitting", "timing"], ["transport"], ["federation"], ["algorithms"], ["integrations"],
-         ["config", "trainer"], ["__init__", "testing_utils"]]
+         ["config", "trainer"], ["__init__"]]
 
 
 def module_name(path: Path) -> str:
@@ -63,7 +62,7 @@ def tier_of(module: str) -> int | None:
 
 
 def test_the_graph_sees_the_package():
-    expected = {"hf_fsl_sage.trainer", "hf_fsl_sage.algorithms.fsl_sage.algorithm", "hf_fsl_sage.e2e.data"}
+    expected = {"hf_fsl_sage.trainer", "hf_fsl_sage.algorithms.fsl_sage.algorithm"}
     assert expected <= MODULES.keys()
     assert "hf_fsl_sage.federation.federation" in GRAPH["hf_fsl_sage.algorithms.base"]
     assert "hf_fsl_sage.algorithms.registry" in GRAPH["hf_fsl_sage.config"]
@@ -93,14 +92,29 @@ def test_every_part_imports_only_downward():
         for target in targets:
             if part_of(target) == part:
                 continue
-            if part == "e2e" or part_of(target) == "e2e":
-                continue  # checked below
             ok = tier_of(module) is not None and tier_of(target) is not None and tier_of(target) <= tier_of(module)
             if not ok:
                 upward.append(f"{module} -> {target}")
     assert not upward, upward
 
 
-def test_nothing_outside_the_task_imports_e2e():
-    offenders = [f"{m} -> {t}" for m, ts in GRAPH.items() for t in ts if part_of(t) == "e2e" and part_of(m) != "e2e"]
-    assert not offenders, offenders
+def test_the_library_holds_no_task_code_or_data():
+    """The E2E task (data, metrics, resources) and the test helpers live outside the package, in ``recipes/``
+    and ``tests/``: the wheel holds the library only."""
+    foreign = [f"{path.relative_to(PACKAGE.parent)} imports {node_module}"
+               for path in PACKAGE.rglob("*.py") for node_module in _absolute_imports(path)
+               if node_module.split(".")[0] in {"e2e_task", "tests", "recipes", "benchmarks"}]
+    assert not foreign, foreign
+    not_code = [str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*")
+                if p.is_file() and p.suffix not in {".py", ".pyc"} and p.name != "py.typed"]
+    assert not not_code, f"files that are not library code in the package: {not_code}"
+
+
+def _absolute_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found

@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from hf_fsl_sage.testing_utils import free_port
 from hf_fsl_sage.transport.membership import Membership, ProcessDropped
+from tests.processes import free_port
 
 
 TIMEOUT = timedelta(seconds=1)

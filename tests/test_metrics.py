@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_fsl_sage.e2e.metrics import (
+from e2e_task.metrics import (
     METRIC_NAMES,
     METRICS_DIR,
     _coco,
@@ -286,7 +286,7 @@ def test_evaluate_load_works_offline(tmp_path: Path) -> None:
     script = f"""
 import json
 import evaluate
-from hf_fsl_sage.e2e.metrics import METRICS_DIR
+from e2e_task.metrics import METRICS_DIR
 out = {{}}
 for name in {list(METRIC_NAMES)!r}:
     module = evaluate.load(str(METRICS_DIR / name))
@@ -328,7 +328,7 @@ VENUES = ["Alimentum", "Burger King", "The Cambridge Blue", "The Eagle"]
 
 
 def test_slot_errors_hand_made_cases() -> None:
-    from hf_fsl_sage.e2e.slot_errors import slot_errors
+    from e2e_task.slot_errors import slot_errors
 
     # Every slot realized, with synonyms: inexpensive = less than £20, highly rated = high, by the river.
     right = ("Alimentum is an inexpensive, highly rated Chinese coffee shop by the river near Burger King. "
@@ -353,7 +353,7 @@ def test_slot_errors_hand_made_cases() -> None:
 
 
 def test_slot_error_rate_is_errors_over_slots_of_the_corpus() -> None:
-    from hf_fsl_sage.e2e.slot_errors import slot_error_rate
+    from e2e_task.slot_errors import slot_error_rate
 
     mrs = [MR, "name[The Eagle], familyFriendly[yes], priceRange[£20-25]", "name[The Eagle], area[city centre]"]
     predictions = [

@@ -4,7 +4,7 @@ import datasets
 import numpy as np
 import pytest
 
-from hf_fsl_sage.e2e.data import E2E_SAMPLE_PATH, load_e2e_csv, mr_slot
+from e2e_task.data import E2E_SAMPLE_PATH, load_e2e_csv, mr_slot
 from hf_fsl_sage.federation.partition import (
     NONE_GROUP,
     client_datasets,

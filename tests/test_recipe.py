@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_fsl_sage.e2e.data import E2E_SEPARATOR, IGNORE_INDEX, load_e2e_csv
+from e2e_task.data import E2E_SEPARATOR, IGNORE_INDEX, load_e2e_csv
 from tests.helpers import load_script
 
 
@@ -270,8 +270,8 @@ def test_push_to_hub_folder_loads_and_reproduces_the_trained_model(tmp_path, fak
 def test_batched_left_padded_generation_matches_one_prompt_at_a_time():
     from transformers import GPT2Config
 
-    from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer
-    from hf_fsl_sage.e2e.evaluation import GenerationSettings, generate_texts, group_references
+    from e2e_task.data import offline_gpt2_tokenizer
+    from e2e_task.evaluation import GenerationSettings, generate_texts, group_references
 
     tokenizer = offline_gpt2_tokenizer()
     torch.manual_seed(0)
@@ -305,8 +305,8 @@ def _tiny_lm(tokenizer):
 
 
 def test_pretrained_base_is_cached_by_its_settings(tmp_path):
-    from hf_fsl_sage.e2e.central import pretrained_base
-    from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer
+    from e2e_task.central import pretrained_base
+    from e2e_task.data import offline_gpt2_tokenizer
     from hf_fsl_sage.federation.data import tokenize_text
 
     tokenizer = offline_gpt2_tokenizer()
@@ -336,9 +336,9 @@ def test_pretrained_base_is_cached_by_its_settings(tmp_path):
 def test_centralized_reference_sees_the_federated_runs_examples_and_schedule(tmp_path):
     from peft import LoraConfig
 
+    from e2e_task.central import centralized_reference
+    from e2e_task.data import offline_gpt2_tokenizer, tokenize_e2e
     from hf_fsl_sage import FSLSageConfig
-    from hf_fsl_sage.e2e.central import centralized_reference
-    from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer, tokenize_e2e
 
     tokenizer = offline_gpt2_tokenizer()
     rows = tokenize_e2e(load_e2e_csv(recipe.E2E_SAMPLE_PATH).select(range(40)), tokenizer, max_length=48)
@@ -367,7 +367,7 @@ def test_centralized_reference_sees_the_federated_runs_examples_and_schedule(tmp
 
 
 def test_restricted_tokenizer_keeps_the_tokens_of_its_texts(tmp_path):
-    from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer, restricted_tokenizer
+    from e2e_task.data import offline_gpt2_tokenizer, restricted_tokenizer
 
     full = offline_gpt2_tokenizer()
     rows = load_e2e_csv(recipe.E2E_SAMPLE_PATH)

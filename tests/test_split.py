@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from hf_fsl_sage import Smashed, split_causal_lm
-from hf_fsl_sage.testing_utils import (
+from tests.tiny_models import (
     SLIDING_WINDOW,
     max_split_diff,
     one_fsl_sage_round,

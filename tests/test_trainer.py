@@ -122,7 +122,7 @@ def test_llama_lora_split_has_adapters_on_both_halves(tmp_path):
 def test_text_column_and_dirichlet_partition(tmp_path):
     import datasets
 
-    from hf_fsl_sage.e2e.data import offline_gpt2_tokenizer
+    from e2e_task.data import offline_gpt2_tokenizer
 
     texts = [f"the {c} shop serves {f} food" for c in ("coffee", "tea", "pizza", "noodle") for f in ("thai", "french")]
     ds = datasets.Dataset.from_dict({"text": texts * 4, "group": [t.split()[1] for t in texts] * 4})

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from hf_fsl_sage.splitting.split import Smashed
-from hf_fsl_sage.testing_utils import run_together
 from hf_fsl_sage.transport.base import TensorSpec, conforms, flatten
 from hf_fsl_sage.transport.distributed import (
     MalformedMessage,
     decode_header,
     encode_header,
 )
+from tests.processes import run_together
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,15 +1,15 @@
 """E2E NLG Challenge METEOR: METEOR 1.5 (jar and paraphrase table from pycocoevalcap)."""
 
-from hf_fsl_sage.e2e.metrics import _base
-from hf_fsl_sage.e2e.metrics._common import (
+from e2e_task.metrics import _base
+from e2e_task.metrics._common import (
     COCO_CAPTION_URL,
     COCO_TOKENIZER_ARG,
     INPUTS_DESCRIPTION,
     check_inputs,
 )
-from hf_fsl_sage.e2e.metrics._java import JavaToolUnavailable
-from hf_fsl_sage.e2e.metrics._meteor import meteor_scores, meteor_unavailable_reason
-from hf_fsl_sage.e2e.metrics._tokenize import coco_tokenize_pairs
+from e2e_task.metrics._java import JavaToolUnavailable
+from e2e_task.metrics._meteor import meteor_scores, meteor_unavailable_reason
+from e2e_task.metrics._tokenize import coco_tokenize_pairs
 
 
 _DESCRIPTION = """

@@ -17,8 +17,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import IO
 
-from hf_fsl_sage.e2e.metrics._common import LINE_BREAKS
-from hf_fsl_sage.e2e.metrics._java import (
+from e2e_task.metrics._common import LINE_BREAKS
+from e2e_task.metrics._java import (
     METEOR_JAR,
     METEOR_PARAPHRASES,
     JavaToolUnavailable,

@@ -6,7 +6,7 @@ per-metric ``_score`` hook.
 
 ``evaluate.load`` uses the first non-abstract ``evaluate.Metric`` subclass in a
 script's namespace. The classes here are abstract, and scripts import this module
-(``from hf_fsl_sage.e2e.metrics import _base``) rather than the classes, so the
+(``from e2e_task.metrics import _base``) rather than the classes, so the
 script's own class is the one loaded.
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 
 import evaluate
 
-from hf_fsl_sage.e2e.metrics._common import COCO_CAPTION_URL, E2E_CITATION, E2E_METRICS_URL, check_inputs, features
-from hf_fsl_sage.e2e.metrics._mteval import MtevalStats, corpus_stats
-from hf_fsl_sage.e2e.metrics._tokenize import coco_tokenize_pairs
+from e2e_task.metrics._common import COCO_CAPTION_URL, E2E_CITATION, E2E_METRICS_URL, check_inputs, features
+from e2e_task.metrics._mteval import MtevalStats, corpus_stats
+from e2e_task.metrics._tokenize import coco_tokenize_pairs
 
 
 class E2EMetric(evaluate.Metric, metaclass=abc.ABCMeta):

@@ -27,8 +27,8 @@ from typing import Any
 
 import evaluate
 
-from hf_fsl_sage.e2e.metrics._common import check_inputs
-from hf_fsl_sage.e2e.metrics._tokenize import coco_tokenize_pairs
+from e2e_task.metrics._common import check_inputs
+from e2e_task.metrics._tokenize import coco_tokenize_pairs
 
 
 METRICS_DIR = Path(__file__).resolve().parent

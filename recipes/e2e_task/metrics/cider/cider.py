@@ -1,8 +1,8 @@
 """E2E NLG Challenge CIDEr: the MS-COCO caption evaluation's CIDEr (CIDEr-D variant)."""
 
-from hf_fsl_sage.e2e.metrics import _base
-from hf_fsl_sage.e2e.metrics._coco import cider
-from hf_fsl_sage.e2e.metrics._common import COCO_TOKENIZER_ARG, INPUTS_DESCRIPTION
+from e2e_task.metrics import _base
+from e2e_task.metrics._coco import cider
+from e2e_task.metrics._common import COCO_TOKENIZER_ARG, INPUTS_DESCRIPTION
 
 
 _DESCRIPTION = """

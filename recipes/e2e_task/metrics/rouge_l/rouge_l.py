@@ -1,8 +1,8 @@
 """E2E NLG Challenge ROUGE-L: the MS-COCO caption evaluation's sentence-averaged ROUGE-L."""
 
-from hf_fsl_sage.e2e.metrics import _base
-from hf_fsl_sage.e2e.metrics._coco import rouge_l
-from hf_fsl_sage.e2e.metrics._common import COCO_TOKENIZER_ARG, INPUTS_DESCRIPTION
+from e2e_task.metrics import _base
+from e2e_task.metrics._coco import rouge_l
+from e2e_task.metrics._common import COCO_TOKENIZER_ARG, INPUTS_DESCRIPTION
 
 
 _DESCRIPTION = """

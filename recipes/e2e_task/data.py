@@ -29,7 +29,7 @@ import datasets
 from tokenizers import Tokenizer
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ..splitting.loss import IGNORE_INDEX
+from hf_fsl_sage.splitting.loss import IGNORE_INDEX
 
 
 RESOURCES_DIR = Path(__file__).resolve().parent / "resources"

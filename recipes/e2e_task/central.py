@@ -25,8 +25,8 @@ import datasets
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
-from ..config import FSLSageConfig
-from ..federation.data import split_lm_collator
+from hf_fsl_sage.config import FSLSageConfig
+from hf_fsl_sage.federation.data import split_lm_collator
 
 
 __all__ = ["PRETRAINING_FILE", "centralized_reference", "pretrained_base"]

@@ -3,8 +3,8 @@
 Every distinct ``mr`` of the evaluation rows is generated once, from the prompt
 the training data used (:func:`hf_fsl_sage.data.e2e_prompt`), and the output is
 scored against *all* references of that ``mr`` with
-:func:`hf_fsl_sage.e2e.metrics.compute_e2e_metrics`, and checked against the ``mr`` itself for its slot
-error rate (:mod:`hf_fsl_sage.e2e.slot_errors`).
+:func:`e2e_task.metrics.compute_e2e_metrics`, and checked against the ``mr`` itself for its slot
+error rate (:mod:`e2e_task.slot_errors`).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-from hf_fsl_sage.e2e.metrics._common import check_inputs
+from e2e_task.metrics._common import check_inputs
 
 
 ROUGE_BETA = 1.2

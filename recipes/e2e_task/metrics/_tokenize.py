@@ -19,8 +19,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from hf_fsl_sage.e2e.metrics._common import LINE_BREAKS
-from hf_fsl_sage.e2e.metrics._java import PTB_JAR, JavaToolUnavailable, require, stderr_tail
+from e2e_task.metrics._common import LINE_BREAKS
+from e2e_task.metrics._java import PTB_JAR, JavaToolUnavailable, require, stderr_tail
 
 
 COCO_PUNCTUATION = frozenset(

@@ -1,8 +1,8 @@
 """E2E NLG Challenge BLEU: corpus BLEU-4 of NIST mteval-v13a over multiple references."""
 
-from hf_fsl_sage.e2e.metrics import _base
-from hf_fsl_sage.e2e.metrics._common import INPUTS_DESCRIPTION, PRESERVE_CASE_ARG
-from hf_fsl_sage.e2e.metrics._mteval import BleuResult, MtevalStats, bleu_from_stats
+from e2e_task.metrics import _base
+from e2e_task.metrics._common import INPUTS_DESCRIPTION, PRESERVE_CASE_ARG
+from e2e_task.metrics._mteval import BleuResult, MtevalStats, bleu_from_stats
 
 
 _DESCRIPTION = """
