@@ -1,6 +1,6 @@
 """FedAvg, SplitFed-V1/V2, CSE-FSL and FSL-SAGE on E2E at equal communication budgets: eval loss against bytes.
 
-    python benchmarks/compare_algorithms.py            # full run (see the README for its time on 2 CPU cores)
+    python benchmarks/compare_algorithms.py            # full run (see docs/benchmarks.md for its time on 2 CPU cores)
     python benchmarks/compare_algorithms.py --quick    # smoke run, under 3 min
 
 Set-up: a small GPT-2 (6 blocks of width 128) and the real GPT-2 tokenizer, its
@@ -417,7 +417,7 @@ def prepare(opts, cfg) -> tuple[dict[str, Any], tuple, dict[str, Any]]:
     """Data, base model and worker arguments shared by this benchmark and the ablation."""
     if not opts.data and not DEVSET.is_file() and not opts.quick:
         raise SystemExit(f"the E2E development set is not at {DEVSET}: pass --data path/to/devset.csv (the figures "
-                         "in the README come from it; the sample shipped in the package is for --quick only)")
+                         "in docs/benchmarks.md come from it; the sample shipped in the package is for --quick only)")
     path = Path(opts.data) if opts.data else (DEVSET if DEVSET.is_file() else E2E_SAMPLE_PATH)
     data = load_data(cfg, offline_gpt2_tokenizer(), opts.seed, opts.full_vocab, path)
     base, base_info = pretrain_base(cfg, data, PadCollator(data["pad_id"]), opts.seed)

@@ -10,11 +10,11 @@ losses and moved weights. Each family runs in
 a worker process with a time limit, so a family that crashes or hangs costs
 only itself.
 
-    python benchmarks/split_support.py                 # all families, updates the README table
+    python benchmarks/split_support.py                 # all families, updates the table in the docs
     python benchmarks/split_support.py llama gpt2      # some families, prints only
     python benchmarks/split_support.py bamba --update  # measure some again, update their rows and the table
 
-Writes ``benchmarks/results/split_support.json`` and the table in README.md
+Writes ``benchmarks/results/split_support.json`` and the table in docs/supported-families.md
 between ``<!-- support-table:start -->`` and ``<!-- support-table:end -->``.
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for the tests/ helpers (tiny models of every family)
 RESULTS = ROOT / "benchmarks" / "results" / "split_support.json"
-README = ROOT / "README.md"
+TABLE_PAGE = ROOT / "docs" / "supported-families.md"
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 TOLERANCE = 1e-5
 PREFIX = "@@result "
@@ -202,11 +202,11 @@ def markdown(rows: list[dict], command: str, version: str) -> str:
     return "\n".join(lines)
 
 
-def update_readme(table: str) -> None:
-    text = README.read_text()
+def update_table_page(table: str) -> None:
+    text = TABLE_PAGE.read_text()
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+    TABLE_PAGE.write_text(f"{head}{START}\n{table}\n{END}{tail}")
 
 
 def main() -> None:
@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per family")
     parser.add_argument("--update", action="store_true",
-                        help="with family names: replace their rows in the saved results and the README table")
+                        help="with family names: replace their rows in the saved results and the table in the docs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -240,7 +240,7 @@ def main() -> None:
     RESULTS.write_text(json.dumps({"transformers": transformers.__version__, "command": command,
                                    "tolerance": TOLERANCE, "exact": exact, "trains": trains, "total": len(rows),
                                    "families": rows}, indent=1) + "\n")
-    update_readme(markdown(rows, command, transformers.__version__))
+    update_table_page(markdown(rows, command, transformers.__version__))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
@@ -14,6 +15,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
     get_scheduler,
@@ -47,6 +49,9 @@ from .transport.membership import Membership
 from .transport.placement import SERVER_RANK, Placement
 
 
+if TYPE_CHECKING:
+    from peft import PeftConfig
+
 logger = logging.get_logger(__name__)
 
 
@@ -57,12 +62,14 @@ class FSLSageTrainer(Trainer):
         model: a causal LM, a ``peft.PeftModel``, or a Hub id / local path loaded with
             ``AutoModelForCausalLM.from_pretrained``.
         args: an :class:`FSLSageConfig`.
-        train_dataset / eval_dataset: ``datasets.Dataset`` with ``input_ids`` (optionally
-            ``attention_mask`` and ``labels``, -100 where there is no loss), or a ``text`` column
-            tokenized with ``processing_class``.
+        data_collator: defaults to right-padding with -100 labels (:func:`~hf_fsl_sage.split_lm_collator`).
+        train_dataset: ``datasets.Dataset`` with ``input_ids`` (optionally ``attention_mask`` and ``labels``,
+            -100 where there is no loss), or a ``text`` column tokenized with ``processing_class`` and truncated
+            to the model's positions.
+        eval_dataset: the same, or a dict of them.
         processing_class: the tokenizer (loaded from ``model`` when it is a string and this is None).
         peft_config: a ``peft`` config applied to the whole model before it is split.
-        data_collator: defaults to right-padding with -100 labels.
+        callbacks: Trainer callbacks.
         model_init_kwargs: keyword arguments for ``from_pretrained`` when ``model`` is a string;
             ``{"dtype": torch.bfloat16}`` keeps the frozen base in bf16 while LoRA adapters and their
             optimizer states stay fp32 (PEFT's default), and smashed activations travel in bf16.
@@ -78,12 +85,12 @@ class FSLSageTrainer(Trainer):
         self,
         model: str | PreTrainedModel | nn.Module,
         args: FSLSageConfig | None = None,
-        data_collator=None,
+        data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
         train_dataset: datasets.Dataset | None = None,
         eval_dataset: datasets.Dataset | dict[str, datasets.Dataset] | None = None,
-        processing_class=None,
-        peft_config=None,
-        callbacks=None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        peft_config: PeftConfig | None = None,
+        callbacks: list[TrainerCallback] | None = None,
         model_init_kwargs: dict[str, Any] | None = None,
     ):
         # Args
@@ -418,7 +425,7 @@ class FSLSageTrainer(Trainer):
 
     # ------------------------------------------------------------ saving and resuming
     def create_model_card(self, **kwargs: Any) -> None:
-        """Write ``README.md`` in ``output_dir``: the federated split learning card of :mod:`hf_fsl_sage.model_card`.
+        """Write ``README.md`` in ``output_dir``: the card of :mod:`hf_fsl_sage.integrations.model_card`.
 
         ``push_to_hub(**kwargs)`` passes its keyword arguments here: besides Trainer's (``model_name``,
         ``finetuned_from``, ``dataset``, ``license``, ``language``, ``tags``), ``dataset_attribution`` (text)

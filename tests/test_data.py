@@ -59,7 +59,7 @@ def test_sample_is_whole_mr_groups(sample):
 
 
 @pytest.mark.skipif(not DEVSET.exists(), reason=f"the E2E development set is not at {DEVSET}: put the shared data "
-                    "folder beside the clone (../shared/data/e2e/devset.csv, see README)")
+                    "folder beside the clone (../shared/data/e2e/devset.csv, see docs/index.md)")
 def test_sample_keeps_every_reference_of_its_mrs(sample):
     full = load_e2e_csv(DEVSET)
     chosen = set(sample["mr"])

@@ -238,7 +238,7 @@ def test_shipped_accelerate_configs_load_with_the_documented_sizes(name, process
     config = load_config_from_file(str(ROOT / "accelerate_configs" / f"{name}.yaml"))
     assert (config.num_processes, config.num_machines, config.distributed_type.value) == (processes, machines,
                                                                                           distributed)
-    assert f"accelerate_configs/{name}.yaml" in (ROOT / "README.md").read_text()
+    assert f"accelerate_configs/{name}.yaml" in (ROOT / "docs" / "processes.md").read_text()
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The package imports only downward, with no cycle: the architecture README's "Architecture" section describes."""
+"""The package imports only downward, with no cycle, as docs/architecture.md describes."""
 
 from __future__ import annotations
 

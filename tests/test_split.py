@@ -26,7 +26,7 @@ from tests.tiny_models import (
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = json.loads((ROOT / "benchmarks" / "results" / "split_support.json").read_text())
 ROWS = {r["family"]: r for r in SUPPORT["families"]}
-EXACT = sorted(f for f, r in ROWS.items() if r["status"] == "exact")  # what the README's table calls exact
+EXACT = sorted(f for f, r in ROWS.items() if r["status"] == "exact")  # what the docs' table calls exact
 # Well-known families (and hybrid / recurrent / MLA ones) that must stay exact and trainable in the table.
 FAMILIES = [
     "gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "falcon", "gpt_bigcode", "mpt", "llama", "mistral",
@@ -57,14 +57,14 @@ def _param_ids(module: torch.nn.Module) -> set[int]:
 
 # ---------------------------------------------------------------- every family: exact, and one training round
 def test_support_table_is_measured_and_consistent() -> None:
-    """The table (benchmarks/split_support.py) measured training for every exact family, and the README says so."""
+    """The table (benchmarks/split_support.py) measured training for every exact family, and the docs say so."""
     trains = [f for f in EXACT if ROWS[f]["trains"]]
     assert set(FAMILIES) <= set(trains)
     assert SUPPORT["exact"] == len(EXACT) >= 150 and SUPPORT["trains"] == len(trains)  # 170 of 196 in 5.24
     assert all(ROWS[f]["train_reason"] for f in EXACT if not ROWS[f]["trains"])  # a failure names its reason
-    readme = (ROOT / "README.md").read_text()
-    assert f"**{len(trains)} of these {len(EXACT)} families train**" in readme
-    assert readme.count("| exact and trains") == len(trains)  # some rows add a note in parentheses
+    page = (ROOT / "docs" / "supported-families.md").read_text()
+    assert f"**{len(trains)} of these {len(EXACT)} families train**" in page
+    assert page.count("| exact and trains") == len(trains)  # some rows add a note in parentheses
 
 
 @pytest.fixture(scope="module", params=EXACT)

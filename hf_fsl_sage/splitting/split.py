@@ -243,7 +243,7 @@ def _check_causal_lm(lm: PreTrainedModel) -> str:
     if model_type in UNSUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model_type {model_type!r} cannot be split: {UNSUPPORTED_MODEL_TYPES[model_type]}. "
-            "Use a supported family (see the README's table)."
+            "Use a supported family (see docs/supported-families.md)."
         )
     text_config = lm.config.get_text_config()
     for attribute, reason in UNSUPPORTED_FEATURES:
@@ -264,7 +264,7 @@ def _find_blocks(base: nn.Module, num_layers: int, model_type: str) -> str:
     if not found:
         raise ValueError(
             f"model_type {model_type!r}: found no list of {num_layers} decoder blocks, so this architecture "
-            "cannot be split at a block boundary. Use a supported family (see the README's table)."
+            "cannot be split at a block boundary. Use a supported family (see docs/supported-families.md)."
         )
     return min(found, key=lambda n: n.count("."))
 
@@ -402,7 +402,7 @@ def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_laye
         problem = f"{leaks[0]} reads, besides the hidden states, values computed from client-held weights"
     if problem:
         raise ValueError(f"model_type {model_type!r} cannot be split before block {cut_layer}: {problem}. "
-                         "Use a supported family (see the README's table).")
+                         "Use a supported family (see docs/supported-families.md).")
     return called, [counts[i] for i in range(cut_layer)], firsts[cut_layer - 1].shape[-1]
 
 
