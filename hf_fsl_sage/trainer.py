@@ -12,8 +12,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -21,7 +19,6 @@ from transformers import (
     get_scheduler,
 )
 from transformers.modeling_outputs import CausalLMOutput
-from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.utils import logging
 
 from .algorithms.registry import get as get_algorithm
@@ -29,17 +26,27 @@ from .config import FSLSageConfig
 from .federation.checkpoint import (
     load_federation_state,
     load_lost_processes,
+    load_rng_state,
     save_federation_state,
     save_lost_processes,
+    save_rng_state,
+    save_training_args,
     state_file,
 )
-from .federation.data import check_token_rows, learned_positions, prepare_dataset, split_lm_collator
+from .federation.data import (
+    check_token_rows,
+    learned_positions,
+    prepare_dataset,
+    split_lm_collator,
+    text_max_length,
+)
 from .federation.federation import Federation, Party
 from .federation.guard import Guard
 from .federation.partition import partition
 from .federation.roles import RoleOptimizers, RoleSchedulers
-from .federation.schedule import GlobalStepDataset, RoundSchedule
-from .splitting.materialise import load_for_clients, release_unneeded
+from .federation.schedule import GlobalStepDataset, RoundSchedule, steps_per_epoch
+from .integrations.callbacks import ClientEpochs, CommBudgetStop
+from .splitting.materialise import load_pretrained, load_tokenizer, release_unneeded
 from .splitting.split import split_causal_lm
 from .timing import PARTS, StepTimer, per_step
 from .transport.codecs import ActivationCoder
@@ -108,12 +115,12 @@ class FSLSageTrainer(Trainer):
         # Model
         if isinstance(model, str):
             model_id = model
-            if server_blocks is None:
-                model = AutoModelForCausalLM.from_pretrained(model_id, **(model_init_kwargs or {}))
-            else:
-                model = load_for_clients(model_id, args.cut_layer, server_blocks, **(model_init_kwargs or {}))
+            model = load_pretrained(model_id, args.cut_layer, server_blocks, **(model_init_kwargs or {}))
             if processing_class is None:
-                processing_class = AutoTokenizer.from_pretrained(model_id)
+                processing_class = load_tokenizer(model_id)
+        if peft_config is not None and hasattr(model, "peft_config"):
+            raise ValueError("model is already a PeftModel (it carries adapters) and peft_config is given too: pass "
+                             "the base model with peft_config, or the PeftModel without peft_config.")
         if not isinstance(model.get_base_model() if hasattr(model, "get_base_model") else model, PreTrainedModel):
             raise TypeError(f"model must be a model id or a transformers causal LM (PreTrainedModel), got "
                             f"{type(model).__name__}: load it with AutoModelForCausalLM.from_pretrained(...) or "
@@ -136,13 +143,14 @@ class FSLSageTrainer(Trainer):
             raise ValueError("train_dataset is empty: give it at least one row per client.")
         parts = partition(train_dataset, args.num_clients, args.partition, args.seed, args.dirichlet_alpha,
                           args.partition_column)
-        train_dataset = prepare_dataset(train_dataset, processing_class, "train_dataset")
+        vocab, positions = model.get_input_embeddings().num_embeddings, learned_positions(model)
+        text_length = text_max_length(model, processing_class)  # a text column is truncated to the model's positions
+        train_dataset = prepare_dataset(train_dataset, processing_class, "train_dataset", text_length)
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: prepare_dataset(v, processing_class, f"eval_dataset[{k!r}]")
+            eval_dataset = {k: prepare_dataset(v, processing_class, f"eval_dataset[{k!r}]", text_length)
                             for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
-            eval_dataset = prepare_dataset(eval_dataset, processing_class, "eval_dataset")
-        vocab, positions = model.get_input_embeddings().num_embeddings, learned_positions(model)
+            eval_dataset = prepare_dataset(eval_dataset, processing_class, "eval_dataset", text_length)
         check_token_rows(train_dataset, "train_dataset", vocab, positions)
         for key, ds in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]):
             if ds is not None:
@@ -152,9 +160,10 @@ class FSLSageTrainer(Trainer):
             if processing_class is None:
                 raise ValueError("Pass processing_class (the tokenizer) or a data_collator to pad batches.")
             data_collator = split_lm_collator(processing_class)
+        epoch_steps = steps_per_epoch([len(p) for p in parts], args.participants_per_round,
+                                      args.per_device_train_batch_size)
         if args.max_steps <= 0:
-            largest = max(len(p) for p in parts)
-            args.max_steps = math.ceil(args.num_train_epochs * math.ceil(largest / args.per_device_train_batch_size))
+            args.max_steps = math.ceil(args.num_train_epochs * epoch_steps)
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
@@ -193,6 +202,7 @@ class FSLSageTrainer(Trainer):
         self.comm_budget_reached: int | None = None
         if args.max_comm_bytes is not None:
             self.add_callback(CommBudgetStop(self))
+        self.add_callback(ClientEpochs(epoch_steps))
 
     # ------------------------------------------------------------ optimizers
     def _make_optimizer(self, module: nn.Module, lr: float | None):
@@ -436,6 +446,25 @@ class FSLSageTrainer(Trainer):
 
             write_model_card(self, **kwargs)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the global model (a PEFT adapter, or a whole model without PEFT), its tokenizer, the auxiliary
+        models (``aux/``), ``training_args.json`` and the FSL-SAGE model card (``README.md``) in ``output_dir``.
+
+        Warns when an adapter names no base model (one built in memory), with how to reload it.
+        """
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.create_model_card(output_dir=output_dir)
+        base = getattr(next(iter(getattr(self.model, "peft_config", {}).values()), None), "base_model_name_or_path",
+                       "")
+        if hasattr(self.model, "peft_config") and not base and not _internal_call:
+            logger.warning(f"The adapter saved in {output_dir} names no base model (the base was built in memory), "
+                           "so AutoPeftModelForCausalLM.from_pretrained cannot load it: save the base with "
+                           "model.save_pretrained(path) and pass model=path to FSLSageTrainer, or load the adapter "
+                           f"onto the same base with PeftModel.from_pretrained(base, {output_dir!r}).")
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save and self.split.untied_after_training():
@@ -446,6 +475,7 @@ class FSLSageTrainer(Trainer):
                 path = os.path.join(output_dir, f"{name}.safetensors")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 save_file({n: t.detach().contiguous() for n, t in state.items()}, path)
+            save_training_args(self.args, output_dir)  # JSON in place of Trainer's pickled training_args.bin
 
     def _federation_state(self) -> dict[str, Any]:
         return {**self.federation.state_dict(), "algorithm": self.algorithm.state_dict()}
@@ -455,18 +485,23 @@ class FSLSageTrainer(Trainer):
         self.algorithm.load_state_dict(state["algorithm"])
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not self.placement.is_distributed:
-            super()._save_optimizer_and_scheduler(output_dir)
-            if self.args.should_save:
-                save_federation_state(self._federation_state(), output_dir, self.placement)
-            return
-        # Each process saves the parties it holds, with their optimizers and schedules.
+        # Each process saves the parties it holds, with their optimizers and schedules, without pickle (in place
+        # of Trainer's optimizer.pt and scheduler.pt).
         state = {"federation": self._federation_state(), "optimizers": self.optimizer.state_dict(),
                  "schedulers": self.lr_scheduler.state_dict()}
         save_federation_state(state, output_dir, self.placement)
+        if not self.placement.is_distributed:
+            return
         if self.membership is not None and self.membership.lost and self.placement.is_server:
             save_lost_processes(output_dir, self.membership.lost)
         torch.distributed.barrier()  # the checkpoint is whole before Trainer writes its state and rotates old ones
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        save_rng_state(output_dir, self.placement)  # in place of Trainer's pickled rng_state.pth
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            load_rng_state(checkpoint, self.placement)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
@@ -478,11 +513,7 @@ class FSLSageTrainer(Trainer):
                 self._rejoin(lost[rank])
                 return
         state = load_federation_state(checkpoint, self.placement, self.args.device)
-        if not self.placement.is_distributed:
-            self._load_federation_state(state)  # first: it says what differs when the run does not match
-            super()._load_optimizer_and_scheduler(checkpoint)
-            return
-        self._load_federation_state(state["federation"])
+        self._load_federation_state(state["federation"])  # first: it says what differs when the run does not match
         self.optimizer.load_state_dict(state["optimizers"])
         self.lr_scheduler.load_state_dict(state["schedulers"])
 
@@ -497,31 +528,6 @@ class FSLSageTrainer(Trainer):
         logger.warning(f"Process {self.placement.rank} had left the run before this checkpoint ({cause}). It "
                        f"rejoins: its clients {clients} train again from the next round, with new optimizer "
                        "states.")
-
-
-class CommBudgetStop(TrainerCallback):
-    """Ends training after the global step in which the trainer found the ledger at ``max_comm_bytes``.
-
-    The decision is taken inside ``training_step`` (where every process can agree on it); this callback turns
-    it into Trainer's stop, evaluates and saves as Trainer does at ``max_steps``, and logs the bytes.
-    """
-
-    def __init__(self, trainer: FSLSageTrainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        reached = self.trainer.comm_budget_reached
-        if reached is None or control.should_training_stop:
-            return control
-        control.should_training_stop = True
-        if args.eval_strategy == IntervalStrategy.STEPS and args.eval_delay <= state.global_step:
-            control.should_evaluate = True
-        if args.save_strategy == SaveStrategy.STEPS:
-            control.should_save = True
-        logger.info(f"Communication budget reached at global step {state.global_step}: {reached:,} bytes on the "
-                    f"wire >= max_comm_bytes={args.max_comm_bytes:,}.")
-        self.trainer.log({"comm_budget_stop_step": state.global_step, "comm_budget_bytes": reached})
-        return control
 
 
 def _only_item(items: list[dict[str, Any]]) -> dict[str, Any]:

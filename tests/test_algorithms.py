@@ -317,13 +317,20 @@ def test_fsl_sage_aligns_under_warmup(tmp_path):
     assert all(h["align_grad_cosine_after"] != h["align_grad_cosine_before"] for h in aligned)
 
 
+def pickled_files(folder: Path) -> list[str]:
+    """Files under ``folder`` that are pickles (protocol 2 or later) or torch.save archives (zip)."""
+    return [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
+            and (p.read_bytes()[:4] == b"PK\x03\x04" or p.read_bytes()[:1] == b"\x80")]
+
+
 @pytest.mark.parametrize(("algorithm", "step"), [*((a, 6) for a in ALGORITHM_NAMES), ("cse_fsl", 4)])
 def test_resume_gives_the_same_weights(reference_run, tmp_path, algorithm, step):
     """Resuming mid-round (step 6) or at a round boundary (step 4), with dropout and 2 of 3 clients per round,
     replays the run bit for bit: server copies, aux models and the ledger included."""
     full, _ = reference_run(algorithm, True)
     checkpoint = Path(full.args.output_dir) / f"checkpoint-{step}"
-    assert (checkpoint / "federation.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
+    assert (checkpoint / "federation.safetensors").is_file() and (checkpoint / "rng_state.safetensors").is_file()
+    assert not pickled_files(checkpoint), "a checkpoint is read without pickle"
     resumed = make_trainer(tmp_path, algorithm, True, **REFERENCE)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 10

@@ -8,9 +8,10 @@ import shutil
 from pathlib import Path
 
 import datasets
+import huggingface_hub.constants
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -155,6 +156,11 @@ TRAINER_CASES = {
                                        "embeddings for 16: truncate them")),
     "dirichlet_column_missing": ({"partition": "dirichlet", "partition_column": "topic"}, {}, ValueError,
                                  "No column 'topic' to group by"),
+    "local_folder_that_does_not_exist": ({}, {"model": lambda: "./no/such/folder"}, OSError,
+                                         "model='./no/such/folder' is not an existing folder: check the path"),
+    "peft_model_with_a_peft_config": ({}, {"model": lambda: get_peft_model(tiny_gpt2(), LoraConfig(
+        r=2, target_modules=["c_attn"], fan_in_fan_out=True)), "peft_config": LoraConfig(r=2)}, ValueError,
+        "model is already a PeftModel (it carries adapters) and peft_config is given too: pass the base model"),
 }
 
 
@@ -164,13 +170,26 @@ def test_bad_models_and_data_are_refused_before_the_first_step(tmp_path, name):
     StepSpy.steps = 0
     make = {"model": tiny_gpt2, "train_dataset": rows, "eval_dataset": lambda: None, **{
         k: v for k, v in parts.items() if k != "peft_config"}}
-    with pytest.raises(error, match=re.escape(message)):
+    with pytest.raises(error, match=re.escape(message)) as raised:
         args = FSLSageConfig(output_dir=str(tmp_path), **{**SETTINGS, **settings})
         trainer = FSLSageTrainer(model=make["model"](), args=args, train_dataset=make["train_dataset"](),
                                  eval_dataset=make["eval_dataset"](), data_collator=Collator(),
                                  peft_config=parts.get("peft_config"), callbacks=[StepSpy()])
         trainer.train()
     assert StepSpy.steps == 0
+    assert "\n" not in str(raised.value), "one line"
+
+
+def test_a_hub_id_that_cannot_be_reached_is_one_line(tmp_path, monkeypatch):
+    """Offline (or mistyped, or private), a Hub id gives one line that says what to pass instead, without the chain
+    of transformers' and huggingface_hub's errors."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match=re.escape("Could not load the model 'no-such-org/no-such-model' (a Hub id, as "
+                                                "it is not a local folder): We couldn't connect")) as raised:
+        FSLSageTrainer(model="no-such-org/no-such-model", args=FSLSageConfig(output_dir=str(tmp_path), **SETTINGS),
+                       train_dataset=rows(), data_collator=Collator())
+    assert "\n" not in str(raised.value) and raised.value.__suppress_context__ and raised.value.__cause__ is None
+    assert "Pass a local folder saved with save_pretrained, or a model object" in str(raised.value)
 
 
 # ---------------------------------------------------------------- checkpoints refused when resuming

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, default_data_collator
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.federation.federation import trainable_parameters
@@ -184,3 +184,80 @@ def test_alignment_trains_under_learning_rate_warm_up(tmp_path):
     aligned = [h for h in trainer.state.log_history if "align_grad_cosine_before" in h]
     assert aligned and all(h["align_grad_cosine_after"] != h["align_grad_cosine_before"] for h in aligned)
     assert all(g["lr"] == 1e-3 for g in trainer.algorithm.server_aux[0].optimizer.param_groups)
+
+
+# ---------------------------------------------------------------- the first hour: saving, reloading, data, epochs
+def test_a_base_given_as_a_folder_reloads_with_auto_peft_and_the_card_is_fsl_sages(tmp_path, monkeypatch):
+    """The adapter records the folder's absolute path (given relative), save_model writes the FSL-SAGE card, and
+    AutoPeftModelForCausalLM rebuilds the trained model from another directory."""
+    from peft import AutoPeftModelForCausalLM
+
+    from e2e_task.data import offline_gpt2_tokenizer
+
+    _, evalset, _, pad = compact_e2e()
+    monkeypatch.chdir(tmp_path)
+    tiny_gpt2(50257, seed=1).save_pretrained("base")  # the tokenizer's vocabulary: AutoPeft* resizes to it
+    offline_gpt2_tokenizer().save_pretrained("base")
+    trainer = make_trainer(tmp_path, model="base", peft_config=lora(), algorithm="splitfed_v2", num_clients=2,
+                           max_steps=2, per_device_eval_batch_size=4)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "federated split learning" in card and "More Information Needed" not in card
+
+    batch = PadCollator(pad)([evalset[i] for i in range(4)])
+    monkeypatch.chdir(tmp_path / "final")  # "base" no longer resolves relative to here
+    with torch.no_grad():
+        trainer.split.eval()
+        expected = trainer.split(batch["input_ids"], batch["attention_mask"]).logits
+        loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "final")).eval()
+        got = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert loaded.peft_config["default"].base_model_name_or_path == str(tmp_path / "base")
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_saving_an_adapter_whose_base_has_no_path_warns_how_to_reload(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, model=tiny_gpt2(compact_e2e()[2]), peft_config=lora(), max_steps=1)
+    with caplog.at_level("WARNING", logger="hf_fsl_sage.trainer"):
+        trainer.save_model(str(tmp_path / "final"))
+    assert "names no base model" in caplog.text and "PeftModel.from_pretrained(base, " in caplog.text
+    assert not list(tmp_path.glob("final/*.bin"))  # training_args.json instead of Trainer's pickle
+    assert (tmp_path / "final" / "training_args.json").is_file()
+
+
+def test_a_text_column_is_truncated_to_the_models_positions(tmp_path):
+    """The tokenizer allows 1,024 tokens; the model has 64 positions: rows keep 64 tokens and training runs."""
+    import datasets
+
+    from e2e_task.data import offline_gpt2_tokenizer
+
+    tokenizer = offline_gpt2_tokenizer()
+    assert tokenizer.model_max_length == 1024
+    ds = datasets.Dataset.from_dict({"text": [" ".join(["coffee shop"] * (40 + i)) for i in range(8)]})
+    args = FSLSageConfig(output_dir=str(tmp_path), algorithm="splitfed_v2", num_clients=2, local_steps=1,
+                         max_steps=1, per_device_train_batch_size=2, report_to="none", save_strategy="no",
+                         disable_tqdm=True)
+    trainer = FSLSageTrainer(model=tiny_gpt2(50257, n_embd=16, n_head=2, n_layer=2), args=args, train_dataset=ds,
+                             processing_class=tokenizer)
+    assert max(len(r) for r in trainer.train_dataset["input_ids"]) == 64
+    trainer.train()
+
+
+@pytest.mark.parametrize(("participants", "steps_per_epoch"), [(2, 5), (1, 10)])
+def test_epoch_counts_passes_over_the_clients_shares(tmp_path, participants, steps_per_epoch):
+    """40 rows over 2 clients at batch 4: a pass over a share is 5 local steps, one per global step when both
+    take part, one per two global steps when one of them does. num_train_epochs counts the same epochs."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[(3 * i + j) % 50 for j in range(8)] for i in range(40)]})
+    args = FSLSageConfig(output_dir=str(tmp_path), algorithm="splitfed_v2", num_clients=2,
+                         clients_per_round=participants, local_steps=1, num_train_epochs=2,
+                         per_device_train_batch_size=4, logging_steps=1, report_to="none", save_strategy="no",
+                         disable_tqdm=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
+    trainer = FSLSageTrainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator)
+    assert trainer.args.max_steps == 2 * steps_per_epoch
+    trainer.train()
+    epochs = {h["step"]: h["epoch"] for h in trainer.state.log_history if "loss" in h}
+    assert epochs[steps_per_epoch] == pytest.approx(1.0) and epochs[2 * steps_per_epoch] == pytest.approx(2.0)

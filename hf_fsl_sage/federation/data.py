@@ -67,14 +67,25 @@ def split_lm_collator(
     )
 
 
-def prepare_dataset(ds: datasets.Dataset, tokenizer, name: str) -> datasets.Dataset:
-    """Tokenize a ``text`` column if needed, add ``labels`` if missing, keep only :data:`MODEL_COLUMNS`."""
+def text_max_length(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> int:
+    """Tokens a row of a ``text`` column keeps: the positions the model has (``max_position_embeddings``), or the
+    tokenizer's ``model_max_length`` if smaller; 1,024 when neither says."""
+    config = getattr(model, "config", None)
+    limits = [getattr(config.get_text_config(), "max_position_embeddings", None) if config is not None else None,
+              getattr(tokenizer, "model_max_length", None)]
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 10**9]  # tokenizers say 1e30 for "no limit"
+    return min(limits) if limits else 1024
+
+
+def prepare_dataset(ds: datasets.Dataset, tokenizer, name: str, max_length: int = 1024) -> datasets.Dataset:
+    """Tokenize a ``text`` column if needed (at most ``max_length`` tokens a row), add ``labels`` if missing, keep
+    only :data:`MODEL_COLUMNS`."""
     if "input_ids" not in ds.column_names:
         if "text" not in ds.column_names:
             raise ValueError(f"{name} needs an 'input_ids' column or a 'text' column; it has {ds.column_names}.")
         if tokenizer is None:
             raise ValueError(f"{name} has a 'text' column: pass processing_class (the tokenizer) to tokenize it.")
-        ds = tokenize_text(ds, tokenizer, max_length=min(getattr(tokenizer, "model_max_length", 1024), 1024))
+        ds = tokenize_text(ds, tokenizer, max_length=max_length)
     if "labels" not in ds.column_names:
         def add_labels(row):
             mask = row.get("attention_mask") or [1] * len(row["input_ids"])

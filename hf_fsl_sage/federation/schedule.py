@@ -10,6 +10,7 @@ same data, and a multi-process run can build any client's batches anywhere.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,12 @@ import torch
 
 
 BatchCollator = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+
+
+def steps_per_epoch(sizes: Sequence[int], participants_per_round: int, batch_size: int) -> float:
+    """Global steps of one epoch: a pass of every client over its share, on average. The largest share takes
+    ``ceil(size / batch_size)`` local steps, and a client takes part in ``participants / clients`` of the rounds."""
+    return math.ceil(max(sizes) / batch_size) * len(sizes) / participants_per_round
 
 
 class RoundSchedule:

@@ -17,11 +17,14 @@ splits and loads adapters like everywhere else) but no storage.
   by :func:`release_unneeded`.
 * :func:`release_unneeded` moves the same modules of an instantiated model to
   ``meta``, freeing their memory.
+* :func:`load_pretrained` is the trainer's entry point for a model given by name: whole or for a client's
+  process, with a one-line error for a folder that does not exist or a Hub id that cannot be reached.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 
 import torch
@@ -29,7 +32,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file, logging
 
 from .split import _unwrap, decoder_blocks
@@ -38,7 +41,7 @@ from .stand_ins import join_path, path_of
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["load_for_clients", "release_unneeded", "unneeded_modules"]
+__all__ = ["load_for_clients", "load_pretrained", "load_tokenizer", "release_unneeded", "unneeded_modules"]
 
 # from_pretrained keywords this loader understands: where to find the files, and how to build the model.
 _FILE_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder")
@@ -79,6 +82,50 @@ def load_for_clients(model_id: str, cut_layer: int, server_blocks: int, **kwargs
         model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
         release_unneeded(model, cut_layer, server_blocks)
     return model
+
+
+def load_pretrained(model_id: str, cut_layer: int, server_blocks: int | None, **kwargs) -> PreTrainedModel:
+    """The causal LM ``model_id`` names (a Hub id or a local folder): whole when ``server_blocks`` is None, else
+    holding only what a client's process needs (:func:`load_for_clients`).
+
+    A local folder's absolute path becomes the model's ``name_or_path``, so an adapter trained on it records where
+    its base is. A path that is not a folder, or a Hub id that cannot be loaded (offline, mistyped, private),
+    raises a one-line ``OSError`` that says what to pass instead.
+    """
+    _check_exists(model_id)
+    try:
+        if server_blocks is None:
+            model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+        else:
+            model = load_for_clients(model_id, cut_layer, server_blocks, **kwargs)
+    except OSError as error:
+        raise OSError(_not_loaded(model_id, "model", error) + " Pass a local folder saved with save_pretrained, "
+                      "or a model object (e.g. AutoModelForCausalLM.from_config(config)).") from None
+    if os.path.isdir(model_id):
+        model.name_or_path = model.config.name_or_path = os.path.abspath(model_id)
+    return model
+
+
+def load_tokenizer(model_id: str) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(model_id)``, with the one-line errors of :func:`load_pretrained`."""
+    _check_exists(model_id)
+    try:
+        return AutoTokenizer.from_pretrained(model_id)
+    except OSError as error:
+        raise OSError(_not_loaded(model_id, "tokenizer", error) + " Pass processing_class=<a tokenizer>.") from None
+
+
+def _check_exists(model_id: str) -> None:
+    """A name that can only be a local path (absolute, relative with ./ or ../, ~, or more than one /) must exist."""
+    path_like = model_id.startswith(("/", "./", "../", "~", "\\")) or model_id.count("/") > 1 or "\\" in model_id
+    if path_like and not os.path.isdir(os.path.expanduser(model_id)):
+        raise OSError(f"model={model_id!r} is not an existing folder: check the path (relative to "
+                      f"{os.getcwd()!r}), or pass a Hub id such as 'gpt2' or 'org/name', or a model object.")
+
+
+def _not_loaded(model_id: str, what: str, error: OSError) -> str:
+    reason = " ".join(str(error).split())
+    return f"Could not load the {what} {model_id!r} (a Hub id, as it is not a local folder): {reason[:300]}"
 
 
 def _load_by_name(model_id: str, cut_layer: int, server_blocks: int, kwargs: dict) -> PreTrainedModel | None:
