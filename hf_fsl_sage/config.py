@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,26 @@ from .transport.codecs import CODECS
 
 AUX_INITS = ("server_blocks", "random")
 AUX_TRAINABLE = ("adapters", "all")
+
+
+class Registered:
+    """The names in a registry as they are when read, for a field whose values can be registered after import:
+    argparse (``HfArgumentParser``) shows them in ``--help`` and checks a value against them."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]):
+        self._names = names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._names()))
+
+    def __len__(self) -> int:
+        return len(list(self._names()))
+
+    def __contains__(self, name: object) -> bool:
+        return name in set(self._names())
+
+    def __repr__(self) -> str:
+        return repr(sorted(self._names()))
 
 
 @dataclass
@@ -67,13 +88,12 @@ class FSLSageConfig(TrainingArguments):
             PEFT every weight; `"all"`: every weight of the auxiliary blocks and final norm, with or
             without PEFT (the head stays tied to the client's embedding and never trains). What
             trains is exactly what travels after an alignment (or a CSE-FSL round), and is counted.
-            The default is `"adapters"`, from the equal-bytes ablation (`benchmarks/ablate_fsl_sage.py`,
-            README): with LoRA, two auxiliary blocks copied from the server and a 16 MB budget,
-            `"all"` sent 40.6 % of the budget as auxiliary weights (about 100k parameters per client
-            per alignment, against 2k adapter weights), so the run stopped after 61 global steps
-            instead of 106 and ended at eval loss 3.084 against 3.063, although its held-out cosine
-            was about the same (0.962 against 0.959). With `aux_init="random"` use `"all"` (as the
-            paper's reference implementation does): adapters on random frozen blocks estimate little.
+            The default is `"adapters"`, from the equal-bytes ablation (`benchmarks/ablate_fsl_sage.py`, figures
+            in docs/benchmarks.md): with LoRA and auxiliary blocks copied from the server, `"all"` spends a large
+            share of a byte budget on auxiliary weights after every alignment, so fewer global steps fit in the
+            budget and the run ends at a higher eval loss, for about the same held-out cosine. With
+            `aux_init="random"` use `"all"` (as the paper's reference implementation does): adapters on random
+            frozen blocks estimate little.
         aux_heldout_cosine (`bool`, defaults to `True`):
             On every upload, before it joins the alignment buffer, the server measures the cosine
             between its true gradient w.r.t. the uploaded activations and the gradient of the
@@ -156,7 +176,8 @@ class FSLSageConfig(TrainingArguments):
     """
 
     # Federation
-    algorithm: str = field(default="fsl_sage", metadata={"help": "Training algorithm (see hf_fsl_sage.algorithms)."})
+    algorithm: str = field(default="fsl_sage", metadata={"help": "Training algorithm (see hf_fsl_sage.algorithms).",
+                                                          "choices": Registered(available_algorithms)})
     num_clients: int = field(default=10, metadata={"help": "Number of clients (>= 1)."})
     clients_per_round: int | None = field(
         default=None, metadata={"help": "Clients sampled per round, 1..num_clients; None = all."}
@@ -210,7 +231,8 @@ class FSLSageConfig(TrainingArguments):
     )
     # Transport
     smashed_codec: str = field(
-        default="none", metadata={"help": "Wire encoding of activations and gradients: none, bf16, fp16, int8, int4."}
+        default="none", metadata={"help": "Wire encoding of the smashed activations and SplitFed's gradients.",
+                                  "choices": Registered(lambda: CODECS)}
     )
     # Memory
     loss_chunk_tokens: int = field(default=1024, metadata={"help": "Labelled positions per LM-head loss chunk."})

@@ -51,7 +51,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ from transformers import (
     HfArgumentParser,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    TrainingArguments,
     set_seed,
 )
 from transformers.pytorch_utils import Conv1D
@@ -197,13 +198,35 @@ class ScriptArguments:
                                   self.generation_batch_size)
 
 
+def build_parser() -> HfArgumentParser:
+    """The recipe's options in three groups for ``--help``: FSL-SAGE's own (the fields FSLSageConfig adds), the
+    recipe's (model, data, LoRA, evaluation), then Trainer's (every TrainingArguments field)."""
+    parser = HfArgumentParser((ScriptArguments, FSLSageConfig), description=__doc__,
+                              usage="%(prog)s [--preset tiny] [FSL-SAGE, recipe and Trainer options]",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    trainer_fields = {f.name for f in fields(TrainingArguments)}
+    fsl_fields = {f.name for f in fields(FSLSageConfig)} - trainer_fields
+    recipe_fields = {f.name for f in fields(ScriptArguments)}
+    groups = {"fsl": parser.add_argument_group("FSL-SAGE options (FSLSageConfig)"),
+              "recipe": parser.add_argument_group("recipe options: model, data, LoRA, evaluation"),
+              "trainer": parser.add_argument_group("Trainer options (TrainingArguments, defaults as FSLSageConfig "
+                                                   "sets them)")}
+    general = parser._optionals  # where HfArgumentParser put every field; argparse has no public way to move them
+    for action in list(general._group_actions):
+        if action.dest == "help":
+            continue
+        group = "fsl" if action.dest in fsl_fields else "recipe" if action.dest in recipe_fields else "trainer"
+        general._group_actions.remove(action)
+        groups[group]._group_actions.append(action)
+    return parser
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, FSLSageConfig]:
     """Parse ``argv`` into the script arguments and an FSLSageConfig, with the preset's values as defaults."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(argv)
-    parser = HfArgumentParser((ScriptArguments, FSLSageConfig), description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = build_parser()
     if known.preset is not None and known.preset not in PRESETS:
         parser.error(f"--preset {known.preset!r}: choose one of {sorted(PRESETS)}")
     parser.set_defaults(**{"output_dir": DEFAULT_OUTPUT_DIR, **PRESETS.get(known.preset, {})})

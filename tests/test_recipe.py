@@ -384,3 +384,17 @@ def test_restricted_tokenizer_keeps_the_tokens_of_its_texts(tmp_path):
     small.save_pretrained(str(tmp_path))
     again = AutoTokenizer.from_pretrained(str(tmp_path))
     assert again(seen[0])["input_ids"] == small(seen[0])["input_ids"] and again.eos_token_id == small.eos_token_id
+
+
+def test_help_lists_fsl_sage_options_first_with_their_choices():
+    """--help: the options FSLSageConfig adds come first, in their own group, with the algorithm and codec names."""
+    text = recipe.build_parser().format_help()
+    groups = [text.index(title) for title in ("FSL-SAGE options (FSLSageConfig):", "recipe options:",
+                                              "Trainer options (TrainingArguments")]
+    assert groups == sorted(groups)
+    fsl = text[groups[0]:groups[1]]
+    assert "--algorithm {cse_fsl,fedavg,fsl_sage,splitfed_v1,splitfed_v2}" in fsl
+    assert "--smashed_codec {bf16,fp16,int4,int8,none}" in fsl
+    assert "--num_clients" in fsl and "--output_dir" not in fsl and "--lora_r" not in fsl
+    assert "--output_dir" in text[groups[2]:] and "--lora_r" in text[groups[1]:groups[2]]
+    assert len(text[:groups[0]].splitlines()) < 60  # a short usage line, the description, -h
