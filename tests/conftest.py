@@ -44,3 +44,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, where every test must run: {reason}"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """List the documentation blocks that are not run (they need the network or a GPU), by name and reason."""
+    from tests.doc_blocks import pages, python_blocks
+
+    skipped = [b for p in pages() for b in python_blocks(p) if b.skip is not None]
+    if skipped:
+        terminalreporter.write_line("documentation blocks not run: " + ", ".join(f"{b.name} ({b.skip})"
+                                                                                 for b in skipped))

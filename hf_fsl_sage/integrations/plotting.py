@@ -21,7 +21,7 @@ MB = 1e6
 class CommBytesAtEvaluation(TrainerCallback):
     """Adds the cumulative ``comm_bytes`` (and up/down) to each evaluation's entry of ``log_history``.
 
-    ``ledger`` is the run's :class:`~hf_fsl_sage.communication.CommLedger`
+    ``ledger`` is the run's :class:`~hf_fsl_sage.transport.base.CommLedger`
     (``trainer.federation.transport.ledger``). Entries that already have ``comm_bytes`` are kept.
     """
 

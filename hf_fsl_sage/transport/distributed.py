@@ -213,7 +213,7 @@ class _Waiter:
 
 
 class DistributedTransport(Transport):
-    """Messages between the server's process and the clients' processes (see :mod:`hf_fsl_sage.placement`)."""
+    """Messages between the server's process and the clients' processes (:mod:`hf_fsl_sage.transport.placement`)."""
 
     def __init__(self, placement: Placement, device: torch.device, timeout: timedelta = timedelta(minutes=30),
                  membership: Membership | None = None):

@@ -1,7 +1,7 @@
 """Score a trained global model on E2E: beam-search generation per meaning representation, then the E2E metrics.
 
 Every distinct ``mr`` of the evaluation rows is generated once, from the prompt
-the training data used (:func:`hf_fsl_sage.data.e2e_prompt`), and the output is
+the training data used (:func:`e2e_task.data.e2e_prompt`), and the output is
 scored against *all* references of that ``mr`` with
 :func:`e2e_task.metrics.compute_e2e_metrics`, and checked against the ``mr`` itself for its slot
 error rate (:mod:`e2e_task.slot_errors`).
@@ -155,7 +155,7 @@ def evaluate_e2e_generation(
 class GenerationEvalCallback(TrainerCallback):
     """At each evaluation during training, also generate for ``ds``'s mrs and add ``eval_<metric>`` to the logs.
 
-    Register it after :class:`~hf_fsl_sage.comm_plot.CommBytesAtEvaluation` (both edit the evaluation's
+    Register it after :class:`~hf_fsl_sage.integrations.plotting.CommBytesAtEvaluation` (both edit the evaluation's
     ``log_history`` entry). Scores are logged only for metrics that ran.
     """
 
