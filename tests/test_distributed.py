@@ -140,6 +140,8 @@ def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoi
     expected = [f"federation-rank{r}-of-3.safetensors" for r in range(3)]
     assert expected == [n for n in written if n.startswith("federation")]
     assert "trainer_state.json" in written and "adapter_model.safetensors" in written
+    assert [f"rng_state-rank{r}-of-3.safetensors" for r in range(3)] == [n for n in written if n.startswith("rng")]
+    assert not [n for n in written if n.endswith((".pt", ".pth", ".bin"))]  # no pickle, Trainer's files included
     assert not (tmp_path / "killed" / "checkpoint-4").exists()
 
     _check(_three(tmp_path / "killed", "--save_steps", "2", "--resume", str(checkpoint)))
