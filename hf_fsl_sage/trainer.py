@@ -185,7 +185,8 @@ class FSLSageTrainer(Trainer):
             transport = LocalTransport()
         # Activations cross the wire encoded; the receiver checks and decodes them to the model's dtype.
         transport.coder = ActivationCoder(args.smashed_codec, dtype=next(self.split.server.parameters()).dtype,
-                                          hidden_size=self.split.cut_width, vocab_size=vocab)
+                                          hidden_size=self.split.cut_width, vocab_size=vocab,
+                                          hidden_shape=self.split.cut_shape, carried=self.split.carried_shapes)
         transport.timer = StepTimer(args.device)
         self._timed_steps = [0, 0]  # global steps timed since the last log, and in all
         self.federation = Federation(self.split, [len(p) for p in parts], transport, self._make_optimizer,

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, TrainerCallback
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.transport.base import FederationCommError
 from tests.helpers import PadCollator, compact_e2e
+from tests.tiny_models import tiny_causal_lm
 
 
 class DieAt(TrainerCallback):
@@ -96,12 +97,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="dtype of the base model loaded from --model_path")
     parser.add_argument("--holdings", action="store_true", help="each process writes D/holdings-rank<r>.json")
     parser.add_argument("--smashed_codec", default="none")
+    parser.add_argument("--family", default=None, help="a tiny model of this family (tests.tiny_models), not GPT-2")
     cli = parser.parse_args()
     torch.set_num_threads(1)
 
     train, evalset, vocab, pad = compact_e2e()
     torch.manual_seed(0)
-    model = cli.model_path or AutoModelForCausalLM.from_config(tiny_config(cli.n_layer, cli.n_embd, vocab))
+    if cli.family:
+        model = tiny_causal_lm(cli.family, num_layers=cli.n_layer, vocab_size=vocab)
+    else:
+        model = cli.model_path or AutoModelForCausalLM.from_config(tiny_config(cli.n_layer, cli.n_embd, vocab))
     args = FSLSageConfig(
         output_dir=cli.output_dir, algorithm=cli.algorithm, num_clients=cli.num_clients, local_steps=cli.local_steps,
         max_steps=cli.max_steps, per_device_train_batch_size=cli.batch, per_device_eval_batch_size=16,
@@ -113,6 +118,8 @@ def main() -> None:
         client_failures=cli.client_failures,
     )
     peft_config = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
+    if cli.family:
+        peft_config = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear")
     callbacks = None
     if cli.kill_rank is not None or cli.stall_rank is not None:
         callbacks = [DieAt(cli.stall_rank if cli.kill_rank is None else cli.kill_rank, cli.kill_step,

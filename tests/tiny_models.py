@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 
 __all__ = [
+    "FAMILY_INIT",
     "FAMILY_NOTES",
     "SLIDING_WINDOW",
     "TINY",
@@ -53,7 +54,7 @@ _PATTERNS: list[tuple[str, Any]] = [
     (r".*(kv_lora_rank)", 16),
     (r".*(rotary_dim|rotary_emb_base_dim)", 8),
     (r".*(q_lora_rank|o_lora_rank)", 32),
-    (r"index_n_heads", 2),
+    (r"index_(n|num)_heads", 2),
     (r"index_topk", 8),
     (r".*(num_local_experts|num_experts|n_routed_experts|moe_num_experts|n_experts)", 4),
     (r".*(experts_per_tok|experts_per_token|moe_topk|moe_k|top_k)", 2),
@@ -131,13 +132,38 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "dots3_note_text": _DOTS3_SWA,
     "dots3_note": _DOTS3_SWA,
     "rwkv": {"rescale_every": 0},
+    "kimi_linear": {"linear_num_heads": 4},  # 32 by default: the reference delta-rule kernel's cost grows with it
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}},
+    # every layer reads its own keys and values (one index layer); a cut between a layer and one reading its
+    # keys and values is refused
+    "kolibri1_1": {"kv_source_layers": lambda n: list(range(n)), "index_layers": [1]},
+    # a block-attention residual block per layer, so the stack crossing the cut has an entry per client block
+    "inkling2_text": {"n_layers_per_attn_res_block": 1},
+    # the last block looped twice: on the server at every cut of a 3-block model
+    "inkling2_loop_text": {"n_layers_per_attn_res_block": 1, "loop_layer_index_start": lambda n: n - 1,
+                           "loop_layer_index_end": lambda n: n, "loop_num_passes": 2},
 }
+
+
+def _random_hash_routes(model: PreTrainedModel) -> None:
+    """Hash-routed MoE layers start with an all-zero token-to-expert table (the checkpoint fills it), which routes
+    every token to expert 0: draw a table, so that outputs depend on the token ids the layers read."""
+    experts = model.config.get_text_config().num_local_experts
+    with torch.no_grad():
+        for name, table in model.named_buffers():
+            if name.endswith("tid2eid"):
+                table.copy_(torch.randint(0, experts, table.shape))
+
+
+# Per-family changes to a freshly built tiny model (weights a checkpoint would provide).
+FAMILY_INIT = {"deepseek_v4": _random_hash_routes}
 
 
 # What the tiny model of a family leaves out, where that matters for what is checked.
 FAMILY_NOTES: dict[str, str] = {
+    "inkling2_loop_text": "looped blocks after the cut; a cut inside or after the loop is refused",
+    "kolibri1_1": "each layer with its own keys and values: none shared across the cut",
     "gemma4_text": "without per-layer inputs (hidden_size_per_layer_input=0); with them: unsupported",
     "gemma4_unified_text": "without per-layer inputs (hidden_size_per_layer_input=0); with them: unsupported",
     "rwkv": "without inference-time rescaling (rescale_every=0); with it: unsupported",
@@ -320,6 +346,8 @@ def tiny_causal_lm(model_type: str, seed: int = 0, **kw: Any) -> PreTrainedModel
     """``AutoModelForCausalLM.from_config(tiny_config(model_type, **kw))`` in fp32 eval mode, seeded."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kw), dtype=torch.float32)
+    if model_type in FAMILY_INIT:
+        FAMILY_INIT[model_type](model)
     return model.eval()
 
 
@@ -388,9 +416,10 @@ def _max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> float:
 def one_fsl_sage_round(model: PreTrainedModel, output_dir: str, seq_len: int = 10, seed: int = 0) -> dict[str, float]:
     """Train ``model`` for one FSL-SAGE round on random tokens and report what happened.
 
-    Two clients take one local step each on their auxiliary gradient estimate, upload, the
-    server steps and aligns each client's auxiliary model on that upload, and the client models
-    are averaged. Returns the round's client and server losses, the alignment cosines, the
+    A client takes one local step on its auxiliary gradient estimate and uploads, the server
+    steps and aligns the client's auxiliary model on that upload, and the client models are
+    averaged (one client: what is family-specific is the split, the auxiliary model and the
+    steps, not the averaging). Returns the round's client and server losses, the alignment cosines, the
     global model's loss after the round (``eval_loss``) and the fraction of the client's and the
     server's trainable tensors that changed.
     """
@@ -403,7 +432,7 @@ def one_fsl_sage_round(model: PreTrainedModel, output_dir: str, seq_len: int = 1
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(3, max(4, vocab - 8), (4, seq_len), generator=torch.Generator().manual_seed(seed)).tolist()
     rows = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seq_len] * 4, "labels": ids})
-    args = FSLSageConfig(output_dir=output_dir, num_clients=2, local_steps=1, max_steps=1,
+    args = FSLSageConfig(output_dir=output_dir, num_clients=1, local_steps=1, max_steps=1,
                          per_device_train_batch_size=2, per_device_eval_batch_size=4, aux_num_layers=1,
                          server_update_interval=1, align_interval=1, align_epochs=1, aux_heldout_cosine=False,
                          weight_decay=0.0,  # only gradients move weights: a client step without its estimate shows

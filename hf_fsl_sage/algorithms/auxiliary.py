@@ -18,6 +18,7 @@ from torch import nn
 from ..federation.federation import Client, Federation, load_trainable_state, trainable_state
 from ..splitting.loss import ChunkedLMLoss
 from ..splitting.materialise import release_unneeded
+from ..splitting.per_layer import slice_per_layer
 from ..splitting.split import Smashed, SplitCausalLM, SplitServer
 from ..splitting.stand_ins import SkippedBlock, block_owner_paths, deepcopy_module, has_params, path_of, with_replaced
 from ..transport.placement import party_seed
@@ -55,11 +56,8 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
     runs with eager attention, which supports the double backward that
     gradient matching needs on every device.
     """
-    server_lm = split.server.lm
-    first = split.first_server_block
-    blocks_path, blocks = next(
-        (n, m) for n, m in server_lm.named_modules() if isinstance(m, nn.ModuleList) and any(b is first for b in m)
-    )
+    server_lm, blocks_path = split.server.lm, split.server.blocks_path
+    blocks = split.server.blocks
     cut = split.cut_layer
     available = len(blocks) - cut
     if num_layers > available:
@@ -87,12 +85,13 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
     aux_lm = with_replaced(server_lm, replacements)
 
     configs: dict[int, Any] = {}  # deepcopy memo: each module keeps its own config (blocks read a sub-config)
+    described = cut + num_layers if split.config_counts_blocks else None
     for path in ["", *(p for p in owner_paths if p)]:
-        _set_config(aux_lm.get_submodule(path), configs)
+        _set_config(aux_lm.get_submodule(path), configs, described)
     for path, module in replacements.items():
         if path != head_path:
             for sub in module.modules():
-                _set_config(sub, configs)
+                _set_config(sub, configs, described)
     if init == "random":
         base = split.model.get_base_model() if hasattr(split.model, "get_base_model") else split.model
         for path, module in replacements.items():
@@ -102,16 +101,20 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
         for path, module in replacements.items():
             if path != head_path:
                 module.requires_grad_(True)
-    return SplitServer(aux_lm, aux_blocks[0], split.server.embed_dim)
+    server = split.server
+    return SplitServer(aux_lm, blocks_path, cut, server.embed_dim, server.base_path, server.carried)
 
 
-def _set_config(module: nn.Module, memo: dict[int, Any]) -> None:
-    """Give ``module`` an eager-attention copy of its own config; ``memo`` (a deepcopy memo shared by all modules)
-    makes modules that shared a config, or a composite config and its sub-configs, share the copies."""
+def _set_config(module: nn.Module, memo: dict[int, Any], num_blocks: int | None) -> None:
+    """Give ``module`` an eager-attention copy of its own config that describes the first ``num_blocks`` blocks
+    (the auxiliary model's stand-ins and blocks; ``None``: as it is); ``memo`` (a deepcopy memo shared by all
+    modules) makes modules that shared a config, or a composite config and its sub-configs, share the copies."""
     config = vars(module).get("config")
     if config is not None:
         module.config = memo[id(config)] if id(config) in memo else copy.deepcopy(config, memo)
         module.config._attn_implementation = "eager"
+        if num_blocks is not None:
+            slice_per_layer(module.config, num_blocks)
 
 
 def _reinitialise(module: nn.Module, base: nn.Module) -> None:

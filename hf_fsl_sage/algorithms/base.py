@@ -139,12 +139,15 @@ class Algorithm:
 
     def expected_upload(self, client: Client) -> tuple[Any, dict[str, int]]:
         """What an upload must look like on the server (see :func:`~hf_fsl_sage.transport.base.conforms`), with
-        the limits of its named sizes: smashed activations of the model's width and their labels, at most one
-        batch of sequences."""
-        seq = ("batch", "seq")
-        smashed = Smashed(TensorSpec((*seq, self.fed.split.cut_width), FLOATS),
+        the limits of its named sizes: smashed activations of the model's width, the inputs the family's server
+        blocks read besides (:attr:`~hf_fsl_sage.splitting.split.SplitCausalLM.carried_shapes`) and their labels, at
+        most one batch of sequences."""
+        seq, split = ("batch", "seq"), self.fed.split
+        carried = {name: TensorSpec((*seq, *shape), FLOATS if dtype.is_floating_point else INTEGERS)
+                   for name, (shape, dtype) in split.carried_shapes.items()}
+        smashed = Smashed(TensorSpec((*seq, *split.cut_shape), FLOATS),
                           TensorSpec(seq, (torch.bool,), optional=True),
-                          TensorSpec((None, "seq"), INTEGERS, optional=True))
+                          TensorSpec((None, "seq"), INTEGERS, optional=True), carried)
         return (smashed, TensorSpec(seq, INTEGERS)), {"batch": self.fed.batch_size}
 
     def expected_reply(self, client: Client) -> Any:

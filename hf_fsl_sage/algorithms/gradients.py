@@ -13,16 +13,21 @@ from ..splitting.split import Smashed
 def gradient_wrt_hidden(
     loss_fn: ChunkedLMLoss, smashed: Smashed, labels: torch.Tensor, label_smoothing: float, create_graph: bool = False
 ) -> torch.Tensor:
-    """d loss(model(h), y) / d h for the smashed batch (h detached from any client graph)."""
-    hidden = smashed.hidden_states.detach().requires_grad_(True)
-    loss = loss_fn(Smashed(hidden, smashed.attention_mask, smashed.position_ids), labels, label_smoothing,
-                   checkpoint=not create_graph)
-    (grad,) = torch.autograd.grad(loss, hidden, create_graph=create_graph)
-    return grad
+    """d loss(model(h), y) / d h for the smashed batch (h detached from any client graph).
+
+    When the upload carries activations besides the hidden states (:meth:`Smashed.activations`), the result is
+    the gradient w.r.t. all of them, flattened per sequence and concatenated: shape ``(batch, numel / batch)``.
+    """
+    leaves = smashed.leaves()
+    activations = list(leaves.activations().values())
+    loss = loss_fn(leaves, labels, label_smoothing, checkpoint=not create_graph)
+    grads = torch.autograd.grad(loss, activations, create_graph=create_graph, allow_unused=True)
+    grads = [torch.zeros_like(a) if g is None else g for a, g in zip(activations, grads)]
+    return grads[0] if len(grads) == 1 else torch.cat([g.flatten(1) for g in grads], dim=1)
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean over sequences of the cosine similarity of two (batch, seq, hidden) gradients."""
+    """Mean over sequences of the cosine similarity of two gradients with the batch dimension first."""
     return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1, eps=1e-12).mean()
 
 

@@ -15,7 +15,8 @@ class SplitFedV2(Algorithm):
 
     At every local step a client uploads its smashed activations and labels,
     the server computes the loss, steps, and sends back the gradient w.r.t. the
-    activations, which the client backpropagates through its half before it steps.
+    activations (and w.r.t. the carried activations of families that have them),
+    which the client backpropagates through its half before it steps.
     """
 
     display_name = "SplitFed-V2"
@@ -40,25 +41,25 @@ class SplitFedV2(Algorithm):
     def serve(self, client: Client, upload, round_index: int, local_step: int):
         received, labels = upload
         party = self.server_copy(client)
-        hidden = received.hidden_states.detach().requires_grad_(True)
-        loss = party.loss(Smashed(hidden, received.attention_mask, received.position_ids), labels,
-                          self.fed.label_smoothing)
+        leaves = received.leaves()
+        loss = party.loss(leaves, labels, self.fed.label_smoothing)
         value = float(loss.detach())
         if not self.fed.guard.finite(value, "loss", "the server"):
             return StepResult(loss=value, server_loss=value), None  # no gradient: the client skips this step
         loss.backward()
         clip_and_step(party.module, party.optimizer, self.fed.max_grad_norm, self.fed.guard, "the server")
-        return StepResult(loss=value, server_loss=value), hidden.grad
+        return StepResult(loss=value, server_loss=value), leaves.gradients()
 
     def expected_reply(self, client: Client):
-        return self._waiting[client.index].hidden_states  # the gradient has the activations' shape and dtype
+        sent = self._waiting[client.index]  # each gradient has its activations' shape and dtype
+        return sent.hidden_states if len(sent.activations()) == 1 else sent.activations()
 
     def discard(self, client: Client) -> None:
         self._waiting.pop(client.index, None)
         super().discard(client)
 
     def client_receive(self, client: Client, reply, round_index: int, local_step: int) -> StepResult:
-        self._waiting.pop(client.index).hidden_states.backward(reply)
+        self._waiting.pop(client.index).backward(reply)
         self.fed.client_step(client)
         return StepResult()
 

@@ -51,7 +51,7 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     if isinstance(obj, Smashed):
         return {"smashed": [_encode(t, tensors, f"{path}.{f}") for f, t in
                             (("hidden_states", obj.hidden_states), ("attention_mask", obj.attention_mask),
-                             ("position_ids", obj.position_ids))]}
+                             ("position_ids", obj.position_ids), ("carried", obj.carried))]}
     if isinstance(obj, dict):
         for k in obj:
             if type(k) not in (str, int):

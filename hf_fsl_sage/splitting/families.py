@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 
 # Families that cannot be cut exactly at a block boundary, with the reason (the generic check in ``_observe``
 # catches such models too; this table gives the known ones a precise message).
@@ -9,7 +12,6 @@ _MULTIMODAL = "multimodal wrapper: with text only, its forward needs the token e
 UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
     "blt": "byte latent transformer: byte encoder, patch transformer and byte decoder, not one stack of blocks",
     "cpmant": "its forward needs input_ids (segments and mask come from the token ids; no inputs_embeds path)",
-    "deepseek_v4": "hash-routed MoE layers pick experts from the token ids, which the server does not have",
     "dory": "recurrent depth: a group of blocks is run several times in a loop",
     "hrm_text": "hierarchical recurrent model: its block lists are run repeatedly in cycles",
     "gemma3n": _MULTIMODAL,
@@ -20,8 +22,6 @@ UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
     "gemma4_unified_assistant": "speculative-decoding assistant that reads the target model's key/value states",
     "git": "image-text model whose text decoder runs over image and text tokens together",
     "hy_v4": "shared sparse-attention layers reuse top-k indices computed by an earlier layer",
-    "inkling2_text": "block attention residuals: every block reads a stack of earlier blocks' outputs",
-    "inkling2_loop_text": "block attention residuals: every block reads a stack of earlier blocks' outputs",
     "mllama": "cross-attention layers to image features are skipped without an image, so block indices shift",
     "mllama_text_model": "cross-attention layers to image features are skipped without an image",
     "musicgen": "audio decoder over parallel codebook streams with its own text encoder",
@@ -31,7 +31,6 @@ UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
     "xlm": "per-layer modules live in parallel lists and the residual additions happen outside them",
     "xlnet": "permutation LM: its layers take a (content, query) stream pair with relative positions",
     "xmod": "the model reads the language-adapter table of block 0 at model level",
-    "zaya": "each block hands its router state to the next block",
     "zamba": "hybrid layers re-read the original token embeddings and share one transformer across depths",
     "zamba2": "hybrid layers re-read the original token embeddings and share transformers across depths",
 }
@@ -50,3 +49,60 @@ UNSUPPORTED_FEATURES: list[tuple[str, str]] = [
 SERVER_RUNS: dict[str, tuple[str, ...]] = {
     "roformer": ("embed_positions",),  # sinusoidal table feeding the rotary embedding of every layer
 }
+
+
+@dataclass(frozen=True)
+class CarriedInput:
+    """An input of the server's decoder blocks, besides the hidden states, that the client computes and sends.
+
+    ``argument`` is the parameter of the blocks' ``forward`` that receives it; it travels in the upload under
+    ``name`` (:attr:`~hf_fsl_sage.splitting.split.Smashed.carried`), is checked on receipt and counted in the
+    ledger. ``scope`` says how the model hands it on from block to block, and so where the server puts it:
+
+    - ``"first"``: into block ``cut_layer`` only; the later blocks get theirs from the block before (a router
+      state each block returns with its hidden states);
+    - ``"every"``: into every server block, as the model passes the same value to all of them (token ids);
+    - ``"stack"``: the model stacks earlier blocks' inputs along dimension -2 and passes the stack to every
+      block, and to the model-level modules in ``readers`` after the blocks: the client's entries, first in
+      the stack, replace the server's there.
+
+    A floating-point value is an activation: the server's loss is differentiated with respect to it as with
+    respect to the hidden states (gradients sent back, estimated and aligned). ``reveals_text`` marks a value
+    that gives the server the text itself (token ids): a split that keeps the labels on the client cannot use
+    the family.
+    """
+
+    name: str
+    argument: str
+    scope: Literal["first", "every", "stack"]
+    reason: str
+    reveals_text: bool = False
+    readers: tuple[str, ...] = ()
+
+
+_BLOCK_STACK = CarriedInput("block_states", "block_states", "stack", readers=("final_input",),
+                            reason="block attention residuals: every block reads a stack of earlier blocks' inputs")
+# What each family's server blocks read besides the hidden states, declared once here; the split checks at
+# split time that block ``cut_layer`` receives each of them and that nothing else it reads comes from the client.
+CARRIED_INPUTS: dict[str, tuple[CarriedInput, ...]] = {
+    "deepseek_v4": (CarriedInput("token_ids", "input_ids", "every", reveals_text=True,
+                                 reason="hash-routed MoE layers pick their experts from the token ids"),),
+    "inkling2_text": (_BLOCK_STACK,),
+    "inkling2_loop_text": (_BLOCK_STACK,),
+    "zaya": (CarriedInput("router_state", "prev_router_hidden_states", "first",
+                          reason="each block's router reads the router state of the block before"),),
+}
+
+
+def carried_inputs(model_type: str) -> tuple[CarriedInput, ...]:
+    """What ``model_type``'s server blocks read besides the hidden states (empty for most families)."""
+    return CARRIED_INPUTS.get(model_type, ())
+
+
+def text_revealing_inputs(model_type: str) -> list[str]:
+    """Names of the carried inputs of ``model_type`` that give the server the text (e.g. token ids).
+
+    A split that keeps the labels on the client refuses these families: what it hides in the labels would
+    travel in the upload anyway.
+    """
+    return [c.name for c in carried_inputs(model_type) if c.reveals_text]

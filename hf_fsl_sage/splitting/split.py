@@ -5,25 +5,30 @@ model's *own* forward code on a shallow copy of the model in which the modules
 the half does not hold are replaced by weightless stand-ins.
 
 * The client runs the base model with its decoder-block list truncated to
-  ``[0, cut_layer)`` and stops with a forward hook on the last kept block, so
-  embedding-stage work (token and position embeddings, scaling, dropout) is done
-  exactly as in the unsplit model and nothing after the blocks runs.
+  ``[0, cut_layer)`` and a stand-in for block ``cut_layer`` that records what
+  the model hands it and stops the pass, so embedding-stage work (token and
+  position embeddings, scaling, dropout) is done exactly as in the unsplit model
+  and nothing after the blocks runs. Its config describes the blocks it holds
+  (:mod:`~hf_fsl_sage.splitting.per_layer`).
 * The server runs the causal-LM forward with a zero ``inputs_embeds`` of the
   right shape, so that everything the model computes at model level from the
   shapes, the attention mask and the position ids (causal / sliding-window /
   ALiBi masks, rotary embeddings, per-layer attention types) is computed exactly
-  as in the unsplit model. A forward pre-hook on block ``cut_layer`` swaps the
-  zero stream for the smashed activations; blocks ``[0, cut_layer)`` are
-  weightless stand-ins that keep their plain attributes (``attention_type``,
-  ``layer_idx``), output structure and list positions.
+  as in the unsplit model. Blocks ``[0, cut_layer)`` are weightless stand-ins
+  that keep their plain attributes (``attention_type``, ``layer_idx``), output
+  structure and list positions; the stand-in of block ``cut_layer - 1`` returns
+  the smashed activations (:mod:`~hf_fsl_sage.splitting.carried`).
 
 Nothing is guessed from names: at split time one forward pass on a two-token
-input observes which modules run before the blocks (the embedding stage) and
-what each block returns, and checks the cut: blocks run once each in order,
-block ``cut_layer`` reads exactly what block ``cut_layer - 1`` returned, and no
-other input of a server block depends on client-held weights. Families that
-fail this (recurrent depth, extra streams, token-id routing) get a ValueError.
-Family-specific knowledge is confined to the adapter tables below.
+input (:mod:`~hf_fsl_sage.splitting.observe`) observes which modules run before
+the blocks (the embedding stage) and what each block returns, and checks the
+cut: the blocks before it run before the blocks after it, block ``cut_layer``
+reads exactly what block ``cut_layer - 1`` returned, and no other input of a
+server block depends on client-held weights, except the inputs a family
+declares the client sends besides the hidden states (a router state, a stack of
+earlier blocks' inputs, token ids: :data:`~hf_fsl_sage.splitting.families.CARRIED_INPUTS`).
+Families that fail this (recurrent depth across the cut, extra streams) get a
+ValueError. Family-specific knowledge is confined to :mod:`~hf_fsl_sage.splitting.families`.
 
 Tied input/output embeddings: the client owns the input embedding, the server
 owns the LM head. When the tied matrix is frozen (the usual LoRA set-up) both
@@ -37,21 +42,22 @@ exported weights must be saved untied.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .families import SERVER_RUNS, UNSUPPORTED_FEATURES, UNSUPPORTED_MODEL_TYPES
+from .carried import CaptureBlock, injected
+from .families import SERVER_RUNS, UNSUPPORTED_FEATURES, UNSUPPORTED_MODEL_TYPES, CarriedInput, carried_inputs
+from .observe import observe_cut
+from .per_layer import config_for_blocks
+from .smashed import Smashed
 from .stand_ins import (
     NotHeld,
     SkippedBlock,
     StopForward,
     block_owner_paths,
-    first_output,
     has_params,
     join_path,
     path_of,
@@ -62,47 +68,22 @@ from .stand_ins import (
 
 __all__ = ["Smashed", "SplitClient", "SplitServer", "SplitCausalLM", "split_causal_lm"]
 
-@dataclass
-class Smashed:
-    """What the client sends to the server: the cut-layer activations and what the server needs besides.
-
-    ``attention_mask`` travels as ``torch.bool`` (1 byte per token) and
-    ``position_ids`` only when the caller gave them; otherwise the server derives
-    the same default positions from the shape, as the unsplit model does.
-    """
-
-    hidden_states: torch.Tensor
-    attention_mask: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: t for f in fields(self) if (t := getattr(self, f.name)) is not None}
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes that cross the wire for this message (tensor payloads in the dtype sent)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    def detach(self) -> Smashed:
-        return Smashed(**{f.name: _maybe(getattr(self, f.name), torch.Tensor.detach) for f in fields(self)})
-
-    def to(self, device: torch.device | str) -> Smashed:
-        return Smashed(**{f.name: _maybe(getattr(self, f.name), lambda t: t.to(device)) for f in fields(self)})
-
-
-def _maybe(t: torch.Tensor | None, fn) -> torch.Tensor | None:
-    return None if t is None else fn(t)
-
 
 # ---------------------------------------------------------------- halves
 class SplitClient(nn.Module):
-    """Embeddings and blocks ``[0, cut_layer)``: ``client(input_ids, attention_mask, position_ids) -> Smashed``."""
+    """Embeddings and blocks ``[0, cut_layer)``: ``client(input_ids, attention_mask, position_ids) -> Smashed``.
 
-    def __init__(self, base: nn.Module, last_block: nn.Module, embedding_path: str):
+    Its block list ends with a :class:`~hf_fsl_sage.splitting.carried.CaptureBlock` in place of block
+    ``cut_layer``: the forward pass stops there, and what the model hands to that block is what the server needs.
+    """
+
+    def __init__(self, base: nn.Module, blocks_path: str, cut_layer: int, embedding_path: str,
+                 carried: tuple[CarriedInput, ...] = ()):
         super().__init__()
         self.base = base
-        self._last_block = [last_block]  # not a submodule: already inside ``base``
+        self.blocks_path, self.cut_layer = blocks_path, cut_layer
         self.embedding_path = embedding_path
+        self.carried = carried
 
     def input_embeddings(self) -> nn.Module:
         """The token embedding this client holds (its own tensor in a client copy)."""
@@ -115,67 +96,67 @@ class SplitClient(nn.Module):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> Smashed:
-        captured: list[torch.Tensor] = []
-
-        def stop(module, args, output):  # nothing after the last client block runs on the client
-            captured.append(first_output(output))
-            raise StopForward
-
-        handle = self._last_block[0].register_forward_hook(stop)
+        capture: CaptureBlock = self.base.get_submodule(self.blocks_path)[self.cut_layer]
+        capture.call = None
         try:
             self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       inputs_embeds=inputs_embeds, use_cache=False)
         except StopForward:
             pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError("the last client block did not run")
+        taken = capture.take(self.carried)
+        if taken is None:
+            raise RuntimeError(f"the model did not reach block {self.cut_layer}, where the client's half ends")
+        hidden, carried = taken
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
-        return Smashed(captured[-1], mask, position_ids)
+        return Smashed(hidden, mask, position_ids, carried)
 
 
 class SplitServer(nn.Module):
-    """Blocks ``[cut_layer, L)``, final norm and LM head: ``server(smashed, labels=None) -> CausalLMOutput``."""
+    """Blocks ``[cut_layer, L)``, final norm and LM head: ``server(smashed, labels=None) -> CausalLMOutput``.
 
-    def __init__(self, lm: nn.Module, first_block: nn.Module, embed_dim: int):
+    ``lm`` holds weightless stand-ins for blocks ``[0, cut_layer)`` at ``blocks_path``; the received values
+    are put in place for each forward (:func:`~hf_fsl_sage.splitting.carried.injected`).
+    """
+
+    def __init__(self, lm: nn.Module, blocks_path: str, cut_layer: int, embed_dim: int, base_path: str = "",
+                 carried: tuple[CarriedInput, ...] = ()):
         super().__init__()
         self.lm = lm
-        self._first_block = [first_block]
+        self.blocks_path, self.cut_layer, self.base_path = blocks_path, cut_layer, base_path
         self.embed_dim = embed_dim
+        self.carried = carried
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.lm.get_submodule(self.blocks_path)
 
     @property
     def first_block(self) -> nn.Module:
         """The first decoder block this half runs: the smashed activations enter there."""
-        return self._first_block[0]
+        return self.blocks[self.cut_layer]
 
     def forward(self, smashed: Smashed, labels: torch.Tensor | None = None, **kwargs):
         hidden = smashed.hidden_states
-
-        def inject(module, args, kw):
-            if args:
-                return (hidden, *args[1:]), kw
-            return args, {**kw, "hidden_states": hidden}
-
         zeros = hidden.new_zeros(*hidden.shape[:2], self.embed_dim)
         mask = None if smashed.attention_mask is None else smashed.attention_mask.long()
-        handle = self._first_block[0].register_forward_pre_hook(inject, with_kwargs=True)
-        try:
+        with injected(self.lm, self.blocks, self.cut_layer, self.base_path, self.carried, hidden, smashed.carried):
             return self.lm(inputs_embeds=zeros, attention_mask=mask, position_ids=smashed.position_ids, labels=labels,
                            use_cache=False, **kwargs)
-        finally:
-            handle.remove()
 
 
 class SplitCausalLM(nn.Module):
     """A causal LM cut after block ``cut_layer - 1``; ``forward`` composes ``server(client(x))``."""
 
     def __init__(self, client: SplitClient, server: SplitServer, model: nn.Module, cut_layer: int, num_layers: int,
-                 head_copied: bool, cut_width: int):
+                 head_copied: bool, cut_shape: tuple[int, ...],
+                 carried_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None):
         super().__init__()
-        # Width of the smashed activations: the residual stream at the cut (the embedding's width unless a family
-        # widens it in its blocks).
-        self.cut_width = cut_width
+        # Shape of the smashed activations after the batch and sequence dimensions: the residual stream at the cut
+        # (the embedding's width unless a family widens it, or keeps several streams, in its blocks).
+        self.cut_shape = cut_shape
+        self.cut_width = cut_shape[-1]
+        #: Shape (after batch and sequence) and dtype of each carried input of the upload, by name.
+        self.carried_shapes = carried_shapes or {}
         self.client = client
         self.server = server
         self.cut_layer = cut_layer
@@ -186,6 +167,22 @@ class SplitCausalLM(nn.Module):
     @property
     def model(self) -> nn.Module:
         return self._model[0]
+
+    @property
+    def config_counts_blocks(self) -> bool:
+        """Whether the model's config describes its decoder blocks one by one (``num_hidden_layers`` of them): then
+        a part holding fewer blocks gets a config cut down to them (:mod:`~hf_fsl_sage.splitting.per_layer`)."""
+        return _counts_blocks(_unwrap(self.model), self.num_layers)
+
+    @property
+    def carried(self) -> tuple[CarriedInput, ...]:
+        """What the server's blocks read besides the hidden states, as the family declares it."""
+        return self.server.carried
+
+    @property
+    def text_revealing_inputs(self) -> list[str]:
+        """Names of the carried inputs that give the server the text (a label-private split refuses them)."""
+        return [c.name for c in self.carried if c.reveals_text]
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
         return self.server(self.client(input_ids, attention_mask, position_ids), labels=labels, **kwargs)
@@ -223,6 +220,10 @@ def _unwrap(model: nn.Module) -> PreTrainedModel:
             "Load the model with AutoModelForCausalLM.from_pretrained / from_config."
         )
     return lm
+
+
+def _counts_blocks(lm: PreTrainedModel, num_layers: int) -> bool:
+    return getattr(lm.config.get_text_config(), "num_hidden_layers", None) == num_layers
 
 
 def _check_causal_lm(lm: PreTrainedModel) -> str:
@@ -277,135 +278,6 @@ def decoder_blocks(lm: PreTrainedModel) -> tuple[str, str]:
                                    model_type)
 
 
-def _output_count(output: Any) -> int:
-    return len(output) if isinstance(output, (tuple, list)) else 0
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
-def _echo_unheld(base: nn.Module, owners: list[str], blocks: nn.ModuleList, counts: dict[int, int]) -> list[nn.Module]:
-    """Make the modules whose weights this process does not hold (all on the ``meta`` device) return their input.
-
-    A client's process holds the blocks after the cut only as far as its auxiliary model needs them
-    (:mod:`hf_fsl_sage.splitting.materialise`). The checks of :func:`_observe` read what enters each server
-    block, never what it computes, so such a block echoes its hidden states in the structure the last block
-    before it returned. Undone by deleting the instance attribute ``forward``.
-    """
-    def unheld(module: nn.Module) -> bool:
-        params = list(module.parameters())
-        return bool(params) and all(p.is_meta for p in params)
-
-    def echo_block(*args, **kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        n = counts[max(counts)] if counts else 0
-        return (hidden, *[None] * (n - 1)) if n else hidden
-
-    def echo(*args, **kwargs):
-        return args[0] if args else next(iter(kwargs.values()))
-
-    echoing = []
-    for module, forward in [(b, echo_block) for b in blocks] + [
-        (child, echo) for owner in owners for child in base.get_submodule(owner).children()
-        if child is not blocks and child not in [base.get_submodule(o) for o in owners]
-    ]:
-        if unheld(module):
-            module.forward = forward
-            echoing.append(module)
-    return echoing
-
-
-def _observe(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_layer: int, token_embedding: nn.Module,
-             server_runs: set[str], model_type: str) -> tuple[list[str], list[int], int]:
-    """Run ``base`` once on a tiny input and check that it can be cut before block ``cut_layer``.
-
-    Returns the paths (relative to ``base``) of the modules that run before the first block (the embedding
-    stage), for blocks ``[0, cut_layer)`` the length of the tuple each returns (0: a bare tensor), and the width
-    of the hidden states at the cut (the embedding's width for most families, wider for some).
-
-    Client-held weights (everything outside blocks ``[cut_layer, L)`` and the modules the server runs itself)
-    are made to require grad for the run, so that any input of a server block that depends on them shows it.
-    The cut is exact only if the blocks run once each and in order, block ``cut_layer`` reads exactly what block
-    ``cut_layer - 1`` returned, and nothing else that server blocks read depends on client-held weights.
-    """
-    called: list[str] = []
-    order: list[int] = []
-    firsts: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
-    leaks: list[str] = []
-    seam: list[bool] = []
-    handles = []
-    for owner in owners:
-        for name, child in base.get_submodule(owner).named_children():
-            path = join_path(owner, name)
-            if child is blocks or path in owners:
-                continue
-            handles.append(child.register_forward_pre_hook(
-                lambda m, a, p=path: None if order else called.append(p)))
-
-    def enter(module, args, kwargs, i):
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        rest = list(args[1:]) + [v for k, v in kwargs.items() if not (not args and k == "hidden_states")]
-        if i == cut_layer:
-            before = firsts.get(cut_layer - 1)
-            seam.append(isinstance(hidden, torch.Tensor) and before is not None and torch.equal(hidden, before))
-        if i >= cut_layer and any(t.requires_grad for t in _tensors(rest)):
-            leaks.append(f"block {i}")
-        order.append(i)
-
-    def leave(module, args, output, i):
-        firsts[i], counts[i] = first_output(output), _output_count(output)
-
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(lambda m, a, k, i=i: enter(m, a, k, i), with_kwargs=True))
-        handles.append(block.register_forward_hook(lambda m, a, o, i=i: leave(m, a, o, i)))
-    echoing = _echo_unheld(base, owners, blocks, counts)
-    server_params = {id(p) for b in blocks[cut_layer:] for p in b.parameters()}
-    server_params |= {id(p) for path in server_runs for p in base.get_submodule(path).parameters()}
-    client_params = [p for p in base.parameters() if id(p) not in server_params]
-    shared = {id(p) for b in blocks[:cut_layer] for p in b.parameters()} & server_params
-    grad_flags = [(p, p.requires_grad) for p in client_params]
-    modes = [(m, m.training) for m in base.modules()]
-    device = token_embedding.weight.device
-    ids = torch.tensor([[1, 2]], device=device).clamp(max=token_embedding.num_embeddings - 1)
-    try:
-        base.eval()
-        for p in client_params:
-            if p.is_floating_point():
-                p.requires_grad_(True)
-        with torch.enable_grad():
-            base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        for m in echoing:
-            del m.forward
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
-        for m, flag in modes:
-            m.training = flag
-    problem = None
-    if shared:
-        problem = "blocks on both sides of the cut share weights"
-    elif order != list(range(len(blocks))):
-        problem = f"the decoder blocks do not run once each in order (observed order {order[:12]})"
-    elif not seam or not seam[0]:
-        problem = f"block {cut_layer} does not read exactly what block {cut_layer - 1} returned"
-    elif leaks:
-        problem = f"{leaks[0]} reads, besides the hidden states, values computed from client-held weights"
-    if problem:
-        raise ValueError(f"model_type {model_type!r} cannot be split before block {cut_layer}: {problem}. "
-                         "Use a supported family (see docs/supported-families.md).")
-    return called, [counts[i] for i in range(cut_layer)], firsts[cut_layer - 1].shape[-1]
-
-
 def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
     """Split ``model`` (a causal LM, optionally a ``peft.PeftModel``) after block ``cut_layer - 1``.
 
@@ -430,10 +302,12 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
 
     token_embedding = lm.get_input_embeddings()
     server_runs = {p for p, _ in base.named_modules() if p.rpartition(".")[2] in SERVER_RUNS.get(model_type, ())}
-    called, outputs, cut_width = _observe(base, owners, blocks, cut_layer, token_embedding, server_runs, model_type)
-    pre = set(called)
-    client_repl: dict[str, nn.Module] = {blocks_path: nn.ModuleList(list(blocks[:cut_layer]))}
-    skipped = [SkippedBlock(b, n) for b, n in zip(blocks[:cut_layer], outputs)]
+    carried = carried_inputs(model_type)
+    seen = observe_cut(base, owners, blocks, cut_layer, token_embedding, server_runs, carried, model_type)
+    pre = set(seen.embedding_stage)
+    capture = CaptureBlock(blocks[cut_layer])
+    client_repl: dict[str, nn.Module] = {blocks_path: nn.ModuleList([*blocks[:cut_layer], capture])}
+    skipped = [SkippedBlock(b, n) for b, n in zip(blocks[:cut_layer], seen.outputs)]
     server_repl: dict[str, nn.Module] = {blocks_path: nn.ModuleList(skipped + list(blocks[cut_layer:]))}
     for own in owners:
         for name, child in base.get_submodule(own).named_children():
@@ -456,6 +330,14 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
         lm_repl[head_path] = own_head
 
     embedding_path = path_of(base, token_embedding)
-    client = SplitClient(with_replaced(base, client_repl), blocks[cut_layer - 1], embedding_path)
-    server = SplitServer(with_replaced(lm, lm_repl), blocks[cut_layer], token_embedding.embedding_dim)
-    return SplitCausalLM(client, server, model, cut_layer, num_layers, head_copied, cut_width)
+    client_base = with_replaced(base, client_repl)
+    if _counts_blocks(lm, num_layers):  # its config describes the blocks it holds
+        configs: dict[int, object] = {}
+        for own in owners:
+            module = client_base.get_submodule(own)
+            if "config" in vars(module):
+                module.config = configs.setdefault(id(module.config), config_for_blocks(module.config, cut_layer + 1))
+    client = SplitClient(client_base, blocks_path, cut_layer, embedding_path, carried)
+    server = SplitServer(with_replaced(lm, lm_repl), join_path(base_path, blocks_path), cut_layer,
+                         token_embedding.embedding_dim, base_path, carried)
+    return SplitCausalLM(client, server, model, cut_layer, num_layers, head_copied, seen.cut_shape, seen.carried)

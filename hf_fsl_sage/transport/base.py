@@ -48,7 +48,7 @@ def flatten(obj: Any) -> tuple[tuple[Any, Layout], list[torch.Tensor]]:
             tensors.append(o)
             return ("tensor",)
         if isinstance(o, Smashed):
-            return ("smashed", walk(o.hidden_states), walk(o.attention_mask), walk(o.position_ids))
+            return ("smashed", walk(o.hidden_states), walk(o.attention_mask), walk(o.position_ids), walk(o.carried))
         if isinstance(o, dict):
             if not all(isinstance(k, str) for k in o):
                 raise TypeError("cannot send a dict with non-string keys: payload dict keys are strings")
@@ -72,7 +72,7 @@ def unflatten(spec: tuple[Any, Layout], tensors: list[torch.Tensor]) -> Any:
         if tag == "tensor":
             return next(it)
         if tag == "smashed":
-            return Smashed(build(s[1]), build(s[2]), build(s[3]))
+            return Smashed(*(build(part) for part in s[1:]))
         if tag == "dict":
             return {k: build(v) for k, v in s[1]}
         items = [build(v) for v in s[1]]
@@ -143,7 +143,7 @@ def conforms(received: Any, expected: Expected, limits: dict[str, int] | None = 
             return f"{path}: a {type(got).__name__} where a {type(want).__name__} belongs"
         if isinstance(want, Smashed):
             pairs = [(f"{path}.{name}", getattr(got, name), getattr(want, name))
-                     for name in ("hidden_states", "attention_mask", "position_ids")]
+                     for name in ("hidden_states", "attention_mask", "position_ids", "carried")]
         elif isinstance(want, dict):
             if got.keys() != want.keys():
                 missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())

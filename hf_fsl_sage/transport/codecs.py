@@ -220,22 +220,30 @@ class ActivationCoder:
       the mask, and the batch up to its longest row: positions past it are padding in every row);
       ``mask``: with any other mask, the bool mask itself; both ``None`` without a mask;
     - ``labels``: the labels of the kept positions, coded in :func:`label_dtype` of the vocabulary;
-    - ``position_ids``: as the caller gave them (up to the longest row), or ``None``.
+    - ``position_ids``: as the caller gave them (up to the longest row), or ``None``;
+    - ``carried`` (only for a family whose server blocks read inputs besides the hidden states, declared in
+      ``carried``: name -> shape after the batch and sequence dimensions, and dtype): each such input at the
+      kept positions, floating-point ones as the codec's fields, token ids coded like the labels.
 
     A reply of a kind in ``reply_kinds`` (the gradient w.r.t. the client's last upload) travels as the codec's
-    fields at that upload's kept positions. On the receiver, :meth:`decode` checks the message before it
-    allocates anything (fields, dtypes and shapes of the codec at ``hidden_size``; lengths, mask and rows that
-    agree; at most ``limits["batch"]`` rows; labels inside the vocabulary) and raises :class:`MalformedUpload`
-    naming the problem; it returns float tensors in ``dtype`` (``"none"``: as sent), zeros at the positions
-    that did not travel and -100 labels there.
+    fields at that upload's kept positions (a dict of them by name when the upload had carried activations).
+    On the receiver, :meth:`decode` checks the message before it allocates anything (fields, dtypes and shapes
+    of the codec at ``hidden_size``; lengths, mask and rows that agree; at most ``limits["batch"]`` rows; labels
+    and token ids inside the vocabulary) and raises :class:`MalformedUpload` naming the problem; it returns
+    float tensors in ``dtype`` (``"none"``: as sent), zeros at the positions that did not travel and -100
+    labels there.
     """
 
     def __init__(self, codec: str = "none", dtype: torch.dtype = torch.float32, *, hidden_size: int | None = None,
                  vocab_size: int | None = None, upload_kinds: tuple[str, ...] = ("smashed",),
-                 reply_kinds: tuple[str, ...] = ("gradient",)):
+                 reply_kinds: tuple[str, ...] = ("gradient",), hidden_shape: tuple[int, ...] | None = None,
+                 carried: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None):
         if codec not in CODECS:
             raise ValueError(f"unknown smashed_codec {codec!r}; choose one of {sorted(CODECS)}.")
         self.codec, self.dtype, self.hidden_size, self.vocab_size = CODECS[codec], dtype, hidden_size, vocab_size
+        #: The hidden states' shape after the batch and sequence dimensions (``(hidden_size,)`` for most models).
+        self.hidden_shape = hidden_shape or ((hidden_size,) if hidden_size is not None else None)
+        self.carried = dict(carried or {})
         self.upload_kinds, self.reply_kinds = upload_kinds, reply_kinds
         self.labels_dtype = label_dtype(vocab_size)
         # the kept positions of each client's last upload: as sent (client side), as received (server side)
@@ -247,7 +255,11 @@ class ActivationCoder:
         if payload is None:
             return None
         if kind in self.reply_kinds:
-            return self.codec.encode(_rows(payload.detach(), self._received.get(client_id)))
+            kept = self._received.get(client_id)
+            if isinstance(payload, dict):
+                return {n: None if g is None else self.codec.encode(_rows(g.detach(), kept))
+                        for n, g in payload.items()}
+            return self.codec.encode(_rows(payload.detach(), kept))
         if kind not in self.upload_kinds:
             return payload
         if not (isinstance(payload, (tuple, list)) and len(payload) == 2 and isinstance(payload[0], Smashed)):
@@ -275,9 +287,14 @@ class ActivationCoder:
                     positions = positions[..., :longest]
                 lengths = lengths.to(length_dtype(mask.shape[1]))
             labels = labels[mask.to(labels.device)]
-        return {"rows": self.codec.encode(_rows(hidden, mask)), "lengths": lengths,
-                "mask": mask if lengths is None else None, "position_ids": positions,
-                "labels": encode_labels(labels, self.labels_dtype)}
+        message = {"rows": self.codec.encode(_rows(hidden, mask)), "lengths": lengths,
+                   "mask": mask if lengths is None else None, "position_ids": positions,
+                   "labels": encode_labels(labels, self.labels_dtype)}
+        if self.carried or smashed.carried:
+            message["carried"] = {n: self.codec.encode(_rows(t.detach(), mask)) if t.is_floating_point()
+                                  else encode_labels(_rows(t, mask), self.labels_dtype)
+                                  for n, t in smashed.carried.items()}
+        return message
 
     # ------------------------------------------------------------ receiver
     def decode(self, client_id: int, kind: str, payload: Any, limits: dict[str, int] | None = None) -> Any:
@@ -285,16 +302,33 @@ class ActivationCoder:
             return None
         if kind in self.reply_kinds:
             kept = self._sent.get(client_id)
-            self._check_rows(payload, (int(kept.sum()),) if kept is not None else None, "the reply")
-            return _restore(self.codec.decode(payload, self.dtype), kept)
+            lead = (int(kept.sum()),) if kept is not None else None
+            shapes = {"hidden_states": self.hidden_shape} | {n: s for n, (s, d) in self.carried.items()
+                                                               if d.is_floating_point}
+            if len(shapes) == 1:
+                self._check_rows(payload, lead, "the reply", self.hidden_shape)
+                return _restore(self.codec.decode(payload, self.dtype), kept)
+            _require(isinstance(payload, dict) and payload.keys() == shapes.keys(),
+                     f"the reply is not a dict of gradients for exactly {sorted(shapes)}")
+            for name, rows in payload.items():
+                if rows is not None:
+                    self._check_rows(rows, lead, f"the reply's {name}", shapes[name])
+            return {n: None if rows is None else _restore(self.codec.decode(rows, self._dtype_of(n)), kept)
+                    for n, rows in payload.items()}
         if kind not in self.upload_kinds:
             return payload
         return self._decode_upload(client_id, payload, (limits or {}).get("batch"))
 
+    def _dtype_of(self, name: str) -> torch.dtype:
+        """The dtype a received float tensor of the upload is decoded to: the model's, or a carried input's own."""
+        if name == "hidden_states" or self.codec.name == "none":
+            return self.dtype
+        return self.carried[name][1]
+
     def _decode_upload(self, client_id: int, message: Any, max_batch: int | None) -> tuple[Smashed, torch.Tensor]:
-        _require(isinstance(message, dict) and message.keys() == {"rows", "lengths", "mask", "position_ids",
-                                                                   "labels"},
-                 "the upload is not a dict of exactly rows, lengths, mask, position_ids and labels")
+        fields = ["rows", "lengths", "mask", "position_ids", "labels"] + (["carried"] if self.carried else [])
+        _require(isinstance(message, dict) and message.keys() == set(fields),
+                 f"the upload is not a dict of exactly {', '.join(fields[:-1])} and {fields[-1]}")
         rows, lengths, mask, labels = message["rows"], message["lengths"], message["mask"], message["labels"]
         label_dtypes = (self.labels_dtype,) if self.vocab_size is not None else (*_LABEL_CODES, torch.int32,
                                                                                   torch.int64)
@@ -314,13 +348,14 @@ class ActivationCoder:
                          "the mask is not a 2-d bool tensor")
                 batch, kept = mask.shape[0], int(mask.sum())
             _require(max_batch is None or batch <= max_batch, f"{batch} rows, more than a batch ({max_batch})")
-            self._check_rows(rows, (kept,), "the upload")
+            lead = self._check_rows(rows, (kept,), "the upload", self.hidden_shape)
             _require(labels.shape == (kept,), f"labels of shape {tuple(labels.shape)} for {kept} kept positions")
         else:
-            lead = self._check_rows(rows, None, "the upload")
+            lead = self._check_rows(rows, None, "the upload", self.hidden_shape)
             _require(len(lead) == 2 and (max_batch is None or lead[0] <= max_batch),
                      f"rows of shape {tuple(lead)}: not (batch <= {max_batch}, seq)")
             _require(labels.shape == lead, f"labels of shape {tuple(labels.shape)} for rows {tuple(lead)}")
+        carried = self._check_carried(message.get("carried", {}), lead)
         labels = decode_labels(labels)
         top = self.vocab_size or 2**62
         _require(bool(((labels == IGNORE_INDEX) | (labels >= 0) & (labels < top)).all()),
@@ -332,12 +367,33 @@ class ActivationCoder:
         hidden = _restore(self.codec.decode(rows, self.dtype), mask)
         if mask is not None:
             labels = _restore(labels, mask, IGNORE_INDEX)
-        return Smashed(hidden, mask, message["position_ids"]), labels
+        carried = {n: _restore(self.codec.decode(t, self._dtype_of(n)) if isinstance(t, dict) else decode_labels(t),
+                               mask) for n, t in carried.items()}
+        return Smashed(hidden, mask, message["position_ids"], carried), labels
 
-    def _check_rows(self, rows: Any, lead: tuple[int, ...] | None, what: str) -> tuple[int, ...]:
-        """``rows`` has the codec's fields, dtypes and per-row shapes (``lead``: the leading sizes, if known);
-        returns the leading sizes."""
-        reference = self.codec.encode(torch.zeros(1, self.hidden_size or 2, dtype=self.dtype))
+    def _check_carried(self, carried: Any, lead: tuple[int, ...]) -> dict[str, Any]:
+        """The carried inputs of an upload whose hidden-state rows have leading sizes ``lead``, checked against
+        the declared names, shapes and dtypes (token ids inside the vocabulary)."""
+        _require(isinstance(carried, dict) and carried.keys() == self.carried.keys(),
+                 f"the upload carries {sorted(carried) if isinstance(carried, dict) else carried!r} besides the "
+                 f"hidden states, expected {sorted(self.carried)}")
+        for name, (shape, dtype) in self.carried.items():
+            got = carried[name]
+            if dtype.is_floating_point:
+                self._check_rows(got, lead, f"the upload's {name}", shape)
+                continue
+            _require(isinstance(got, torch.Tensor) and got.dtype == self.labels_dtype and got.shape == (*lead, *shape),
+                     f"the upload's {name} is not a {self.labels_dtype} tensor of shape {(*lead, *shape)}")
+            ids = decode_labels(got)
+            _require(bool(((ids >= 0) & (ids < (self.vocab_size or 2**62))).all()),
+                     f"a value of the upload's {name} is outside the vocabulary")
+        return carried
+
+    def _check_rows(self, rows: Any, lead: tuple[int, ...] | None, what: str,
+                    shape: tuple[int, ...] | None) -> tuple[int, ...]:
+        """``rows`` has the codec's fields, dtypes and per-row shapes (``shape``: the shape of one row, if known;
+        ``lead``: the leading sizes, if known); returns the leading sizes."""
+        reference = self.codec.encode(torch.zeros(1, *(shape or (2,)), dtype=self.dtype))
         _require(isinstance(rows, dict) and rows.keys() == reference.keys()
                  and all(isinstance(t, torch.Tensor) for t in rows.values()),
                  f"{what} does not hold the fields {sorted(reference)} of smashed_codec={self.codec.name!r}")
@@ -348,9 +404,10 @@ class ActivationCoder:
             got = rows[name]
             same_dtype = got.dtype == ref.dtype or self.codec.name == "none" and got.is_floating_point()
             tail = tuple(got.shape[got.dim() - ref.dim() + 1:]) if got.dim() >= ref.dim() else None
-            _require(same_dtype and tail is not None and (self.hidden_size is None or tail == tuple(ref.shape[1:])),
+            size = shape[-1] if shape else None
+            _require(same_dtype and tail is not None and (shape is None or tail == tuple(ref.shape[1:])),
                      f"{what}'s {name} is {got.dtype} of shape {tuple(got.shape)}; smashed_codec="
-                     f"{self.codec.name!r} at hidden size {self.hidden_size} sends {ref.dtype} rows of shape "
+                     f"{self.codec.name!r} at hidden size {size} sends {ref.dtype} rows of shape "
                      f"{tuple(ref.shape[1:])}")
         return next(iter(firsts))
 

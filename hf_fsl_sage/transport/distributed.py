@@ -53,7 +53,7 @@ MAX_HEADER_BYTES = 1 << 24
 MAX_MESSAGE_BYTES = 1 << 34  # 16 GiB: a header may not make the receiver allocate more than this
 _MAX_DEPTH = 16
 _LEAVES = {"none": 1, "tensor": 1}  # tag -> number of entries
-_NODES = {"smashed": 4, "dict": 2, "list": 2, "tuple": 2}
+_NODES = {"smashed": 5, "dict": 2, "list": 2, "tuple": 2}
 
 
 class MalformedMessage(ValueError):
@@ -85,6 +85,8 @@ def _check_structure(node: Any, depth: int = 0) -> int:
     if tag in _LEAVES:
         return int(tag == "tensor")
     if tag == "smashed":
+        if not (isinstance(node[4], list) and node[4][:1] == ["dict"]):
+            raise MalformedMessage("a smashed node's carried inputs are not a dict node")
         return sum(_check_structure(child, depth + 1) for child in node[1:])
     if not isinstance(node[1], list):
         raise MalformedMessage(f"{tag} node does not hold a list")

@@ -68,9 +68,9 @@ class FSLSage(AuxiliaryLossAlgorithm):
 
     def client_compute(self, client: Client, batch, round_index: int, local_step: int):
         smashed, loss = self.aux_forward(client, batch)
-        hidden = smashed.hidden_states
-        (estimate,) = torch.autograd.grad(loss, hidden, retain_graph=True)
-        hidden.backward(estimate)
+        activations = smashed.activations()  # the hidden states (and any carried activations)
+        estimates = torch.autograd.grad(loss, list(activations.values()), retain_graph=True, allow_unused=True)
+        smashed.backward(dict(zip(activations, estimates)))  # through the client only: the aux model is not trained
         self.fed.client_step(client)
         return StepResult(loss=float(loss.detach())), (smashed, batch["labels"])
 

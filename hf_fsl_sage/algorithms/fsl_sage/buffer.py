@@ -25,8 +25,7 @@ class UploadBuffer:
             items.popleft()
         s, y = items[0]
         if s.hidden_states.shape[0] > size:  # a single upload larger than the buffer keeps its newest rows
-            items[0] = (Smashed(*(None if t is None else t[-size:]
-                                  for t in (s.hidden_states, s.attention_mask, s.position_ids))), y[-size:])
+            items[0] = (s.map(lambda t: t[-size:]), y[-size:])
 
     @property
     def num_sequences(self) -> int:
