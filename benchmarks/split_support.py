@@ -1,21 +1,19 @@
-"""Which causal-LM families of the installed transformers split exactly.
+"""Which causal-LM families of the installed transformers split exactly and train: the support table.
 
-For every family in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` this builds a tiny
-random model (``tests.tiny_models.tiny_causal_lm``), splits it at every cut
-``1 … L-1`` and compares ``server(client(x))`` with the unsplit model (no mask,
-right padding, left padding with and without position ids). Each exact family then trains
-for one FSL-SAGE round (``tests.tiny_models.one_fsl_sage_round``: client step
-on the auxiliary estimate, server step, alignment, FedAvg) and must end with finite
-losses and moved weights. Each family runs in
-a worker process with a time limit, so a family that crashes or hangs costs
-only itself.
+For every family of the installed transformers (``AutoModelForCausalLM``'s registry) this runs
+``tests.family_support.check_family``, the very check ``tests/test_split.py`` runs on each family: a tiny
+random model split at every cut and compared with the unsplit model (no mask, right padding, left padding with
+and without position ids), then one FSL-SAGE round (client step on the auxiliary estimate, server step,
+alignment, FedAvg) that must end with finite losses and moved weights. Each family runs in a worker process
+with a time limit, so a family that crashes or hangs costs only itself.
 
     python benchmarks/split_support.py                 # all families, updates the table in the docs
     python benchmarks/split_support.py llama gpt2      # some families, prints only
     python benchmarks/split_support.py bamba --update  # measure some again, update their rows and the table
 
-Writes ``benchmarks/results/split_support.json`` and the table in docs/supported-families.md
-between ``<!-- support-table:start -->`` and ``<!-- support-table:end -->``.
+Writes ``benchmarks/results/split_support.json`` and the table in ``docs/supported-families.md`` between
+``<!-- support-table:start -->`` and ``<!-- support-table:end -->``. ``tests/test_split.py`` fails when the
+saved table does not list exactly the installed version's families.
 """
 
 from __future__ import annotations
@@ -29,71 +27,17 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from collections import Counter
 from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for the tests/ helpers (tiny models of every family)
+sys.path.insert(0, str(ROOT))  # for the tests/ helpers (tiny models of every family, the per-family check)
 RESULTS = ROOT / "benchmarks" / "results" / "split_support.json"
 TABLE_PAGE = ROOT / "docs" / "supported-families.md"
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
-TOLERANCE = 1e-5
 PREFIX = "@@result "
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return text[:160]
-
-
-def check_family(model_type: str) -> dict:
-    """Build, split at every cut and compare; never raises."""
-    import torch
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from hf_fsl_sage.splitting.split import UNSUPPORTED_MODEL_TYPES
-    from tests.tiny_models import FAMILY_NOTES, max_split_diff, tiny_causal_lm
-
-    row = {"family": model_type, "model_class": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}
-    if model_type in FAMILY_NOTES:
-        row["note"] = FAMILY_NOTES[model_type]
-    if model_type in UNSUPPORTED_MODEL_TYPES:
-        return {**row, "status": "unsupported", "reason": UNSUPPORTED_MODEL_TYPES[model_type]}
-    torch.set_num_threads(1)
-    try:
-        model = tiny_causal_lm(model_type)
-    except Exception as exc:  # noqa: BLE001 - reported, not hidden
-        return {**row, "status": "no config", "reason": _short(exc)}
-    row["model_class"] = type(model).__name__
-    try:
-        logit, loss = max_split_diff(model)
-    except Exception as exc:  # noqa: BLE001
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        return {**row, "status": "error", "reason": f"{_short(exc)} ({Path(where.filename).name}:{where.lineno})"}
-    exact = logit <= TOLERANCE and loss <= TOLERANCE
-    row.update(status="exact" if exact else "mismatch", max_logit_diff=logit, max_loss_diff=loss)
-    if exact:
-        row.update(_trains(model))
-    return row
-
-
-def _trains(model) -> dict:
-    """One FSL-SAGE round (client step on the aux estimate, server step, alignment, FedAvg): finite and moving?"""
-    import tempfile
-
-    from tests.tiny_models import one_fsl_sage_round, round_problems
-
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            report = one_fsl_sage_round(model.train(), tmp)
-    except Exception as exc:  # noqa: BLE001
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        return {"trains": False, "train_reason": f"{_short(exc)} ({Path(where.filename).name}:{where.lineno})"}
-    bad = round_problems(report)
-    return {"trains": not bad, "eval_loss_after_round": report.get("eval_loss")} | (
-        {"train_reason": "; ".join(bad)} if bad else {})
+QUICK = ["llama", "zaya", "inkling2_text", "deepseek_v4"]  # plain; router state; block stack; token ids
 
 
 def worker() -> None:
@@ -102,15 +46,19 @@ def worker() -> None:
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import torch  # noqa: F401 - imported before the freeze below
+    import torch
     import transformers  # noqa: F401
 
+    from tests.family_support import check_family
+
+    torch.set_num_threads(1)
     gc.collect()
     gc.freeze()  # Trainer.train() collects garbage: skip the ~500k objects of the imports (halves the round's time)
     for line in sys.stdin:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         row = check_family(line.strip())
         row["seconds"] = round(time.perf_counter() - start, 2)
+        row["cpu_seconds"] = round(time.process_time() - cpu, 2)
         print(PREFIX + json.dumps(row), flush=True)
 
 
@@ -173,36 +121,45 @@ def run_all(families: list[str], workers: int, timeout: float) -> list[dict]:
     return sorted(done, key=lambda r: r["family"])
 
 
+def _status(row: dict) -> str:
+    if row["status"] == "exact":
+        status = "exact and trains" if row.get("trains") else f"exact, does not train: {row.get('train_reason', '')}"
+    else:
+        status = f"{row['status']}: {row.get('reason', '')}".rstrip(": ")
+    notes = [row["note"]] if row.get("note") else []
+    for name in row.get("carried", []):
+        text = ", which give the server the text" if name in row.get("reveals_text", []) else ""
+        notes.append(f"the upload also carries {name}{text}")
+    return status + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def markdown(rows: list[dict], command: str, version: str) -> str:
+    from tests.family_support import LOGIT_TOLERANCE, LOSS_TOLERANCE
+
     exact = sum(r["status"] == "exact" for r in rows)
     trains = sum(bool(r.get("trains")) for r in rows)
     counts = Counter(r["status"] for r in rows if r["status"] != "exact")
     others = "; ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     lines = [
         f"**{exact} of {len(rows)} causal-LM families split exactly** (tiny random models, fp32, every cut, "
-        f"no mask / right padding / left padding with and without position ids; |Δlogit| ≤ {TOLERANCE:g}, "
-        f"NaN never equal)" + (f"; {others}." if others else ".")
+        f"no mask / right padding / left padding with and without position ids; |Δlogit| ≤ {LOGIT_TOLERANCE:g}, "
+        f"|Δloss| ≤ {LOSS_TOLERANCE:g}, NaN never equal)" + (f"; {others}." if others else ".")
         + f" **{trains} of these {exact} families train**: one FSL-SAGE round (client step on the auxiliary "
         "estimate, server step, alignment, FedAvg) ends with finite losses and changed client and server weights "
         "(status \"exact and trains\").",
-        f"Produced by `{command}` with transformers {version}.",
+        f"Produced by `{command}` with transformers {version}; `tests/test_split.py` runs the same check on every "
+        "family of the installed transformers.",
         "",
         "| family | model class | status | max \\|Δlogit\\| |",
         "|---|---|---|---|",
     ]
     for r in rows:
-        if r["status"] == "exact":
-            status = "exact and trains" if r.get("trains") else f"exact, does not train: {r.get('train_reason', '')}"
-        else:
-            status = f"{r['status']}: {r.get('reason', '')}".rstrip(": ")
-        if r.get("note"):
-            status += f" ({r['note']})"
         diff = f"{r['max_logit_diff']:.1e}" if "max_logit_diff" in r else ""
-        lines.append(f"| {r['family']} | {r.get('model_class', '')} | {status.replace('|', '/')} | {diff} |")
+        lines.append(f"| {r['family']} | {r.get('model_class', '')} | {_status(r).replace('|', '/')} | {diff} |")
     return "\n".join(lines)
 
 
-def update_table_page(table: str) -> None:
+def update_table(table: str) -> None:
     text = TABLE_PAGE.read_text()
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
@@ -215,18 +172,28 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per family")
     parser.add_argument("--update", action="store_true",
-                        help="with family names: replace their rows in the saved results and the table in the docs")
+                        help="with family names: replace their rows in the saved results and the table")
+    parser.add_argument("--quick", action="store_true",
+                        help="check one family of each kind (plain, router state, block stack, token ids) and write "
+                             "their rows to --output only (CI)")
+    parser.add_argument("--output", type=Path, default=None, help="with --quick: where to write the rows (JSON)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker()
 
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    families = args.families or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    from tests.family_support import installed_families
+
+    families = QUICK if args.quick else args.families or installed_families()
     start = time.perf_counter()
     rows = run_all(families, args.workers, args.timeout)
+    if args.quick:
+        output = args.output or ROOT / "benchmarks" / "results" / "split_support_quick.json"
+        output.write_text(json.dumps({"transformers": transformers.__version__, "families": rows}, indent=1) + "\n")
+        print(markdown(rows, "python benchmarks/split_support.py --quick", transformers.__version__))
+        return
     if args.families and not args.update:
         return
     if args.update:  # e.g. a family that timed out on a busy machine, measured again
@@ -237,10 +204,12 @@ def main() -> None:
     print(f"{exact} of {len(rows)} families exact, {trains} of them train ({time.perf_counter() - start:.0f} s)")
     command = "python benchmarks/split_support.py"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    from tests.family_support import LOGIT_TOLERANCE, LOSS_TOLERANCE
+
     RESULTS.write_text(json.dumps({"transformers": transformers.__version__, "command": command,
-                                   "tolerance": TOLERANCE, "exact": exact, "trains": trains, "total": len(rows),
-                                   "families": rows}, indent=1) + "\n")
-    update_table_page(markdown(rows, command, transformers.__version__))
+                                   "tolerance": LOGIT_TOLERANCE, "loss_tolerance": LOSS_TOLERANCE, "exact": exact,
+                                   "trains": trains, "total": len(rows), "families": rows}, indent=1) + "\n")
+    update_table(markdown(rows, command, transformers.__version__))
 
 
 if __name__ == "__main__":

@@ -2,39 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from packaging.requirements import Requirement
+from packaging.version import Version
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from hf_fsl_sage import Smashed, split_causal_lm
-from tests.tiny_models import (
-    SLIDING_WINDOW,
-    max_split_diff,
-    one_fsl_sage_round,
-    round_problems,
-    sample_batch,
-    tiny_causal_lm,
-    tiny_config,
-)
+from hf_fsl_sage.splitting.families import UNSUPPORTED_MODEL_TYPES
+from tests.family_support import SEQ_LEN, check_family, describe, families_to_check, installed_families
+from tests.tiny_models import max_split_diff, sample_batch, tiny_causal_lm, tiny_config
 
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = json.loads((ROOT / "benchmarks" / "results" / "split_support.json").read_text())
 ROWS = {r["family"]: r for r in SUPPORT["families"]}
-EXACT = sorted(f for f, r in ROWS.items() if r["status"] == "exact")  # what the docs' table calls exact
-# Well-known families (and hybrid / recurrent / MLA ones) that must stay exact and trainable in the table.
-FAMILIES = [
-    "gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "falcon", "gpt_bigcode", "mpt", "llama", "mistral",
-    "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "stablelm", "starcoder2",
-    "olmo", "olmo2", "cohere", "granite",
-    "jamba", "mamba", "falcon_mamba", "recurrent_gemma", "qwen3_next", "deepseek_v3", "lfm2", "rwkv",
-]
-SEQ_LEN = 10  # longer than the tiny sliding window
+# Every family of the installed transformers that the split does not refuse by design, enumerated at collection.
+FAMILIES = families_to_check()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,47 +49,61 @@ def _param_ids(module: torch.nn.Module) -> set[int]:
 
 
 # ---------------------------------------------------------------- every family: exact, and one training round
-def test_support_table_is_measured_and_consistent() -> None:
-    """The table (benchmarks/split_support.py) measured training for every exact family, and the docs say so."""
-    trains = [f for f in EXACT if ROWS[f]["trains"]]
-    assert set(FAMILIES) <= set(trains)
-    assert SUPPORT["exact"] == len(EXACT) >= 150 and SUPPORT["trains"] == len(trains)  # 170 of 196 in 5.24
-    assert all(ROWS[f]["train_reason"] for f in EXACT if not ROWS[f]["trains"])  # a failure names its reason
-    page = (ROOT / "docs" / "supported-families.md").read_text()
-    assert f"**{len(trains)} of these {len(EXACT)} families train**" in page
-    assert page.count("| exact and trains") == len(trains)  # some rows add a note in parentheses
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_family_splits_exactly_and_trains(model_type: str) -> None:
+    """Exact at every cut (logits, loss; padding cases; NaN never passes), then one FSL-SAGE round: client step on
+    the aux estimate, server step, alignment and FedAvg run, stay finite and move both halves."""
+    row = check_family(model_type)
+    assert row["status"] == "exact" and row["trains"], describe(row)
 
 
-@pytest.fixture(scope="module", params=EXACT)
-def family(request) -> tuple[str, torch.nn.Module]:
-    """One tiny model per family, shared by its exactness check and then its training round (which changes it)."""
-    return request.param, tiny_causal_lm(request.param, num_layers=3)
+def test_every_installed_family_is_checked_or_refused_by_name() -> None:
+    """What the family test runs is every causal-LM family of the installed transformers, less those the split
+    refuses by design (each with its reason): a family a new release adds is checked the day it is installed."""
+    (mark,) = [m for m in test_family_splits_exactly_and_trains.pytestmark if m.name == "parametrize"]
+    checked = set(mark.args[1])
+    installed = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)  # AutoModelForCausalLM's registry, read here directly
+    missing = sorted(installed - checked - set(UNSUPPORTED_MODEL_TYPES))
+    assert not missing, f"families of transformers {transformers.__version__} that no test checks: {missing}"
+    assert checked <= installed and not checked & set(UNSUPPORTED_MODEL_TYPES)
+    assert all(UNSUPPORTED_MODEL_TYPES[f] for f in installed - checked)  # a refusal says why
 
 
-def test_split_is_exact_at_every_cut(family) -> None:
-    model_type, model = family
-    window = getattr(model.config.get_text_config(), "sliding_window", None)
-    if window:
-        assert window <= SLIDING_WINDOW < SEQ_LEN, model_type  # short enough that the window matters
-    logit, loss = max_split_diff(model, seq_len=SEQ_LEN)  # cuts 1, 2; no mask, right/left padding (± positions)
-    assert logit <= 1e-5, model_type
-    assert loss <= 1e-6, model_type
+def test_support_table_lists_the_installed_families() -> None:
+    """The checked-in table (benchmarks/split_support.py, the same check as above) was measured on the installed
+    version's family list, found every checked family exact and training, and the page shows that table."""
+    regenerate = (f"the table was measured on transformers {SUPPORT['transformers']}; regenerate it for "
+                  f"{transformers.__version__} with `python benchmarks/split_support.py`")
+    installed = set(installed_families())
+    assert set(ROWS) == installed, f"{regenerate} (new: {sorted(installed - set(ROWS))}, gone: " \
+                                   f"{sorted(set(ROWS) - installed)})"
+    assert all(ROWS[f]["status"] == "exact" and ROWS[f]["trains"] for f in FAMILIES), regenerate
+    assert all(ROWS[f]["status"] == "unsupported" for f in installed - set(FAMILIES)), regenerate
+    assert SUPPORT["exact"] == SUPPORT["trains"] == len(FAMILIES) and SUPPORT["total"] == len(installed)
+    split_support = _benchmark()
+    page = split_support.TABLE_PAGE.read_text()
+    table = split_support.markdown(SUPPORT["families"], SUPPORT["command"], SUPPORT["transformers"])
+    assert f"{split_support.START}\n{table}\n{split_support.END}" in page, "the page's table is not the JSON's"
 
 
-def test_one_fsl_sage_round_trains(family, tmp_path) -> None:
-    """Client step on the aux estimate, server step, alignment and FedAvg run, stay finite and move both halves,
-    in every family the table says trains; the others fail as the table says."""
-    model_type, model = family
-    try:
-        report = one_fsl_sage_round(model.train(), str(tmp_path))
-        problems = round_problems(report)
-    except Exception as exc:  # noqa: BLE001 - compared with the table below
-        report, problems = {}, [f"{type(exc).__name__}: {exc}"]
-    if not ROWS[model_type]["trains"]:
-        assert problems, f"{model_type} trains now: regenerate the table (python benchmarks/split_support.py)"
-        return
-    assert not problems, (model_type, problems, report)
-    assert {"align_grad_cosine_before", "align_grad_cosine_after", "server_loss"} <= report.keys()
+def test_supported_transformers_range_is_the_range_ci_runs() -> None:
+    """pyproject.toml admits only the transformers minor version the table was measured on, and the installed one
+    lies in it: pip in CI installs a version the tests (and the table) cover, and a new release is admitted by
+    raising the bound together with the table."""
+    (line,) = re.findall(r'^\s*"(transformers\b[^"]*)",', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    requirement = Requirement(line)
+    measured = Version(SUPPORT["transformers"])
+    assert requirement.specifier.contains(transformers.__version__), (requirement, transformers.__version__)
+    assert requirement.specifier.contains(str(measured))
+    following = Version(f"{measured.major}.{measured.minor + 1}.0")
+    assert not requirement.specifier.contains(str(following)), f"{requirement} admits {following}, not measured"
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("split_support", ROOT / "benchmarks" / "split_support.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_max_split_diff_sees_nan() -> None:
