@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_fsl_sage import Smashed, split_causal_lm
+from hf_fsl_sage import Smashed, SplitCausalLM, split_causal_lm
 from hf_fsl_sage.algorithms.base import Algorithm
 from hf_fsl_sage.federation.state_io import load_state, save_state
 from hf_fsl_sage.splitting.families import text_revealing_inputs
@@ -39,6 +39,14 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def _client_side(model: torch.nn.Module) -> tuple[SplitCausalLM, torch.Tensor, torch.Tensor, Smashed]:
+    """The model split before block ``CUT``, the inputs and what the client sends for them."""
+    split = split_causal_lm(model, CUT)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        return split, ids, mask, split.client(ids, mask)
+
+
 # (family, carried name, its shape after batch and sequence, floating point)
 CARRIED = [("zaya", "router_state", (16,), True),  # the tiny model's router_hidden_size
            ("inkling2_text", "block_states", (CUT, HIDDEN), True),  # the inputs of blocks 0 and 1 (one per block)
@@ -47,10 +55,7 @@ CARRIED = [("zaya", "router_state", (16,), True),  # the tiny model's router_hid
 
 @pytest.mark.parametrize(("family", "name", "shape", "floating"), CARRIED)
 def test_the_upload_carries_what_the_family_declares(models, family, name, shape, floating) -> None:
-    split = split_causal_lm(models[family], CUT)
-    ids, mask = _inputs()
-    with torch.no_grad():
-        smashed = split.client(ids, mask)
+    split, ids, mask, smashed = _client_side(models[family])
     value = smashed.carried[name]
     assert set(smashed.carried) == {name} and value.shape == (BATCH, SEQ, *shape)
     assert value.is_floating_point() == floating and split.carried_shapes[name][0] == shape
@@ -64,10 +69,8 @@ def test_the_upload_carries_what_the_family_declares(models, family, name, shape
 @pytest.mark.parametrize(("family", "name", "shape", "floating"), CARRIED)
 def test_the_server_reads_what_is_carried(models, family, name, shape, floating) -> None:
     """The split is exact with the carried value (the family tests check that) and not without it."""
-    split = split_causal_lm(models[family], CUT)
-    ids, mask = _inputs()
+    split, ids, mask, smashed = _client_side(models[family])
     with torch.no_grad():
-        smashed = split.client(ids, mask)
         reference = models[family](input_ids=ids, attention_mask=mask).logits
         assert torch.allclose(split.server(smashed).logits, reference, atol=1e-5, rtol=0)
         value = smashed.carried[name]  # (Inkling-2 normalises the stack: a rescaled one would read the same)
@@ -118,10 +121,7 @@ def _coder(split, codec: str = "none") -> ActivationCoder:
 
 @pytest.mark.parametrize(("family", "name", "shape", "floating"), CARRIED)
 def test_the_ledger_counts_the_carried_bytes_of_the_kept_positions(models, family, name, shape, floating) -> None:
-    split = split_causal_lm(models[family], CUT)
-    ids, mask = _inputs()
-    with torch.no_grad():
-        smashed = split.client(ids, mask)
+    split, ids, mask, smashed = _client_side(models[family])
     labels = ids.masked_fill(mask == 0, -100)
     transport = LocalTransport()
     transport.coder = _coder(split)
@@ -170,12 +170,9 @@ def test_token_ids_outside_the_vocabulary_are_refused(models) -> None:
 
 
 def test_the_expected_upload_names_the_carried_inputs(models) -> None:
-    split = split_causal_lm(models["zaya"], CUT)
+    split, ids, mask, smashed = _client_side(models["zaya"])
     expected, limits = Algorithm.expected_upload(SimpleNamespace(fed=SimpleNamespace(split=split, batch_size=2)),
                                                  None)
-    ids, mask = _inputs()
-    with torch.no_grad():
-        smashed = split.client(ids, mask)
     labels = ids.masked_fill(mask == 0, -100)
     assert conforms((smashed, labels), expected, limits) is None
     bare = Smashed(smashed.hidden_states, smashed.attention_mask)

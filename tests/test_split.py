@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from hf_fsl_sage import Smashed, split_causal_lm
 from hf_fsl_sage.splitting.families import UNSUPPORTED_MODEL_TYPES
 from tests.family_support import SEQ_LEN, check_family, describe, families_to_check, installed_families
+from tests.processes import run
 from tests.tiny_models import max_split_diff, sample_batch, tiny_causal_lm, tiny_config
 
 
@@ -97,6 +100,23 @@ def test_supported_transformers_range_is_the_range_ci_runs() -> None:
     assert requirement.specifier.contains(str(measured))
     following = Version(f"{measured.major}.{measured.minor + 1}.0")
     assert not requirement.specifier.contains(str(following)), f"{requirement} admits {following}, not measured"
+
+
+@pytest.mark.slow
+def test_support_benchmark_quick_checks_one_family_of_each_kind(tmp_path) -> None:
+    """``benchmarks/split_support.py --quick`` (CI): the same check in a worker process, for a plain family and one
+    family of each kind of carried input; the rows are written where asked, the table is left alone."""
+    output = tmp_path / "quick.json"
+    done = run([sys.executable, str(ROOT / "benchmarks" / "split_support.py"), "--quick", "--workers", "1",
+                "--output", str(output)], dict(os.environ), timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["family"]: r for r in json.loads(output.read_text())["families"]}
+    assert rows.keys() == {"llama", "zaya", "inkling2_text", "deepseek_v4"}
+    assert all(r["status"] == "exact" and r["trains"] for r in rows.values()), [describe(r) for r in rows.values()]
+    assert {f: r.get("carried") for f, r in rows.items()} == {
+        "llama": None, "zaya": ["router_state"], "inkling2_text": ["block_states"], "deepseek_v4": ["token_ids"]}
+    assert rows["deepseek_v4"]["reveals_text"] == ["token_ids"]
+    assert "| zaya | ZayaForCausalLM | exact and trains (the upload also carries router_state) |" in done.stdout
 
 
 def _benchmark():

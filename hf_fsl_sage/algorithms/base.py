@@ -140,7 +140,7 @@ class Algorithm:
     def expected_upload(self, client: Client) -> tuple[Any, dict[str, int]]:
         """What an upload must look like on the server (see :func:`~hf_fsl_sage.transport.base.conforms`), with
         the limits of its named sizes: smashed activations of the model's width, the inputs the family's server
-        blocks read besides (:attr:`~hf_fsl_sage.splitting.split.SplitCausalLM.carried_shapes`) and their labels, at
+        blocks read besides (``SplitCausalLM.carried_shapes``) and their labels, at
         most one batch of sequences."""
         seq, split = ("batch", "seq"), self.fed.split
         carried = {name: TensorSpec((*seq, *shape), FLOATS if dtype.is_floating_point else INTEGERS)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 
-# Families that cannot be cut exactly at a block boundary, with the reason (the generic check in ``_observe``
+# Families that cannot be cut exactly at a block boundary, with the reason (the generic check in ``observe_cut``
 # catches such models too; this table gives the known ones a precise message).
 _MULTIMODAL = "multimodal wrapper: with text only, its forward needs the token embedding on the server"
 UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -56,7 +56,7 @@ class CarriedInput:
     """An input of the server's decoder blocks, besides the hidden states, that the client computes and sends.
 
     ``argument`` is the parameter of the blocks' ``forward`` that receives it; it travels in the upload under
-    ``name`` (:attr:`~hf_fsl_sage.splitting.split.Smashed.carried`), is checked on receipt and counted in the
+    ``name`` (``Smashed.carried``), is checked on receipt and counted in the
     ledger. ``scope`` says how the model hands it on from block to block, and so where the server puts it:
 
     - ``"first"``: into block ``cut_layer`` only; the later blocks get theirs from the block before (a router
