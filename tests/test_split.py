@@ -343,6 +343,17 @@ def test_unsupported_family_and_feature_are_rejected() -> None:
         split_causal_lm(model, 1)
 
 
+def test_a_cut_between_a_layer_and_one_reading_its_keys_and_values_is_refused() -> None:
+    """Kolibri-1.1's layer 3 reads the keys and values layer 1 stored: cuts 2 and 3 would leave them on the
+    client, so they are refused (naming the block that reads them); at cut 1 both are the server's."""
+    model = tiny_causal_lm("kolibri1_1", num_layers=4, kv_source_layers=[0, 1, 2, 1], index_layers=[1])
+    assert model.model.layers[3].self_attn.is_kv_shared_layer
+    for cut in (2, 3):
+        with pytest.raises(ValueError, match=rf"kolibri1_1.*before block {cut}: block 3 reads.*client-held weights"):
+            split_causal_lm(model, cut)
+    assert max_split_diff(model, cut_layers=[1], seq_len=SEQ_LEN) == (0.0, 0.0)
+
+
 def test_non_module_is_rejected() -> None:
     with pytest.raises(ValueError, match="AutoModelForCausalLM"):
         split_causal_lm(torch.nn.Linear(2, 2), 1)

@@ -9,6 +9,7 @@ that a server block reads depends on client-held weights, except the inputs the 
 
 from __future__ import annotations
 
+from collections import UserDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,20 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, dict):
         return [t for v in value.values() for t in _tensors(v)]
     return []
+
+
+class _ReadsRecorded(UserDict):
+    """A block's view of a store the model hands to every block (the keys and values some layers share, a
+    ``KVSharingDict``): the same storage, so what the block writes reaches the later blocks, but what it reads is
+    reported to ``read``."""
+
+    def __init__(self, store: UserDict, read):
+        self.data, self._read = store.data, read
+
+    def __getitem__(self, key):
+        value = self.data[key]
+        self._read(value)
+        return value
 
 
 def _depends(t: torch.Tensor, weights: list[nn.Parameter]) -> bool:
@@ -141,6 +156,11 @@ def observe_cut(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_l
             rest = [v for k, v in enumerate(args[1:], 1) if (names[k] if k < len(names) else None) not in skip] + \
                 [v for k, v in kwargs.items() if k not in skip and not (not args and k == "hidden_states")]
             suspects.extend((f"block {i}", t) for t in _tensors(rest) if t.requires_grad)
+
+            def read(value, where=f"block {i}"):  # an entry a server block takes from a store shared by layers
+                suspects.extend((where, t) for t in _tensors(value) if t.requires_grad)
+            args = tuple(_ReadsRecorded(v, read) if isinstance(v, UserDict) else v for v in args)
+            kwargs = {k: _ReadsRecorded(v, read) if isinstance(v, UserDict) else v for k, v in kwargs.items()}
         order.append(i)
         return args, kwargs
 
