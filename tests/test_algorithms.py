@@ -356,8 +356,7 @@ def test_all_algorithms_are_registered():
         "fedavg": False, "splitfed_v1": False, "splitfed_v2": False, "cse_fsl": True, "fsl_sage": True}
 
 
-# ---------------------------------------------------------------- a sixth algorithm, from this file only
-@register("server_only_test")
+# ---------------------------------------------------------------- a sixth algorithm, registered for one test only
 class ServerOnly(Algorithm):
     """Frozen clients upload their activations every ``upload_interval`` steps; only the server trains."""
 
@@ -393,7 +392,15 @@ class ServerOnly(Algorithm):
         return [("upload interval (local steps)", self.upload_interval)]
 
 
-def test_an_algorithm_registered_outside_the_package_trains(tmp_path):
+@pytest.fixture
+def server_only_registered():
+    """Register ServerOnly for one test and remove it after, so other tests (``--help`` choices) see the built-ins."""
+    register("server_only_test")(ServerOnly)
+    yield
+    del ALGORITHMS["server_only_test"]
+
+
+def test_an_algorithm_registered_outside_the_package_trains(tmp_path, server_only_registered):
     from hf_fsl_sage.integrations.model_card import render_model_card
 
     trainer = make_trainer(tmp_path, "server_only_test", clients_per_round=None, max_steps=8, local_steps=4,
