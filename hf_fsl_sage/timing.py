@@ -3,8 +3,11 @@
 A :class:`StepTimer` times named sections (``with timer("server_step"): ...``).
 Sections nest; each is charged its *exclusive* time (a nested section's time
 goes to the nested one only), so the parts add up to the time spent in them.
-On a GPU the device is synchronised at both ends of a section, so queued
-kernels are charged where they were launched.
+On a GPU the current CUDA stream is synchronised at both ends of a section, so
+queued kernels are charged where they were launched. Only that stream: NCCL runs
+its transfers on streams of its own, and a transfer given up on (its peer
+stopped) must not hold up the rest of the step, which synchronising the whole
+device would.
 
 Parts timed by the trainer (the keys of :data:`PARTS`): the client's forward
 pass, its auxiliary model's forward pass, the rest of the client's half of a
@@ -33,7 +36,9 @@ class StepTimer:
     """Exclusive wall time per named section, since the last :meth:`pop` and in total."""
 
     def __init__(self, device: torch.device | None = None):
-        self.sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
+        self.sync = None
+        if device is not None and device.type == "cuda":
+            self.sync = lambda: torch.cuda.current_stream(device).synchronize()
         self.window: dict[str, float] = defaultdict(float)
         self.total: dict[str, float] = defaultdict(float)
         self._stack: list[float] = []  # time spent in nested sections, per open section

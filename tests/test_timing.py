@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from hf_fsl_sage.timing import PARTS, StepTimer, per_step
 
@@ -57,3 +58,20 @@ def test_trainer_logs_the_profile_at_each_logging_step_and_in_the_train_metrics(
     ran |= {"aux_forward", "align", "heldout_cosine"} if algorithm == "fsl_sage" else set()
     assert all(metrics[f"time/{k}"] > 0 for k in ran)
     assert all(metrics[f"time/{k}"] == 0 for k in set(PARTS) - ran)
+
+
+def test_a_gpu_section_waits_for_its_own_stream_not_the_whole_device(monkeypatch):
+    """NCCL transfers run on streams of their own; one given up on must not hold up the timer (a device-wide
+    ``torch.cuda.synchronize`` would wait for it forever)."""
+    synced = []
+
+    class Stream:
+        def synchronize(self):
+            synced.append("stream")
+
+    monkeypatch.setattr("torch.cuda.current_stream", lambda device=None: Stream())
+    monkeypatch.setattr("torch.cuda.synchronize", lambda device=None: synced.append("device"))
+    timer = StepTimer(torch.device("cuda", 1))
+    with timer("server_step"):
+        pass
+    assert synced == ["stream", "stream"]
