@@ -50,10 +50,12 @@ from .splitting.materialise import load_pretrained, load_tokenizer, release_unne
 from .splitting.split import split_causal_lm
 from .timing import PARTS, StepTimer, per_step
 from .transport.codecs import ActivationCoder
-from .transport.distributed import DistributedTransport, broadcast_json
+from .transport.distributed import DistributedTransport
+from .transport.groups import ProcessGroups
 from .transport.local import LocalTransport
 from .transport.membership import Membership
-from .transport.placement import SERVER_RANK, Placement
+from .transport.placement import Placement
+from .transport.waiting import share_error, share_json
 
 
 if TYPE_CHECKING:
@@ -177,9 +179,16 @@ class FSLSageTrainer(Trainer):
         #: Which processes are still in the run (several processes with client_failures="drop"; else None).
         self.membership = None
         if self.placement.is_distributed:
+            if torch.distributed.get_backend() == "gloo":  # the deadline Trainer gives NCCL's group, on CPUs too
+                torch.distributed.distributed_c10d._set_pg_timeout(args.ddp_timeout_delta)
+            # Control traffic on a gloo group, tensors on the launch's backend (NCCL on GPUs): see transport.groups
+            groups = ProcessGroups(args.device, args.ddp_timeout_delta)
+            groups.form()
             if args.client_failures == "drop":
-                self.membership = Membership(self.placement.rank, self.placement.world_size, args.ddp_timeout_delta)
-            transport = DistributedTransport(self.placement, args.device, args.ddp_timeout_delta, self.membership)
+                self.membership = Membership(self.placement.rank, self.placement.world_size, args.ddp_timeout_delta,
+                                             groups=groups)
+            transport = DistributedTransport(self.placement, args.device, args.ddp_timeout_delta, self.membership,
+                                             groups)
             logger.info(f"Federated split placement: {self.placement.describe()}")
         else:
             transport = LocalTransport()
@@ -322,9 +331,7 @@ class FSLSageTrainer(Trainer):
         """
         total = self.federation.transport.ledger.total
         if self.placement.is_distributed:
-            shared = torch.tensor([total], dtype=torch.int64, device=self.args.device)
-            torch.distributed.broadcast(shared, src=SERVER_RANK)
-            total = int(shared[0])
+            total = int(self.federation.transport.broadcast(torch.tensor([total], dtype=torch.int64))[0])
         if total >= self.args.max_comm_bytes:
             self.comm_budget_reached = total
 
@@ -353,8 +360,7 @@ class FSLSageTrainer(Trainer):
             values = [v for pair in means.values() for v in pair] + [guard.skipped_updates, guard.dropped_clients]
             sums = torch.tensor(values, dtype=torch.float64)
             if self.placement.is_distributed:  # every process logs the same means at the same step
-                sums = sums.to(self.args.device)
-                torch.distributed.all_reduce(sums)
+                sums = self.federation.transport.all_reduce(sums)
             for i, name in enumerate(means):
                 total, count = float(sums[2 * i]), int(sums[2 * i + 1])
                 if count:
@@ -374,9 +380,8 @@ class FSLSageTrainer(Trainer):
         """``time/<part>`` in seconds per global step, summed over the processes (each times its parties)."""
         if self.placement.is_distributed:  # every process logs at the same steps
             names = [*PARTS, "other"]
-            values = torch.tensor([seconds.get(k, 0.0) for k in names], dtype=torch.float64, device=self.args.device)
-            torch.distributed.all_reduce(values)
-            seconds = dict(zip(names, values.tolist()))
+            values = torch.tensor([seconds.get(k, 0.0) for k in names], dtype=torch.float64)
+            seconds = dict(zip(names, self.federation.transport.all_reduce(values).tolist()))
         return per_step(seconds, steps)
 
     # ------------------------------------------------------------ evaluation
@@ -384,12 +389,20 @@ class FSLSageTrainer(Trainer):
         """Evaluate the global model; with several processes, on the server's (main) process only.
 
         The other processes receive the metrics, so callbacks that act on them (early stopping, best-model
-        saving) decide the same everywhere.
+        saving) decide the same everywhere. They wait for them without a deadline
+        (:func:`~hf_fsl_sage.transport.waiting.share_json`): evaluation, and generation in a callback, may take
+        longer than ``ddp_timeout``.
         """
         if not self.placement.is_distributed:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) if self.placement.is_server else None
-        metrics = broadcast_json(metrics, self.args.device)
+        metrics = None
+        if self.placement.is_server:
+            try:
+                metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            except BaseException as error:
+                share_error(error, "evaluation of the global model")
+                raise
+        metrics = share_json(metrics, "evaluation of the global model")
         if not self.placement.is_server:
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -495,7 +508,7 @@ class FSLSageTrainer(Trainer):
             return
         if self.membership is not None and self.membership.lost and self.placement.is_server:
             save_lost_processes(output_dir, self.membership.lost)
-        torch.distributed.barrier()  # the checkpoint is whole before Trainer writes its state and rotates old ones
+        self.federation.transport.barrier()  # the checkpoint is whole before Trainer writes its state and rotates it
 
     def _save_rng_state(self, output_dir: str) -> None:
         save_rng_state(output_dir, self.placement)  # in place of Trainer's pickled rng_state.pth

@@ -86,6 +86,7 @@ from e2e_task.metrics import METRIC_NAMES
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.federation.data import tokenize_text
 from hf_fsl_sage.integrations.plotting import CommBytesAtEvaluation, plot_loss_vs_comm
+from hf_fsl_sage.transport.waiting import main_process_first
 
 
 logger = logging.getLogger("gpt2m_e2e")
@@ -480,7 +481,8 @@ def run(script: ScriptArguments, args: FSLSageConfig,
 
     central: dict[str, Any] | None = None
     if args.world_size > 1 and (script.pretrain_steps or script.reference == "centralized"):
-        with args.main_process_first(desc="central pre-training and reference"):
+        # The others wait for process 0 on the launch's store, without the deadline a barrier would have.
+        with main_process_first("central pre-training and reference"):
             if args.process_index == 0:
                 _central_in_child(sys.argv[1:] if argv is None else argv)
             model, pretraining = base_model(script, args, tokenizer, raw, validation)  # cached by the child

@@ -13,6 +13,11 @@ global step S; ``--stall_rank R`` makes it hang there instead (for ``--stall_sec
 on, in any process (a one-process stand-in for losing their process). The moment of the kill (``D/killed_at``)
 and of the error the server's process raises (``D/failed_at``) are written as Unix times, so a test can time the
 detection alone.
+
+``--data_backend nccl_like`` carries the payloads on :mod:`tests.nccl_like` (NCCL's semantics over gloo);
+``--stall_payload_rank R --stall_payload_step S`` makes process R stop for ``--stall_seconds`` between the header
+and the payload of its first message at global step S; ``--slow_eval_seconds T`` makes process 0 spend T more
+seconds in its first evaluation (a process-0 phase longer than ``ddp_timeout``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, GPT2Config, TrainerCallback
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
+from hf_fsl_sage.transport import groups
 from hf_fsl_sage.transport.base import FederationCommError
+from hf_fsl_sage.transport.distributed import DistributedTransport
 from tests.helpers import PadCollator, compact_e2e
 from tests.tiny_models import tiny_causal_lm
 
@@ -50,6 +57,33 @@ class DieAt(TrainerCallback):
                 time.sleep(self.stall_seconds)
                 return
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SlowEvaluation(TrainerCallback):
+    """Process 0 spends ``seconds`` more in its first evaluation."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.done = seconds, False
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if args.process_index == 0 and not self.done:
+            self.done = True
+            time.sleep(self.seconds)
+
+
+def stall_between_header_and_payload(rank: int, step: int, seconds: float, output_dir: str) -> None:
+    """Process ``rank`` stops for ``seconds`` after the header of its first message at global ``step``."""
+    send_payload, stalled = DistributedTransport._send_payload, []
+
+    def slow(transport, buffer, dst):
+        if transport.placement.rank == rank and transport.context.endswith(f"global step {step}") and not stalled:
+            stalled.append(True)
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            Path(output_dir, "killed_at").write_text(repr(time.time()))
+            time.sleep(seconds)
+        send_payload(transport, buffer, dst)
+
+    DistributedTransport._send_payload = slow
 
 
 def tiny_config(n_layer: int, n_embd: int, vocab: int, **kwargs) -> GPT2Config:
@@ -82,6 +116,7 @@ def main() -> None:
     parser.add_argument("--kill_step", type=int, default=None)
     parser.add_argument("--stall_seconds", type=float, default=3600)
     parser.add_argument("--client_failures", default="raise")
+    parser.add_argument("--simulate_client_failures", type=float, default=0.0)
     parser.add_argument("--fail_clients", type=int, nargs="*", default=[])
     parser.add_argument("--fail_from_step", type=int, default=0)
     parser.add_argument("--ddp_timeout", type=int, default=120)
@@ -89,6 +124,7 @@ def main() -> None:
     parser.add_argument("--n_embd", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--num_clients", type=int, default=4)
+    parser.add_argument("--client_ranks", type=int, nargs="*", default=None)
     parser.add_argument("--local_steps", type=int, default=2)
     parser.add_argument("--server_update_interval", type=int, default=1)
     parser.add_argument("--align_interval", type=int, default=1)
@@ -98,8 +134,19 @@ def main() -> None:
     parser.add_argument("--holdings", action="store_true", help="each process writes D/holdings-rank<r>.json")
     parser.add_argument("--smashed_codec", default="none")
     parser.add_argument("--family", default=None, help="a tiny model of this family (tests.tiny_models), not GPT-2")
+    parser.add_argument("--data_backend", default=None, help="nccl_like: payloads with NCCL's semantics")
+    parser.add_argument("--stall_payload_rank", type=int, default=None)
+    parser.add_argument("--stall_payload_step", type=int, default=None)
+    parser.add_argument("--slow_eval_seconds", type=float, default=0.0)
     cli = parser.parse_args()
     torch.set_num_threads(1)
+    if cli.data_backend is not None:
+        import tests.nccl_like  # noqa: F401 -- registers the backend
+
+        groups.launch_backend = lambda: cli.data_backend
+    if cli.stall_payload_rank is not None:
+        stall_between_header_and_payload(cli.stall_payload_rank, cli.stall_payload_step, cli.stall_seconds,
+                                         cli.output_dir)
 
     train, evalset, vocab, pad = compact_e2e()
     torch.manual_seed(0)
@@ -115,15 +162,18 @@ def main() -> None:
         logging_steps=2, eval_strategy="steps", eval_steps=4, report_to="none", seed=0, disable_tqdm=True,
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
         ddp_timeout=cli.ddp_timeout, max_comm_bytes=cli.max_comm_bytes, smashed_codec=cli.smashed_codec,
-        client_failures=cli.client_failures,
+        client_failures=cli.client_failures, simulate_client_failures=cli.simulate_client_failures,
+        client_ranks=cli.client_ranks,
     )
     peft_config = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
     if cli.family:
         peft_config = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear")
-    callbacks = None
+    callbacks = []
     if cli.kill_rank is not None or cli.stall_rank is not None:
-        callbacks = [DieAt(cli.stall_rank if cli.kill_rank is None else cli.kill_rank, cli.kill_step,
-                           stall=cli.kill_rank is None, stall_seconds=cli.stall_seconds)]
+        callbacks.append(DieAt(cli.stall_rank if cli.kill_rank is None else cli.kill_rank, cli.kill_step,
+                               stall=cli.kill_rank is None, stall_seconds=cli.stall_seconds))
+    if cli.slow_eval_seconds:
+        callbacks.append(SlowEvaluation(cli.slow_eval_seconds))
     trainer = FSLSageTrainer(model=model, args=args, train_dataset=train, eval_dataset=evalset.select(range(32)),
                              data_collator=PadCollator(pad), peft_config=peft_config, callbacks=callbacks,
                              model_init_kwargs={"dtype": getattr(torch, cli.dtype)})

@@ -4,7 +4,8 @@
 
 Process 0 (the server) receives every scenario of :data:`SCENARIOS` from client 0 on process 1 through
 :class:`DistributedTransport` and writes what each gave (the error, or the received values) to ``--out``.
-Process 1 writes the raw transfers itself, bypassing the transport's sender. The pickle scenario's header would
+Process 1 writes the raw transfers itself, bypassing the transport's sender: the header's length and bytes on
+the control group, the payload on the data group. The pickle scenario's header would
 create ``--marker`` if anything unpickled it.
 """
 
@@ -28,6 +29,7 @@ from hf_fsl_sage.transport.distributed import (
     encode_header,
     pack,
 )
+from hf_fsl_sage.transport.groups import ProcessGroups
 from hf_fsl_sage.transport.placement import Placement
 
 
@@ -130,12 +132,15 @@ def main() -> None:
                             timeout=timedelta(seconds=60))
     try:
         plan = scenarios(cli.marker)
+        groups = ProcessGroups(torch.device("cpu"), timedelta(seconds=60))
+        groups.form()
         if cli.rank == 1:
             for parts in plan.values():
-                for part in parts:
-                    dist.send(part, dst=0)
+                for i, part in enumerate(parts):
+                    dist.send(part, dst=0, group=groups.control if i < 2 else groups.data)
         else:
-            transport = DistributedTransport(Placement.build(0, 2, 1), torch.device("cpu"), timedelta(seconds=30))
+            transport = DistributedTransport(Placement.build(0, 2, 1), torch.device("cpu"), timedelta(seconds=30),
+                                             groups=groups)
             transport.coder = coder()
             local = coder()  # what the valid message must decode to: the same coder's round trip in one process
             want, want_labels = local.decode(0, "smashed", local.encode(0, "smashed", _plain()))

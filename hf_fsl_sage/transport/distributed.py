@@ -1,27 +1,24 @@
 """The transport between processes: torch.distributed point-to-point messages (gloo on CPU, NCCL on GPU).
 
-A message is three point-to-point transfers on the sender's device: the
-header's length, the header, and one flat byte buffer holding every tensor.
-The header is plain JSON (never pickle: nothing a peer sends is ever run):
-the message's kind, the client, the payload's structure and each tensor's
-shape and dtype (from :data:`WIRE_DTYPES`). The receiver checks it against
-what it expects at that point of the protocol (kind, client, sender, a
-well-formed structure with as many tensors as shapes, sizes within bounds)
-before it allocates anything, then the payload against the caller's
-expectation (:func:`~hf_fsl_sage.transport.base.conforms`), and raises
-:class:`FederationCommError` naming the sender on any mismatch. Each message
-is counted once, on the server's process, with the same
-:func:`payload_nbytes` as in one process.
+A message is a header and a payload. The header travels on the control group (gloo, CPU; see
+:mod:`~hf_fsl_sage.transport.groups`) as two transfers, its length and its bytes: plain JSON (never pickle:
+nothing a peer sends is ever run) giving the message's kind, the client, the payload's structure and each
+tensor's shape and dtype (from :data:`WIRE_DTYPES`). The payload follows on the data group (NCCL on GPUs) as
+one flat byte buffer on the sender's device. The receiver checks the header against what it expects at that
+point of the protocol (kind, client, sender, a well-formed structure with as many tensors as shapes, sizes
+within bounds) before it allocates anything, then the payload against the caller's expectation
+(:func:`~hf_fsl_sage.transport.base.conforms`), and raises :class:`FederationCommError` naming the sender on
+any mismatch. Each message is counted once, on the server's process, with the same :func:`payload_nbytes` as
+in one process.
 
-Every wait is bounded by ``ddp_timeout`` (seconds, a
-:class:`~transformers.TrainingArguments` field), applied to each transfer
-rather than left to the process group, whose timeout Trainer does not set on
-CPU. When a peer dies or stays silent,
-the waiting process raises :class:`FederationCommError` naming itself, the
-peer, the message and the round; ``accelerate launch`` then stops the others.
-With a :class:`~hf_fsl_sage.transport.membership.Membership` (``client_failures="drop"``) the server's
-process instead declares a silent or dead client process lost and goes on without it, and client
-processes wait longer for the server (it may spend a timeout on each process that stalls).
+Every wait is bounded by ``ddp_timeout`` (seconds, a :class:`~transformers.TrainingArguments` field), applied
+to each transfer by this package rather than left to the process group (whose timeout Trainer does not set
+on CPU, and whose NCCL watchdog would take the process down). When a peer dies or stays silent, the waiting
+process raises :class:`FederationCommError` naming itself, the peer, the message and the round;
+``accelerate launch`` then stops the others. With a :class:`~hf_fsl_sage.transport.membership.Membership`
+(``client_failures="drop"``) the server's process instead declares a silent or dead client process lost and
+goes on without it, and client processes wait longer for the server's header (it may spend a timeout on each
+process that stalls).
 """
 
 from __future__ import annotations
@@ -38,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .base import DOWN, UP, FederationCommError, Layout, Transport, deliver, flatten, payload_nbytes, unflatten
+from .groups import ProcessGroups, complete
 from .membership import Membership
 from .placement import SERVER_RANK, Placement
 
@@ -166,17 +164,6 @@ def _tear_down() -> None:
         dist.destroy_process_group()
 
 
-def broadcast_json(obj: Any, device: torch.device, src: int = SERVER_RANK) -> Any:
-    """``obj`` (JSON-serialisable, given on ``src``) on every process, as plain JSON rather than pickle."""
-    raw = json.dumps(obj).encode() if dist.get_rank() == src else b""
-    length = torch.tensor([len(raw)], dtype=torch.int64, device=device)
-    dist.broadcast(length, src=src)
-    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device) if raw else torch.empty(
-        int(length[0]), dtype=torch.uint8, device=device)
-    dist.broadcast(data, src=src)
-    return json.loads(data.cpu().numpy().tobytes().decode()) if dist.get_rank() != src else obj
-
-
 class _Waiter:
     """Waits for transfers on a daemon thread, so that the caller can give up on one without a backend timeout.
 
@@ -218,7 +205,7 @@ class DistributedTransport(Transport):
     """Messages between the server's process and the clients' processes (:mod:`hf_fsl_sage.transport.placement`)."""
 
     def __init__(self, placement: Placement, device: torch.device, timeout: timedelta = timedelta(minutes=30),
-                 membership: Membership | None = None):
+                 membership: Membership | None = None, groups: ProcessGroups | None = None):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistributedTransport needs an initialised torch.distributed process group; run the "
@@ -227,12 +214,33 @@ class DistributedTransport(Transport):
         self.device = torch.device("cpu") if device.type == "cpu" else device  # not "cpu:0"
         self.timeout = timeout
         self.membership = membership
+        if groups is None:  # every process builds its transport at the same point: the groups form there
+            groups = ProcessGroups(self.device, timeout)
+            groups.form()
+        self.groups = groups
         # Only the server's process gives up on peers (with a membership); it waits on a helper thread.
         self._waiter = _Waiter() if membership is not None and placement.is_server else None
         if membership is not None and not placement.is_server:  # the server may spend a timeout per stalled process
             self.timeout = timeout * (placement.world_size + 1)
         atexit.unregister(_tear_down)  # once, however many transports are built
         atexit.register(_tear_down)
+
+    # ------------------------------------------------------------ control collectives (small, host memory)
+    def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum of ``values`` over the processes, in host memory, on the control group."""
+        out = values.detach().to("cpu", copy=True)
+        dist.all_reduce(out, group=self.groups.control, async_op=True).wait(self.timeout)
+        return out
+
+    def broadcast(self, values: torch.Tensor) -> torch.Tensor:
+        """The server's process's ``values`` on every process, in host memory, on the control group."""
+        out = values.detach().to("cpu", copy=True)
+        dist.broadcast(out, src=SERVER_RANK, group=self.groups.control, async_op=True).wait(self.timeout)
+        return out
+
+    def barrier(self) -> None:
+        """Every process reached this point (on the control group)."""
+        dist.barrier(group=self.groups.control, async_op=True).wait(self.timeout)
 
     def _ends(self, client_id: int, direction: str) -> tuple[int, int]:
         """The sending and the receiving process of a message."""
@@ -274,29 +282,42 @@ class DistributedTransport(Transport):
     def _send(self, payload: Any, dst: int, kind: str, client_id: int) -> None:
         spec, tensors = flatten(payload)
         header = torch.frombuffer(bytearray(encode_header(kind, client_id, spec)), dtype=torch.uint8)
-        for part in (torch.tensor([header.numel()], dtype=torch.int64), header, pack(tensors, self.device)):
-            part = part.to(self.device)
-            self._wait(dist.isend(part, dst=self._wire(dst)), part)
+        for part in (torch.tensor([header.numel()], dtype=torch.int64), header):
+            self._wait(dist.isend(part, dst=self._wire(dst), group=self.groups.control), part)
+        self._send_payload(pack(tensors, self.device), dst)
 
-    def _receive(self, shape: int, dtype: torch.dtype, src: int) -> torch.Tensor:
-        buffer = torch.empty(shape, dtype=dtype, device=self.device)
-        self._wait(dist.irecv(buffer, src=self._wire(src)), buffer)
+    def _send_payload(self, buffer: torch.Tensor, dst: int) -> None:
+        """The payload's buffer, right after its header reached ``dst`` (on the data group)."""
+        self._wait(dist.isend(buffer, dst=self._wire(dst), group=self.groups.data), buffer, data=True)
+
+    def _receive(self, shape: int, dtype: torch.dtype, src: int, data: bool = False) -> torch.Tensor:
+        """A header part (on the control group, in host memory) or, with ``data``, the payload (on the device)."""
+        buffer = torch.empty(shape, dtype=dtype, device=self.device if data else "cpu")
+        group = self.groups.data if data else self.groups.control
+        self._wait(dist.irecv(buffer, src=self._wire(src), group=group), buffer, data=data)
         return buffer
 
-    def _wait(self, work: dist.Work, tensor: torch.Tensor) -> None:
+    def _wait(self, work: dist.Work, tensor: torch.Tensor, data: bool = False) -> None:
         """Wait for a transfer, at most the timeout.
 
-        With a membership, the server's process waits on a helper thread instead of handing the timeout to
-        the backend: gloo closes every connection of the group when a transfer times out, which would cut off
-        the other clients too. A transfer given up on stays posted, so its tensor is kept until the group is
-        re-formed.
+        A payload on a backend whose ``wait()`` does not block (NCCL) is polled until it completes
+        (:func:`~hf_fsl_sage.transport.groups.complete`). Otherwise, with a membership, the server's process waits
+        on a helper thread instead of handing the timeout to the backend: gloo closes every connection of the
+        group when a transfer times out, which would cut off the other clients too. A transfer given up on stays
+        posted, so its tensor is kept until the group is formed again.
         """
-        if self._waiter is None:
+        seconds = self.timeout.total_seconds()
+        if data and not self.groups.data_waits_block:
+            done = complete(work, seconds)
+        elif self._waiter is None:
             work.wait(self.timeout)
             return
-        if not self._waiter.wait(work, self.timeout.total_seconds()):
-            self.membership.abandon(work, tensor)
-            raise TimeoutError(f"no answer within {self.timeout.total_seconds():.0f} s")
+        else:
+            done = self._waiter.wait(work, seconds)
+        if not done:
+            if self.membership is not None:
+                self.membership.abandon(work, tensor)
+            raise TimeoutError(f"no answer within {seconds:.0f} s")
 
     def _recv(self, src: int, kind: str, client_id: int) -> Any:
         length = int(self._receive(1, torch.int64, src)[0])
@@ -317,7 +338,7 @@ class DistributedTransport(Transport):
             )
         layout = spec[1]
         size = sum(_padded(_nbytes(shape, dtype)) for shape, dtype in layout)
-        return unflatten(spec, unpack(self._receive(size, torch.uint8, src), layout))
+        return unflatten(spec, unpack(self._receive(size, torch.uint8, src, data=True), layout))
 
     def _wire(self, rank: int) -> int:
         """The rank of launch rank ``rank`` in the current process group (they differ once a process is lost)."""
@@ -350,6 +371,5 @@ class DistributedTransport(Transport):
             ) from error
 
 
-__all__ = ["DOWN", "UP", "WIRE_DTYPES", "DistributedTransport", "FederationCommError", "broadcast_json",
-           "decode_header",
+__all__ = ["DOWN", "UP", "WIRE_DTYPES", "DistributedTransport", "FederationCommError", "decode_header",
            "encode_header", "flatten", "pack", "unflatten", "unpack"]

@@ -7,8 +7,10 @@ agree on who is left through the launcher's rendezvous store (a key-value store 
 holds, not the process group): each client process checks in, the server's process waits for every member
 (up to ``ddp_timeout`` in all) and publishes the members. When they change, the survivors destroy the
 process group and form a new one among themselves on the same store, so the collectives of the following
-steps (Trainer's logging, evaluation, checkpoints) go on without the lost processes. Process ranks keep
-their launch numbering everywhere else (placement, checkpoint files); only the wire uses the new ones.
+steps (Trainer's logging, evaluation, checkpoints) go on without the lost processes; the control and data
+groups (:mod:`~hf_fsl_sage.transport.groups`) are formed again over it. Process ranks keep their launch
+numbering everywhere else (placement, checkpoint files); only the wire uses the new ones. On GPUs the new
+group is bound to each process's own GPU (``device_id``): its new rank is no longer its GPU's index.
 
 A lost process that is still alive (it had stalled) finds itself excluded at its next message or check-in
 and exits with status 0, after logging why, so that ``accelerate launch`` does not stop the others on its
@@ -27,10 +29,12 @@ import os
 import time
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from transformers.utils import logging
 
 from .base import FederationCommError
+from .groups import ProcessGroups
 from .placement import SERVER_RANK
 
 
@@ -58,11 +62,12 @@ class Membership:
         timeout: how long the server's process waits for a client process to check in.
         store: the rendezvous store (default: the one of the default process group).
         machine: which launch (machine) started this process (default: the launcher's ``GROUP_RANK``).
+        groups: the control and data groups, formed again with the process group.
     """
 
     def __init__(self, rank: int, world_size: int, timeout: timedelta, store: dist.Store | None = None,
-                 machine: str | None = None):
-        self.rank, self.timeout = rank, timeout
+                 machine: str | None = None, groups: ProcessGroups | None = None):
+        self.rank, self.timeout, self.groups = rank, timeout, groups
         self.members = list(range(world_size))
         self.store = store if store is not None else dist.distributed_c10d._get_default_store()
         self.store.set(f"{_PREFIX}/machine{rank}", machine if machine is not None else os.environ.get("GROUP_RANK",
@@ -178,19 +183,31 @@ class Membership:
 
     def _join(self, prefix: str) -> bool:
         """Leave the current process group and join the members' under ``prefix``; False if that timed out."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        self._abandoned.clear()
+        self._leave_group()
+        device = self.groups.device if self.groups is not None else None
         try:
             dist.init_process_group(self.backend, store=dist.PrefixStore(prefix, self.store),
                                     rank=self.wire_rank(self.rank), world_size=len(self.members),
-                                    timeout=self.timeout)
+                                    timeout=self.timeout, device_id=device if self._binds(device) else None)
+            if self.groups is not None:
+                self.groups.form()
             return True
         except Exception as error:  # noqa: BLE001 -- a member died between go and joining
             logger.warning(f"process {self.rank} could not join the new process group ({error}); trying again.")
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            self._leave_group()
             return False
+
+    def _binds(self, device: torch.device | None) -> bool:
+        """Whether the group is bound to ``device``: this process's own GPU, whatever its new rank (NCCL would
+        otherwise pick a GPU from the rank), and the communicator forms at once instead of at the first use."""
+        return device is not None and device.type == "cuda" and self.backend == "nccl"
+
+    def _leave_group(self) -> None:
+        if dist.is_initialized():
+            if self.groups is not None:
+                self.groups.release(abort=bool(self._abandoned))
+            dist.destroy_process_group()
+        self._abandoned.clear()
 
     # ------------------------------------------------------------ store helpers
     def _survivors(self) -> list[int]:
