@@ -168,6 +168,10 @@ class FSLSageConfig(TrainingArguments):
             Labelled positions per chunk when computing the LM-head loss, so full-vocabulary
             logits are never held for the whole batch (>= 1).
 
+    Not supported: float16 training from any source (`fp16`, `fp16_full_eval`, an accelerate config's
+    `mixed_precision: fp16`, a model in float16): each party steps its own optimizer, without a loss scaler.
+    Use bfloat16 (`bf16=True`, or a base model in bfloat16).
+
     Defaults that differ from [`~transformers.TrainingArguments`]: `learning_rate=2e-4`,
     `weight_decay=0.01`, `adam_epsilon=1e-6`, `warmup_steps=500`, `label_smoothing_factor=0.1`,
     `per_device_train_batch_size=8` (per client), `max_grad_norm=1.0` applied per party.
@@ -301,8 +305,17 @@ class FSLSageConfig(TrainingArguments):
         need(self.gradient_accumulation_steps == 1,
              f"gradient_accumulation_steps={self.gradient_accumulation_steps} is not supported: one global step is "
              "one local step per client; raise per_device_train_batch_size instead.")
+        # fp16 without a loss scaler underflows: each party steps its own optimizer, and Accelerate's scaler
+        # (applied in accelerator.backward) never sees those steps.
         need(not self.fp16, "fp16=True is not supported (parties step their own optimizers without a loss scaler); "
              "use bf16=True for mixed precision.")
+        need(self.mixed_precision != "fp16",
+             "mixed precision 'fp16' comes from ACCELERATE_MIXED_PRECISION (an accelerate config's `mixed_precision: "
+             "fp16`, or `accelerate launch --mixed_precision fp16`) and is not supported (parties step their own "
+             "optimizers without a loss scaler); set `mixed_precision: bf16` (or 'no') in the accelerate config, or "
+             "pass --mixed_precision bf16.")
+        need(not self.fp16_full_eval, "fp16_full_eval=True would cast the model to float16 in place; use "
+             "bf16_full_eval=True.")
 
     @property
     def participants_per_round(self) -> int:

@@ -127,6 +127,13 @@ class FSLSageTrainer(Trainer):
             raise TypeError(f"model must be a model id or a transformers causal LM (PreTrainedModel), got "
                             f"{type(model).__name__}: load it with AutoModelForCausalLM.from_pretrained(...) or "
                             ".from_config(...) and pass LoRA settings as peft_config.")
+        half = sorted({n.rsplit(".", 1)[0] for n, t in [*model.named_parameters(), *model.named_buffers()]
+                       if t.dtype == torch.float16})
+        if half:
+            raise ValueError(f"the model holds float16 weights ({', '.join(half[:2])}{', ...' * (len(half) > 2)}), "
+                             "which are not supported: gradients through them underflow without a loss scaler, and "
+                             "each party steps its own optimizer without one. Load the model in bfloat16 "
+                             "(model_init_kwargs={'dtype': torch.bfloat16}, or model.to(torch.bfloat16)) or float32.")
         if processing_class is not None and getattr(processing_class, "pad_token", "") is None:
             processing_class.pad_token = processing_class.eos_token
 

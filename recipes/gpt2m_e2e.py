@@ -169,9 +169,9 @@ class ScriptArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate the loss on the first N rows."})
     use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (True) or every weight (False)."})
     base_dtype: str = field(default="float32", metadata={
-        "help": "dtype of the frozen base while fine-tuning with LoRA: 'bfloat16' or 'float16' halve the base's "
-                "memory and the smashed activations' bytes, while the adapters and their optimizer states stay "
-                "float32. Pre-training, if any, runs in float32 first.",
+        "help": "dtype of the frozen base while fine-tuning with LoRA: 'bfloat16' halves the base's memory and the "
+                "smashed activations' bytes, while the adapters and their optimizer states stay float32. "
+                "Pre-training, if any, runs in float32 first. float16 is refused (no loss scaling).",
         "choices": ["float32", "bfloat16", "float16"]})
     lora_r: int = field(default=4, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -241,6 +241,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, FSLSageC
     if script.restrict_vocab and script.model_name_or_path:
         parser.error("--restrict_vocab applies to a model built from --model_config (a pre-trained model keeps the "
                      "vocabulary it was trained with): pass --model_name_or_path '' or --restrict_vocab false")
+    if script.base_dtype == "float16":
+        parser.error("--base_dtype float16 is not supported: gradients through a float16 base underflow without a "
+                     "loss scaler, and the federated parties step their own optimizers without one; use "
+                     "--base_dtype bfloat16")
     if script.base_dtype != "float32" and not script.use_peft:
         parser.error(f"--base_dtype {script.base_dtype} keeps a frozen base in half precision, but --use_peft false "
                      "trains every weight: use --bf16 true (mixed precision) for full fine-tuning instead")
