@@ -230,19 +230,6 @@ def test_two_machines_on_one_host_train_exactly_like_one(tmp_path):
     assert two["ledger"] == one["ledger"] and one["ledger"]["up"] > 0
 
 
-@pytest.mark.parametrize("name, processes, machines, distributed", [
-    ("one_gpu", 1, 1, "NO"), ("eight_gpus", 8, 1, "MULTI_GPU"), ("two_machines", 16, 2, "MULTI_GPU"),
-    ("cpu_3_processes", 3, 1, "MULTI_GPU"),  # MULTI_GPU selects the torchrun launcher; the processes run on CPU
-])
-def test_shipped_accelerate_configs_load_with_the_documented_sizes(name, processes, machines, distributed):
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    config = load_config_from_file(str(ROOT / "accelerate_configs" / f"{name}.yaml"))
-    assert (config.num_processes, config.num_machines, config.distributed_type.value) == (processes, machines,
-                                                                                          distributed)
-    assert f"accelerate_configs/{name}.yaml" in (ROOT / "docs" / "processes.md").read_text()
-
-
 @pytest.mark.slow
 def test_recipe_runs_unchanged_in_three_processes(tmp_path):
     """The E2E recipe under accelerate launch: process 0 evaluates, generates and writes everything once."""
