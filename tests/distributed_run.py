@@ -178,8 +178,9 @@ def main() -> None:
                              data_collator=PadCollator(pad), peft_config=peft_config, callbacks=callbacks,
                              model_init_kwargs={"dtype": getattr(torch, cli.dtype)})
     if cli.fail_clients:
-        trainer.federation.fails_at = lambda r, local, c: c in cli.fail_clients and \
-            r * cli.local_steps + local >= cli.fail_from_step
+        seeded = trainer.federation.fails_at  # the failures simulate_client_failures draws, kept
+        trainer.federation.fails_at = lambda r, local, c: seeded(r, local, c) or (
+            c in cli.fail_clients and r * cli.local_steps + local >= cli.fail_from_step)
     try:
         trainer.train(resume_from_checkpoint=cli.resume)
     except FederationCommError:
