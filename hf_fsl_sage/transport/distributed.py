@@ -287,7 +287,7 @@ class DistributedTransport(Transport):
         self._send_payload(pack(tensors, self.device), dst)
 
     def _send_payload(self, buffer: torch.Tensor, dst: int) -> None:
-        """The payload's buffer, right after its header reached ``dst`` (on the data group)."""
+        """The payload's buffer, right after its header was sent to ``dst`` (on the data group)."""
         self._wait(dist.isend(buffer, dst=self._wire(dst), group=self.groups.data), buffer, data=True)
 
     def _receive(self, shape: int, dtype: torch.dtype, src: int, data: bool = False) -> torch.Tensor:

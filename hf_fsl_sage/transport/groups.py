@@ -87,7 +87,7 @@ class ProcessGroups:
 
     Args:
         device: this process's device; the data group is bound to it when it is a GPU.
-        timeout: ``ddp_timeout``: the control group's timeout, and the unit of the data group's.
+        timeout: ``ddp_timeout``: the bound of every wait, and the unit of the groups' own timeout.
         backend: the data group's backend (default: the launch's, :func:`launch_backend`).
     """
 
