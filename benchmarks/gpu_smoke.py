@@ -15,7 +15,8 @@ Launches (tests/distributed_run.py, and the E2E recipe), all with the same seed 
 6. N processes with ``"raise"``, the last process killed.
 
 Each check prints one line: PASS or FAIL, its name, what it compared (with the figures), and what a GPU run must
-show. The results, with wall and CPU time, go to ``benchmarks/results/gpu_smoke.json`` (``--output``).
+show. The results, with wall and CPU time, go to ``benchmarks/results/gpu_smoke.json`` (``gpu_smoke_quick.json``
+with ``--quick``; ``--output``).
 ``--quick`` is the same checks on CPU with fewer steps (3 processes; 2 for the killed process, whose run needs no
 survivor). Exits 1 if any check failed.
 """
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: cuda with 2 or more GPUs (CPU with --quick)")
     parser.add_argument("--processes", type=int, default=None, help="default: every GPU (at most 8); 3 on CPU")
     parser.add_argument("--ddp_timeout", type=int, default=None, help="seconds; default 30 on GPUs, 10 on CPU")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "gpu_smoke.json"))
+    parser.add_argument("--output", default=None,
+                        help="default: benchmarks/results/gpu_smoke.json (gpu_smoke_quick.json with --quick)")
     cli = parser.parse_args(argv)
     gpus = torch.cuda.device_count()
     device = cli.device or ("cpu" if cli.quick or gpus < 2 else "cuda")
@@ -310,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                "gpus": [torch.cuda.get_device_name(i) for i in range(gpus)], "torch": torch.__version__}
     print(f"gpu_smoke: {summary['passed']} of {len(checks)} checks passed in {summary['wall_seconds']:.0f} s "
           f"({summary['cpu_seconds']:.0f} CPU-seconds in the launched processes)", flush=True)
-    Path(cli.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(cli.output).write_text(json.dumps(summary, indent=1) + "\n")
+    output = Path(cli.output or ROOT / "benchmarks" / "results" / f"gpu_smoke{'_quick' * cli.quick}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(summary, indent=1) + "\n")
     return 0 if all(c.passed for c in checks) else 1
 
 

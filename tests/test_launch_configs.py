@@ -30,7 +30,7 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
         text = re.sub(r"\\\n#?\s*", " ", path.read_text())  # commands continued on the next (comment) line
         for match in _COMMAND.finditer(text):
             words = re.sub(r"<[^>]*>", "HOST", match.group(2))  # placeholders such as <machine-0 address>
-            found.append((str(path.relative_to(ROOT)), match.group(1), shlex.split(words)))
+            found.append((str(path.relative_to(ROOT)), match.group(1), shlex.split(words, comments=True)))
     return found
 
 
