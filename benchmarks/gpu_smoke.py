@@ -121,7 +121,8 @@ def _tail(done) -> str:
     if done.returncode == 0:
         return ""
     errors = [line for line in done.stderr.splitlines() if re.search(r"\w(Error|Exception): ", line)]
-    return f"[{(errors[0] if errors else done.stderr.strip().splitlines()[-1:] or [''])[0].strip()[:300]}]"
+    first = (errors or done.stderr.strip().splitlines()[-1:] or [""])[0]
+    return f"[{first.strip()[:300]}]"
 
 
 def _logged(result: dict, key: str) -> list:

@@ -42,6 +42,8 @@ from .placement import SERVER_RANK
 
 logger = logging.get_logger(__name__)
 
+#: The shortest backstop (:func:`group_timeout`): PyTorch's default timeout for gloo.
+MIN_GROUP_TIMEOUT = timedelta(minutes=30)
 _POLL_FIRST, _POLL_MAX = 1e-5, 2e-3  # seconds between two looks at a transfer: doubling from the first to the max
 
 
@@ -57,8 +59,10 @@ def group_timeout(timeout: timedelta, world_size: int) -> timedelta:
     timeout on each process that stalls before it gets to this one (``client_failures="drop"``). A transfer the
     server's process gave up on stays posted until the group is formed again at the end of the step: later by
     at most a timeout per other stalled process and one for the check-ins. Two more cover the rest of the step.
+    Never less than :data:`MIN_GROUP_TIMEOUT`: on gloo the helper thread still waiting for a transfer given up on
+    wakes at this timeout, and one that wakes while the process exits aborts it (SIGABRT, after a finished run).
     """
-    return timeout * (world_size + 3)
+    return max(timeout * (world_size + 3), MIN_GROUP_TIMEOUT)
 
 
 def waits_block(backend: str) -> bool:
