@@ -117,12 +117,17 @@ def _adapter_diff(a: Path, b: Path) -> float:
 
 
 def _tail(done) -> str:
-    """The first error line of a failed launch (empty if it exited 0)."""
+    """What failed in a launch that did not exit 0: the process the launcher names and how it ended, and the first
+    error line (empty if it exited 0)."""
     if done.returncode == 0:
         return ""
-    errors = [line for line in done.stderr.splitlines() if re.search(r"\w(Error|Exception): ", line)]
+    root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(SIG\w+)?\)?\n", done.stderr,
+                     re.S)
+    ended = f"process {root.group(1)} exited {root.group(2)} {root.group(3) or ''}".strip() + "; " if root else ""
+    errors = [line for line in done.stderr.splitlines()
+              if re.match(r"(\[rank\d+\]:\s*)?([\w.]*(Error|Exception): |terminate called)", line)]
     first = (errors or done.stderr.strip().splitlines()[-1:] or [""])[0]
-    return f"[{first.strip()[:300]}]"
+    return f"[{ended}{first.strip()[:300]}]"
 
 
 def _logged(result: dict, key: str) -> list:
