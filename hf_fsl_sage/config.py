@@ -160,7 +160,31 @@ class FSLSageConfig(TrainingArguments):
             wire: `"none"` (as computed), `"bf16"`, `"fp16"`, `"int8"` or `"int4"` (per-token absmax
             scale, counted in the bytes), or any name registered with
             `hf_fsl_sage.transport.codecs.register_codec`. Only the positions the attention mask keeps
-            travel. The client steps on its own, unencoded activations.
+            travel. The client steps on its own, unencoded activations. With `private_labels` the
+            server's output and the gradients w.r.t. it travel in the same encoding.
+
+        > Privacy (see docs/privacy.md for what each protects and costs)
+
+        private_labels (`bool`, defaults to `False`):
+            Keep the labels (for a causal LM: the tokens) on the clients. Each client holds the final
+            norm and the LM head (tied to its embedding where the model ties them); an upload carries
+            the cut-layer activations only; the server returns its last block's output, the client
+            computes the loss and sends back the gradient w.r.t. that output, and the server
+            back-propagates it. One round trip per upload (two more activation messages); for
+            FSL-SAGE the alignment runs on the client, on true gradients at the cut that the server
+            sends down (`cut_gradient`) instead of an aligned auxiliary model. No effect on
+            `"fedavg"`, where nothing leaves the client during a round.
+        smashed_clip_norm (`float` or `None`, defaults to `None`):
+            Clip each token's cut-layer hidden vector to this L2 norm in training (> 0), before it is
+            sent or used. `None`: no clipping.
+        smashed_noise_multiplier (`float`, defaults to `0.0`):
+            Gaussian noise added after the clipping, standard deviation `smashed_noise_multiplier *
+            smashed_clip_norm` per coordinate (>= 0; needs `smashed_clip_norm`).
+        embedding_dx_epsilon (`float` or `None`, defaults to `None`):
+            d_chi-privacy of the tokens: in training, noise with density proportional to
+            `exp(-epsilon * ||z||)` is added to each input token embedding before the client's
+            blocks (> 0; smaller is noisier, the mean noise norm is `hidden_size / epsilon`).
+            `None`: off.
 
         > Memory
 
@@ -238,6 +262,20 @@ class FSLSageConfig(TrainingArguments):
         default="none", metadata={"help": "Wire encoding of the smashed activations and SplitFed's gradients.",
                                   "choices": Registered(lambda: CODECS)}
     )
+    # Privacy
+    private_labels: bool = field(
+        default=False, metadata={"help": "Keep labels, final norm and LM head on the clients (one round trip per "
+                                         "upload)."}
+    )
+    smashed_clip_norm: float | None = field(
+        default=None, metadata={"help": "Per-token L2 clip of the cut-layer activations in training; None = off."}
+    )
+    smashed_noise_multiplier: float = field(
+        default=0.0, metadata={"help": "Gaussian noise std after clipping, in units of smashed_clip_norm."}
+    )
+    embedding_dx_epsilon: float | None = field(
+        default=None, metadata={"help": "d_chi-privacy epsilon of the input token embeddings; None = off."}
+    )
     # Memory
     loss_chunk_tokens: int = field(default=1024, metadata={"help": "Labelled positions per LM-head loss chunk."})
 
@@ -302,6 +340,16 @@ class FSLSageConfig(TrainingArguments):
         if self.max_comm_bytes is not None:
             need(_is_int(self.max_comm_bytes) and self.max_comm_bytes > 0,
                  f"max_comm_bytes={self.max_comm_bytes!r} must be an integer > 0 (bytes), or None for no budget.")
+        if self.smashed_clip_norm is not None:
+            need(isinstance(self.smashed_clip_norm, (int, float)) and self.smashed_clip_norm > 0,
+                 f"smashed_clip_norm={self.smashed_clip_norm!r} must be > 0 (an L2 norm per token), or None.")
+        need(isinstance(self.smashed_noise_multiplier, (int, float)) and self.smashed_noise_multiplier >= 0,
+             f"smashed_noise_multiplier={self.smashed_noise_multiplier!r} must be >= 0.")
+        need(not self.smashed_noise_multiplier or self.smashed_clip_norm is not None,
+             "smashed_noise_multiplier needs smashed_clip_norm: the noise's scale is relative to the clip norm.")
+        if self.embedding_dx_epsilon is not None:
+            need(isinstance(self.embedding_dx_epsilon, (int, float)) and self.embedding_dx_epsilon > 0,
+                 f"embedding_dx_epsilon={self.embedding_dx_epsilon!r} must be > 0, or None.")
         need(self.gradient_accumulation_steps == 1,
              f"gradient_accumulation_steps={self.gradient_accumulation_steps} is not supported: one global step is "
              "one local step per client; raise per_device_train_batch_size instead.")

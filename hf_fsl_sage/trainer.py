@@ -50,6 +50,7 @@ from .splitting.materialise import load_pretrained, load_tokenizer, release_unne
 from .splitting.split import split_causal_lm
 from .timing import PARTS, StepTimer, per_step
 from .transport.codecs import ActivationCoder
+from .transport.defences import ActivationDefence
 from .transport.distributed import DistributedTransport
 from .transport.groups import ProcessGroups
 from .transport.local import LocalTransport
@@ -113,11 +114,15 @@ class FSLSageTrainer(Trainer):
         placement = Placement.build(args.process_index, args.world_size, args.num_clients, args.client_ranks)
         algorithm_cls = get_algorithm(args.algorithm)
         server_blocks = None if placement.is_server else algorithm_cls.server_blocks_on_clients(args)
+        # Labels and defences concern what crosses the wire during a round (not FedAvg's: nothing does)
+        private_labels = args.private_labels and algorithm_cls.sends_activations
+        keep_head = private_labels  # the client's process then holds the final norm and LM head
 
         # Model
         if isinstance(model, str):
             model_id = model
-            model = load_pretrained(model_id, args.cut_layer, server_blocks, **(model_init_kwargs or {}))
+            model = load_pretrained(model_id, args.cut_layer, server_blocks, keep_head=keep_head,
+                                    **(model_init_kwargs or {}))
             if processing_class is None:
                 processing_class = load_tokenizer(model_id)
         if peft_config is not None and hasattr(model, "peft_config"):
@@ -143,7 +148,7 @@ class FSLSageTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         if server_blocks is not None:  # an instantiated model: free what this process does not hold
-            release_unneeded(model, args.cut_layer, server_blocks)
+            release_unneeded(model, args.cut_layer, server_blocks, keep_head=keep_head)
 
         # Data: the client partition is computed on the dataset as given (it may need a text column)
         if train_dataset is None:
@@ -179,7 +184,7 @@ class FSLSageTrainer(Trainer):
         self.label_smoother = None  # training losses apply args.label_smoothing_factor themselves
 
         # Split and roles
-        self.split = split_causal_lm(self.model, args.cut_layer)
+        self.split = split_causal_lm(self.model, args.cut_layer, private_labels=private_labels)
         self.schedule = RoundSchedule(parts, args.participants_per_round, args.local_steps,
                                       args.per_device_train_batch_size, args.max_steps, args.seed)
         self.placement = placement
@@ -202,7 +207,9 @@ class FSLSageTrainer(Trainer):
         # Activations cross the wire encoded; the receiver checks and decodes them to the model's dtype.
         transport.coder = ActivationCoder(args.smashed_codec, dtype=next(self.split.server.parameters()).dtype,
                                           hidden_size=self.split.cut_width, vocab_size=vocab,
-                                          hidden_shape=self.split.cut_shape, carried=self.split.carried_shapes)
+                                          hidden_shape=self.split.cut_shape, carried=self.split.carried_shapes,
+                                          labels_on_client=private_labels, head_shape=self.split.head_shape)
+        defence = ActivationDefence(args.smashed_clip_norm, args.smashed_noise_multiplier, args.embedding_dx_epsilon)
         transport.timer = StepTimer(args.device)
         self._timed_steps = [0, 0]  # global steps timed since the last log, and in all
         self.federation = Federation(self.split, [len(p) for p in parts], transport, self._make_optimizer,
@@ -211,7 +218,8 @@ class FSLSageTrainer(Trainer):
                                      loss_chunk_tokens=args.loss_chunk_tokens,
                                      batch_size=args.per_device_train_batch_size,
                                      guard=Guard(args.nonfinite, args.client_failures),
-                                     failure_rate=args.simulate_client_failures)
+                                     failure_rate=args.simulate_client_failures,
+                                     defence=defence if algorithm_cls.sends_activations else None)
         self.algorithm = algorithm_cls.from_config(args, self.federation)
         self._round_metrics: dict[str, float] = {}
         self._server_losses: list[float] = []
@@ -303,9 +311,9 @@ class FSLSageTrainer(Trainer):
                 held = self.placement.holds_client(c)
                 batch = self._prepare_inputs(inputs["clients"][c]) if held else None
                 result = self.algorithm.local_step(c, batch, round_index, local)
-                if "loss" in result:
+                if result.get("loss") is not None:
                     losses.append(result["loss"])
-                if "server_loss" in result:
+                if result.get("server_loss") is not None:
                     self._server_losses.append(result["server_loss"])
         if inputs["round_end"]:
             self._round_metrics.update(self.algorithm.end_round(round_index, participants))

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from hf_fsl_sage.splitting.families import UNSUPPORTED_MODEL_TYPES, carried_inputs
+from hf_fsl_sage.splitting.families import UNSUPPORTED_MODEL_TYPES, carried_inputs, private_labels_problem
 from tests.tiny_models import (
     FAMILY_NOTES,
     SLIDING_WINDOW,
@@ -62,7 +62,10 @@ def check_family(model_type: str) -> dict[str, Any]:
     left padding with and without position ids; NaN never matches), else ``"mismatch"``, ``"error"`` (the
     split or a forward raised), ``"no config"`` (no tiny model) or ``"unsupported"`` (refused by design). An
     exact family then trains one round (``trains``): client step on its auxiliary estimate, server step,
-    alignment and FedAvg must end with finite losses and changed client and server weights.
+    alignment and FedAvg must end with finite losses and changed client and server weights. ``private_labels``
+    says the same of the split that keeps the final norm, the LM head and the labels on the client
+    (``client.head(server(client(x)))`` at every cut, same cases and tolerances), or ``"refused"`` when the
+    family's declaration rules it out (``private_labels_problem``).
     """
     row: dict[str, Any] = {"family": model_type, "model_class": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}
     if model_type in FAMILY_NOTES:
@@ -89,6 +92,7 @@ def check_family(model_type: str) -> dict[str, Any]:
     row.update(status="exact" if exact else "mismatch", max_logit_diff=logit, max_loss_diff=loss)
     if not exact:
         return row
+    row.update(_labels_on_client(model, model_type))
     try:
         with tempfile.TemporaryDirectory() as tmp:
             report = one_fsl_sage_round(model.train(), tmp)
@@ -101,8 +105,23 @@ def check_family(model_type: str) -> dict[str, Any]:
     return row
 
 
+def _labels_on_client(model: Any, model_type: str) -> dict[str, Any]:
+    problem = private_labels_problem(model_type)
+    if problem:
+        return {"private_labels": "refused", "private_labels_reason": problem}
+    try:
+        logit, loss = max_split_diff(model, seq_len=SEQ_LEN, private_labels=True)
+    except Exception as exc:  # noqa: BLE001
+        return {"private_labels": "error", "private_labels_reason": _short(exc)}
+    exact = logit <= LOGIT_TOLERANCE and loss <= LOSS_TOLERANCE
+    return {"private_labels": "exact" if exact else "mismatch", "private_labels_max_logit_diff": logit}
+
+
 def describe(row: dict[str, Any]) -> str:
     """One line for a failed check: what failed and why."""
     diff = row.get("max_logit_diff")
     detail = row.get("reason") or row.get("train_reason") or (f"max |Δlogit| {diff:.2e}" if diff is not None else "")
+    if row.get("private_labels") not in (None, "exact", "refused"):
+        detail += f"; labels on the client: {row['private_labels']} ({row.get('private_labels_reason') or ''}" \
+                  f"max |Δlogit| {row.get('private_labels_max_logit_diff')})"
     return f"{row['family']}: {row['status']}{'' if row.get('trains', True) else ', does not train'}: {detail}"

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from hf_fsl_sage import Smashed, split_causal_lm
-from hf_fsl_sage.splitting.families import UNSUPPORTED_MODEL_TYPES
+from hf_fsl_sage.splitting.families import UNSUPPORTED_MODEL_TYPES, private_labels_problem
 from tests.family_support import SEQ_LEN, check_family, describe, families_to_check, installed_families
 from tests.processes import run
 from tests.tiny_models import max_split_diff, sample_batch, tiny_causal_lm, tiny_config
@@ -54,10 +54,13 @@ def _param_ids(module: torch.nn.Module) -> set[int]:
 # ---------------------------------------------------------------- every family: exact, and one training round
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_family_splits_exactly_and_trains(model_type: str) -> None:
-    """Exact at every cut (logits, loss; padding cases; NaN never passes), then one FSL-SAGE round: client step on
-    the aux estimate, server step, alignment and FedAvg run, stay finite and move both halves."""
+    """Exact at every cut (logits, loss; padding cases; NaN never passes), with the labels on the server and on
+    the client (refused only where the family's declaration rules it out), then one FSL-SAGE round: client step
+    on the aux estimate, server step, alignment and FedAvg run, stay finite and move both halves."""
     row = check_family(model_type)
     assert row["status"] == "exact" and row["trains"], describe(row)
+    refused = private_labels_problem(model_type) is not None
+    assert row["private_labels"] == ("refused" if refused else "exact"), describe(row)
 
 
 def test_every_installed_family_is_checked_or_refused_by_name() -> None:

@@ -379,8 +379,11 @@ def _labels(inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
 
 
 def max_split_diff(model: PreTrainedModel, cut_layers: list[int] | None = None, seq_len: int = 12,
-                   cases: list[str] | None = None) -> tuple[float, float]:
+                   cases: list[str] | None = None, private_labels: bool = False) -> tuple[float, float]:
     """Largest |Δlogit| and |Δloss| between ``server(client(x))`` and ``model(x)`` over cuts and padding cases.
+
+    With ``private_labels``, between ``client.head(server(client(x)))`` (the final norm and head on the client)
+    and ``model(x)``.
 
     Non-finite values (NaN or infinity) in either model's logits or loss count as an infinite difference.
     """
@@ -396,10 +399,10 @@ def max_split_diff(model: PreTrainedModel, cut_layers: list[int] | None = None, 
                 given = {k: v for k, v in inputs.items() if v is not None}
                 refs[case] = model(**given, labels=_labels(inputs), use_cache=False)
         for cut in cut_layers or range(1, num_layers):
-            split = split_causal_lm(model, cut)
+            split = split_causal_lm(model, cut, private_labels=private_labels)
             for case, ref in refs.items():
                 inputs = batches[case]
-                out = split.server(split.client(**inputs), labels=_labels(inputs))
+                out = split(**inputs, labels=_labels(inputs))
                 worst_logit = max(worst_logit, _max_abs_diff(out.logits, ref.logits))
                 worst_loss = max(worst_loss, _max_abs_diff(out.loss, ref.loss))
     return worst_logit, worst_loss

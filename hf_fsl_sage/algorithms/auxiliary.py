@@ -56,8 +56,8 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
     runs with eager attention, which supports the double backward that
     gradient matching needs on every device.
     """
-    server_lm, blocks_path = split.server.lm, split.server.blocks_path
-    blocks = split.server.blocks
+    server_lm, blocks_path = split.rest.lm, split.rest.blocks_path
+    blocks = split.rest.blocks
     cut = split.cut_layer
     available = len(blocks) - cut
     if num_layers > available:
@@ -101,7 +101,7 @@ def build_aux_model(split: SplitCausalLM, num_layers: int, init: str, embedding:
         for path, module in replacements.items():
             if path != head_path:
                 module.requires_grad_(True)
-    server = split.server
+    server = split.rest
     return SplitServer(aux_lm, blocks_path, cut, server.embed_dim, server.base_path, server.carried)
 
 
@@ -159,7 +159,7 @@ class AuxiliaryLossAlgorithm(Algorithm):
                                          for c in federation.held_clients}
         if aux_init == "random" and not federation.placement.is_server:
             # Each copy has weights of its own: the server blocks they were shaped after are not needed here.
-            release_unneeded(federation.split.model, federation.split.cut_layer, 0)
+            release_unneeded(federation.split.model, federation.split.cut_layer, 0, federation.private_labels)
 
     @staticmethod
     def aux_settings(args: Any) -> dict[str, Any]:
@@ -207,7 +207,8 @@ class AuxiliaryLossAlgorithm(Algorithm):
 
     def measure_heldout(self, client: Client, smashed: Smashed, labels: torch.Tensor) -> None:
         """On the server, before the server steps on an upload: cosine of the auxiliary and the true gradient."""
-        aux = self.aux_as_client_uses_it(client) if self.aux_heldout_cosine else None
+        # (with private labels the server has no labels to compute either gradient with)
+        aux = self.aux_as_client_uses_it(client) if self.aux_heldout_cosine and not self.fed.private_labels else None
         if aux is not None:
             fed, start = self.fed, time.perf_counter()
             with fed.timer("heldout_cosine"):

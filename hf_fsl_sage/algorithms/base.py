@@ -10,7 +10,11 @@ that holds its party (see :mod:`hf_fsl_sage.transport.placement`):
 3. if :meth:`Algorithm.replies_at` the step, the reply goes down and
    :meth:`Algorithm.client_receive` runs on the client.
 
-:meth:`Algorithm.local_step` drives the three on every process, so a subclass
+With private labels (``split.private_labels``) the upload leaves without its labels and the server's loss in
+:meth:`Algorithm.serve` is a round trip to the client (:mod:`~hf_fsl_sage.algorithms.private_labels`), whose
+half is :meth:`Algorithm.client_loss`.
+
+:meth:`Algorithm.local_step` drives them on every process, so a subclass
 writes each half as if it were alone.
 """
 
@@ -25,6 +29,7 @@ from ..federation.guard import SimulatedClientFailure
 from ..splitting.split import Smashed
 from ..transport.base import TensorSpec
 from ..transport.placement import party_seed
+from .private_labels import LabelExchange, head_loss_and_gradient
 
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -51,9 +56,13 @@ class Algorithm:
     #: Message kinds of the per-step upload and reply.
     upload_kind: ClassVar[str] = "smashed"
     reply_kind: ClassVar[str | None] = None
+    #: Whether activations cross the wire during a round (False: private labels and defences do not apply).
+    sends_activations: ClassVar[bool] = True
 
     def __init__(self, federation: Federation):
         self.fed = federation
+        #: The round trips of the server's loss when the labels stay on the client (else None).
+        self.labels = LabelExchange(self) if federation.private_labels else None
 
     @classmethod
     def from_config(cls, args: Any, federation: Federation) -> Algorithm:
@@ -137,6 +146,13 @@ class Algorithm:
         """The client's part after the server's reply."""
         raise NotImplementedError
 
+    def client_loss(self, client: Client, top: Smashed, labels: torch.Tensor) -> tuple[StepResult, Any]:
+        """With private labels, the client's half of the server's loss: its final norm and LM head on the server's
+        output ``top`` (whose hidden states require grad) with its labels; steps a trainable head. Returns what it
+        reports (the loss, as ``server_loss``) and the gradient w.r.t. ``top.hidden_states`` (``None``: skip)."""
+        value, gradient = head_loss_and_gradient(self, client, top, labels)
+        return StepResult(server_loss=value), gradient
+
     def expected_upload(self, client: Client) -> tuple[Any, dict[str, int]]:
         """What an upload must look like on the server (see :func:`~hf_fsl_sage.transport.base.conforms`), with
         the limits of its named sizes: smashed activations of the model's width, the inputs the family's server
@@ -148,7 +164,8 @@ class Algorithm:
         smashed = Smashed(TensorSpec((*seq, *split.cut_shape), FLOATS),
                           TensorSpec(seq, (torch.bool,), optional=True),
                           TensorSpec((None, "seq"), INTEGERS, optional=True), carried)
-        return (smashed, TensorSpec(seq, INTEGERS)), {"batch": self.fed.batch_size}
+        labels = None if self.fed.private_labels else TensorSpec(seq, INTEGERS)
+        return (smashed, labels), {"batch": self.fed.batch_size}
 
     def expected_reply(self, client: Client) -> Any:
         """What a reply must look like on the client (``None``: not checked)."""
@@ -185,16 +202,27 @@ class Algorithm:
             return result
         expected, limits = self.expected_upload(client) if fed.placement.is_server else (None, None)
         sent = upload if client_index not in guard.dropped else None
+        if self.labels is not None and holds:
+            sent = self.labels.keep(client_index, sent)  # the labels stay here
         received = fed.transport.to_server(client_index, self.upload_kind, sent, expected, limits)
         reply = None
         if fed.placement.is_server:
             if received is None:  # the client failed: it is out of the rest of the round
                 guard.dropped.add(client_index)
-            elif guard.finite(received, f"{self.upload_kind} message", f"client {client_index}"):
-                torch.manual_seed(party_seed(seed, round_index, local_step, client_index, "server"))
-                with fed.timer("server_step"):
-                    reported, reply = self.serve(client, received, round_index, local_step)
-                result.update(reported)
+            else:
+                if self.labels is not None:
+                    self.labels.begin(client_index)
+                if guard.finite(received, f"{self.upload_kind} message", f"client {client_index}"):
+                    torch.manual_seed(party_seed(seed, round_index, local_step, client_index, "server"))
+                    with fed.timer("server_step"):
+                        reported, reply = self.serve(client, received, round_index, local_step)
+                    result.update(reported)
+                if self.labels is not None:
+                    self.labels.finish()
+        elif self.labels is not None and holds and sent is not None:
+            self.labels.answer(client_index)  # the client's half of the server's loss
+        if self.labels is not None and holds:
+            result.update(self.labels.report(client_index))
         if self.replies_at(round_index, local_step):
             waiting = holds and client_index not in guard.dropped
             expected = self.expected_reply(client) if waiting else None

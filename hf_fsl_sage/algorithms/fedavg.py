@@ -24,6 +24,7 @@ class FedAvg(WithServerCopies):
 
     display_name = "FedAvg"
     copies_kind = "server_model"
+    sends_activations = False  # labels and activations never leave the client
 
     def uploads_at(self, round_index: int, local_step: int) -> bool:
         return False

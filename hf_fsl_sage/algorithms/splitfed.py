@@ -17,6 +17,7 @@ class SplitFedV2(Algorithm):
     the server computes the loss, steps, and sends back the gradient w.r.t. the
     activations (and w.r.t. the carried activations of families that have them),
     which the client backpropagates through its half before it steps.
+    With private labels the loss is a round trip to the client (its head and labels) before the server steps.
     """
 
     display_name = "SplitFed-V2"
@@ -42,13 +43,16 @@ class SplitFedV2(Algorithm):
         received, labels = upload
         party = self.server_copy(client)
         leaves = received.leaves()
-        loss = party.loss(leaves, labels, self.fed.label_smoothing)
-        value = float(loss.detach())
-        if not self.fed.guard.finite(value, "loss", "the server"):
-            return StepResult(loss=value, server_loss=value), None  # no gradient: the client skips this step
-        loss.backward()
+        applied, value = self.fed.backward_loss(party, leaves, labels)
+        result = StepResult() if value is None else StepResult(loss=value, server_loss=value)
+        if not applied:
+            return result, None  # no gradient: the client skips this step
         clip_and_step(party.module, party.optimizer, self.fed.max_grad_norm, self.fed.guard, "the server")
-        return StepResult(loss=value, server_loss=value), leaves.gradients()
+        return result, leaves.gradients()
+
+    def client_loss(self, client: Client, top, labels):
+        result, gradient = super().client_loss(client, top, labels)
+        return StepResult(loss=result["server_loss"], **result), gradient  # the client's loss is the server's
 
     def expected_reply(self, client: Client):
         sent = self._waiting[client.index]  # each gradient has its activations' shape and dtype

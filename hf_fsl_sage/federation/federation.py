@@ -30,6 +30,7 @@ from ..splitting.split import Smashed, SplitCausalLM
 from ..splitting.stand_ins import deepcopy_module
 from ..timing import StepTimer
 from ..transport.base import Transport
+from ..transport.defences import ActivationDefence
 from ..transport.placement import Placement, party_seed
 from .aggregation import weighted_average
 from .guard import Guard
@@ -121,6 +122,11 @@ class Federation:
         batch_size: sequences per client batch (the most an upload may carry).
         guard: the non-finite and client-failure policies (default: raise on both).
         failure_rate: probability that a client fails on purpose at a local step (``simulate_client_failures``).
+        defence: perturbations of the client blocks' output in training (:mod:`hf_fsl_sage.transport.defences`).
+
+    When the split keeps the labels on the client (``split.private_labels``), each client's party holds the
+    final norm and LM head too (its ``loss`` is theirs), the server's has no loss, and the server's loss on an
+    upload is computed through :attr:`remote_loss`, which the algorithm sets (the round trip to the client).
     """
 
     def __init__(
@@ -138,6 +144,7 @@ class Federation:
         batch_size: int = 8,
         guard: Guard | None = None,
         failure_rate: float = 0.0,
+        defence: ActivationDefence | None = None,
     ):
         self.split = split
         self.transport = transport
@@ -149,13 +156,24 @@ class Federation:
         self.failure_rate = failure_rate
         self.guard = guard or Guard()
         self.guard.context = lambda: transport.context  # where the run is, for its messages
-        self.server = self.new_party(split.server, with_loss=True) if self.placement.is_server else None
+        self.defence = defence if defence is not None and defence.active else None
+        self.private_labels = split.private_labels
+        #: ``remote_loss(party, smashed) -> applied``: with private labels, backpropagates ``party``'s loss on an
+        #: upload, computed on the client (set by the algorithm; see :meth:`backward_loss`).
+        self.remote_loss: Callable[[Party, Smashed], bool] | None = None
+        server_loss = not self.private_labels
+        self.server = self.new_party(split.server, with_loss=server_loss) if self.placement.is_server else None
         self.server_loss = self.server.loss if self.server is not None else None
+        #: The global model's loss on the server's output, with private labels (the client's head).
+        self.head_loss = ChunkedLMLoss(split.client.head, loss_chunk_tokens) if self.private_labels else None
         self.clients: list[Client] = []
         for index, size in enumerate(client_sizes):
             client = Client(index, size)
             if self.placement.holds_client(index):
-                client.model = self.new_party(copy_sharing_frozen(split.client))
+                module = copy_sharing_frozen(split.client)
+                client.model = self.new_party(module)
+                if self.private_labels:
+                    client.model.loss = ChunkedLMLoss(module.head, loss_chunk_tokens)
             self.clients.append(client)
 
     def new_party(self, module: nn.Module, with_loss: bool = False) -> Party:
@@ -165,7 +183,7 @@ class Federation:
 
     def copy_server(self) -> Party:
         """An own copy of the server model (sharing its frozen weights), with an optimizer and its loss."""
-        return self.new_party(copy_sharing_frozen(self.split.server), with_loss=True)
+        return self.new_party(copy_sharing_frozen(self.split.server), with_loss=not self.private_labels)
 
     @property
     def held_clients(self) -> list[int]:
@@ -240,8 +258,16 @@ class Federation:
         return self.transport.timer
 
     def client_forward(self, client: Client, batch: dict[str, torch.Tensor]) -> Smashed:
+        """The client half on a batch; in training, through the run's defence (what it would send)."""
+        module, defence = client.model.module, self.defence
         with self.timer("client_forward"):
-            return client.model.module(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+            if defence is None or not module.training:
+                return module(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+            with defence.on_embeddings(module.input_embeddings()):
+                smashed = module(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+            protected = {n: defence.protect(t) for n, t in smashed.activations().items()}
+            return Smashed(protected.pop("hidden_states"), smashed.attention_mask, smashed.position_ids,
+                           {**smashed.carried, **protected})
 
     def fails_at(self, round_index: int, local_step: int, client: int) -> bool:
         """Whether ``client`` fails on purpose at this step: a draw from the step and client alone, so it repeats
@@ -255,17 +281,35 @@ class Federation:
         return clip_and_step(client.model.module, client.model.optimizer, self.max_grad_norm, self.guard,
                              f"client {client.index}")
 
-    def server_step(self, smashed: Smashed, labels: torch.Tensor) -> float:
-        """One server update on a received batch; returns its loss."""
-        loss = self.server_loss(smashed, labels, self.label_smoothing)
-        if self.guard.finite(float(loss.detach()), "loss", "the server"):
-            loss.backward()
+    def backward_loss(self, party: Party, smashed: Smashed, labels: torch.Tensor | None) -> tuple[bool, float | None]:
+        """Backpropagate ``party``'s loss on a received upload (into the party, and into ``smashed.hidden_states``
+        when it requires grad); returns whether gradients were applied and the loss where this process knows it.
+
+        With private labels the loss is the client's: :attr:`remote_loss` runs the server's half and the round
+        trip, and the value stays on the client (``None`` here).
+        """
+        if self.private_labels:
+            return self.remote_loss(party, smashed), None
+        loss = party.loss(smashed, labels, self.label_smoothing)
+        value = float(loss.detach())
+        if not self.guard.finite(value, "loss", "the server"):
+            return False, value
+        loss.backward()
+        return True, value
+
+    def server_step(self, smashed: Smashed, labels: torch.Tensor | None) -> float | None:
+        """One server update on a received batch; returns its loss (``None`` with private labels: the client's)."""
+        applied, value = self.backward_loss(self.server, smashed, labels)
+        if applied:
             clip_and_step(self.server.module, self.server.optimizer, self.max_grad_norm, self.guard, "the server")
-        return float(loss.detach())
+        return value
 
     # ------------------------------------------------------------ global model (on the server's process)
     def global_loss(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
         smashed = self.split.client(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        if self.private_labels:
+            top = Smashed(self.split.server(smashed), smashed.attention_mask, smashed.position_ids)
+            return self.head_loss(top, batch["labels"], label_smoothing)
         return self.server_loss(smashed, batch["labels"], label_smoothing)
 
     def parties(self) -> dict[str, Party]:

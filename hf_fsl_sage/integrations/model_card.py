@@ -92,6 +92,28 @@ def _parameters(trainer: Any) -> list[tuple[str, Any]]:
     return rows
 
 
+def _privacy(trainer: Any) -> str:
+    """What the server could read, in the run's mode (the measurements behind it: the project's privacy page)."""
+    args = trainer.args
+    if trainer.split.private_labels:
+        text = ("The labels stay on the clients (`private_labels=True`): the server received the clients' "
+                "cut-layer activations and the gradients of their loss w.r.t. its output, never the labels. "
+                "Cut-layer activations can still be inverted to the input tokens, and the returned gradients "
+                "reveal the labels to a server that knows the frozen head.")
+    else:
+        text = ("The server received the clients' cut-layer activations and their labels, which for a causal LM "
+                "are the input tokens themselves: split learning kept the clients' weights and most of the compute "
+                "local, not the training text private from the server.")
+    sigma = args.smashed_noise_multiplier
+    defences = [f"per-token clipping to {args.smashed_clip_norm}" if args.smashed_clip_norm else "",
+                f"Gaussian noise of {sigma} x the clip" if sigma else "",
+                f"d_chi-privacy of the input embeddings (epsilon {args.embedding_dx_epsilon})"
+                if args.embedding_dx_epsilon else ""]
+    if any(defences) and trainer.algorithm.sends_activations:
+        text += " Defences on the activations in training: " + ", ".join(d for d in defences if d) + "."
+    return text
+
+
 def _final_metrics(trainer: Any, metrics: dict[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for entry in trainer.state.log_history:  # the last evaluation, if any
@@ -160,7 +182,9 @@ def render_model_card(
         "## Split",
         f"The model was cut after block {split.cut_layer - 1} (`cut_layer={split.cut_layer}` of {split.num_layers} "
         f"blocks): each client held the embeddings and {_blocks(0, split.cut_layer - 1)}, the server "
-        f"{_blocks(split.cut_layer, split.num_layers - 1)}, the final norm and the LM head.",
+        + (f"{_blocks(split.cut_layer, split.num_layers - 1)}; the final norm, the LM head and the labels stayed "
+           "on the clients." if split.private_labels else
+           f"{_blocks(split.cut_layer, split.num_layers - 1)}, the final norm and the LM head."),
         "## Training",
         _table([*_parameters(trainer), ("rounds", rounds), ("global steps (one local step per client)", steps)],
                ("parameter", "value")),
@@ -174,9 +198,7 @@ def render_model_card(
         "## Usage",
         f"```python\n{load}\n```",
         "## Privacy",
-        "The server received the clients' cut-layer activations and their labels, which for a causal LM are the "
-        "input tokens themselves: split learning kept the clients' weights and most of the compute local, "
-        "not the training text private from the server.",
+        _privacy(trainer),
     ]
     if dataset_attribution:
         sections += ["## Data", dataset_attribution]

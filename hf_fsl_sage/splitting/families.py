@@ -106,3 +106,20 @@ def text_revealing_inputs(model_type: str) -> list[str]:
     travel in the upload anyway.
     """
     return [c.name for c in carried_inputs(model_type) if c.reveals_text]
+
+
+def private_labels_problem(model_type: str) -> str | None:
+    """Why ``model_type`` cannot keep the labels on the client (``private_labels=True``), from what its server
+    blocks read (:data:`CARRIED_INPUTS`); ``None`` if it can.
+
+    Two kinds of carried input stand in the way: one that gives the server the text (token ids), which would
+    travel in every upload, and one that a module after the blocks reads (a stack of every block's input), which
+    the client's final norm would need from all of the server's blocks.
+    """
+    for c in carried_inputs(model_type):
+        if c.reveals_text:
+            return f"its server blocks read {c.name} ({c.reason}), so every upload would give the server the text"
+        if c.readers:
+            return (f"{c.readers[0]!r} after the blocks reads {c.name} ({c.reason}), which the client's final norm "
+                    "would need from every server block")
+    return None

@@ -48,43 +48,46 @@ _FILE_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder
 _BUILD_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
 
 
-def unneeded_modules(model: nn.Module, cut_layer: int, server_blocks: int) -> list[str]:
+def unneeded_modules(model: nn.Module, cut_layer: int, server_blocks: int, keep_head: bool = False) -> list[str]:
     """Paths (in the causal LM inside ``model``) a client's process does not need.
 
     ``server_blocks`` is how many blocks after the cut its parties copy (the auxiliary model's); the blocks
-    after those, and the LM head unless it is the input embedding's tensor, are not needed.
+    after those, and the LM head unless it is the input embedding's tensor or ``keep_head`` (the clients hold it
+    when the labels are private), are not needed.
     """
     lm = _unwrap(model)
     base_path, blocks_path = decoder_blocks(lm)
     blocks = lm.get_submodule(join_path(base_path, blocks_path))
     paths = [join_path(base_path, blocks_path, str(i)) for i in range(cut_layer + server_blocks, len(blocks))]
     head = lm.get_output_embeddings()
-    if head is not None and head.weight is not lm.get_input_embeddings().weight:
+    if head is not None and not keep_head and head.weight is not lm.get_input_embeddings().weight:
         paths.append(path_of(lm, head))
     return paths
 
 
-def release_unneeded(model: nn.Module, cut_layer: int, server_blocks: int) -> int:
+def release_unneeded(model: nn.Module, cut_layer: int, server_blocks: int, keep_head: bool = False) -> int:
     """Move the modules a client's process does not need to ``meta``; returns the bytes freed."""
     lm = _unwrap(model)
     freed = 0
-    for path in unneeded_modules(lm, cut_layer, server_blocks):
+    for path in unneeded_modules(lm, cut_layer, server_blocks, keep_head):
         module = lm.get_submodule(path)
         freed += sum(t.numel() * t.element_size() for t in module.parameters() if not t.is_meta)
         module.to("meta")
     return freed
 
 
-def load_for_clients(model_id: str, cut_layer: int, server_blocks: int, **kwargs) -> PreTrainedModel:
+def load_for_clients(model_id: str, cut_layer: int, server_blocks: int, keep_head: bool = False,
+                     **kwargs) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained(model_id, **kwargs)`` holding only what a client's process needs."""
-    model = _load_by_name(model_id, cut_layer, server_blocks, kwargs)
+    model = _load_by_name(model_id, cut_layer, server_blocks, kwargs, keep_head)
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
-        release_unneeded(model, cut_layer, server_blocks)
+        release_unneeded(model, cut_layer, server_blocks, keep_head)
     return model
 
 
-def load_pretrained(model_id: str, cut_layer: int, server_blocks: int | None, **kwargs) -> PreTrainedModel:
+def load_pretrained(model_id: str, cut_layer: int, server_blocks: int | None, keep_head: bool = False,
+                    **kwargs) -> PreTrainedModel:
     """The causal LM ``model_id`` names (a Hub id or a local folder): whole when ``server_blocks`` is None, else
     holding only what a client's process needs (:func:`load_for_clients`).
 
@@ -97,7 +100,7 @@ def load_pretrained(model_id: str, cut_layer: int, server_blocks: int | None, **
         if server_blocks is None:
             model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
         else:
-            model = load_for_clients(model_id, cut_layer, server_blocks, **kwargs)
+            model = load_for_clients(model_id, cut_layer, server_blocks, keep_head, **kwargs)
     except OSError as error:
         raise OSError(_not_loaded(model_id, "model", error) + " Pass a local folder saved with save_pretrained, "
                       "or a model object (e.g. AutoModelForCausalLM.from_config(config)).") from None
@@ -128,7 +131,8 @@ def _not_loaded(model_id: str, what: str, error: OSError) -> str:
     return f"Could not load the {what} {model_id!r} (a Hub id, as it is not a local folder): {reason[:300]}"
 
 
-def _load_by_name(model_id: str, cut_layer: int, server_blocks: int, kwargs: dict) -> PreTrainedModel | None:
+def _load_by_name(model_id: str, cut_layer: int, server_blocks: int, kwargs: dict,
+                  keep_head: bool = False) -> PreTrainedModel | None:
     unknown = sorted(set(kwargs) - set(_FILE_KWARGS) - set(_BUILD_KWARGS))
     if unknown:
         logger.info(f"Loading {model_id} whole, then releasing what this process does not need (options {unknown}).")
@@ -145,7 +149,7 @@ def _load_by_name(model_id: str, cut_layer: int, server_blocks: int, kwargs: dic
     build = {k: kwargs[k] for k in ("attn_implementation", "trust_remote_code") if k in kwargs}
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **build)
-    skip = tuple(p + "." for p in unneeded_modules(model, cut_layer, server_blocks))
+    skip = tuple(p + "." for p in unneeded_modules(model, cut_layer, server_blocks, keep_head))
     wanted = [n for n, _ in model.named_parameters(remove_duplicate=False) if not n.startswith(skip)]
     wanted += [n for n, b in model.named_buffers() if b.is_meta and not n.startswith(skip)]
     by_file = _locate(wanted, weight_files, model.base_model_prefix)

@@ -30,12 +30,14 @@ class Observation:
 
     #: Paths (relative to the base model) of the modules that run before the first block: the embedding stage.
     embedding_stage: list[str]
-    #: For blocks ``[0, cut_layer)``, the length of the tuple each returns (0: a bare tensor).
+    #: For every block, the length of the tuple it returns (0: a bare tensor).
     outputs: list[int]
     #: Shape of the hidden states at the cut after the batch and sequence dimensions (``(hidden,)`` for most).
     cut_shape: tuple[int, ...]
     #: Each carried input's shape after the batch and sequence dimensions, and its dtype, by name.
     carried: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    #: Shape of what the last block returns, after the batch and sequence dimensions (the input of the final norm).
+    head_shape: tuple[int, ...]
 
 
 def _output_count(output: Any) -> int:
@@ -227,6 +229,7 @@ def observe_cut(base: nn.Module, owners: list[str], blocks: nn.ModuleList, cut_l
     if problem:
         raise ValueError(f"model_type {model_type!r} cannot be split before block {cut_layer}: {problem}. "
                          "Use a supported family (see docs/supported-families.md).")
-    return Observation([p for p, phase in called if phase == "embedding"], [counts[i] for i in range(cut_layer)],
+    return Observation([p for p, phase in called if phase == "embedding"], [counts[i] for i in range(len(blocks))],
                        tuple(firsts[cut_layer - 1].shape[2:]),
-                       {n: (tuple(t.shape[2:]), t.dtype) for n, t in crossing.items()})
+                       {n: (tuple(t.shape[2:]), t.dtype) for n, t in crossing.items()},
+                       tuple(firsts[len(blocks) - 1].shape[2:]))

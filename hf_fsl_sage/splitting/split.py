@@ -37,6 +37,12 @@ is trainable the server gets its own copy of the head at split time, so the
 client's embedding and the server's head train independently, as they would on
 two machines; :meth:`SplitCausalLM.untied_after_training` then reports whether
 exported weights must be saved untied.
+
+Labels on the client (``split_causal_lm(..., private_labels=True)``): the client also
+holds everything after the blocks (final norm, LM head, logit scaling) as
+``client.head``, a :class:`SplitHead` whose blocks are all stand-ins; the server is a
+:class:`SplitBody` that stops after its last block and returns that block's output.
+A tied head then stays the client's embedding tensor, never copied.
 """
 
 from __future__ import annotations
@@ -49,7 +55,14 @@ from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .carried import CaptureBlock, injected
-from .families import SERVER_RUNS, UNSUPPORTED_FEATURES, UNSUPPORTED_MODEL_TYPES, CarriedInput, carried_inputs
+from .families import (
+    SERVER_RUNS,
+    UNSUPPORTED_FEATURES,
+    UNSUPPORTED_MODEL_TYPES,
+    CarriedInput,
+    carried_inputs,
+    private_labels_problem,
+)
 from .observe import observe_cut
 from .per_layer import config_for_blocks
 from .smashed import Smashed
@@ -58,6 +71,7 @@ from .stand_ins import (
     SkippedBlock,
     StopForward,
     block_owner_paths,
+    first_output,
     has_params,
     join_path,
     path_of,
@@ -66,7 +80,7 @@ from .stand_ins import (
 )
 
 
-__all__ = ["Smashed", "SplitClient", "SplitServer", "SplitCausalLM", "split_causal_lm"]
+__all__ = ["Smashed", "SplitBody", "SplitCausalLM", "SplitClient", "SplitHead", "SplitServer", "split_causal_lm"]
 
 
 # ---------------------------------------------------------------- halves
@@ -75,15 +89,19 @@ class SplitClient(nn.Module):
 
     Its block list ends with a :class:`~hf_fsl_sage.splitting.carried.CaptureBlock` in place of block
     ``cut_layer``: the forward pass stops there, and what the model hands to that block is what the server needs.
+    With labels kept on the client it also holds ``head``, the final norm and LM head (a :class:`SplitHead`),
+    which computes the loss on the server's output. Both are in one module, so a copy of the client keeps a tied
+    embedding and LM head tied.
     """
 
     def __init__(self, base: nn.Module, blocks_path: str, cut_layer: int, embedding_path: str,
-                 carried: tuple[CarriedInput, ...] = ()):
+                 carried: tuple[CarriedInput, ...] = (), head: SplitHead | None = None):
         super().__init__()
         self.base = base
         self.blocks_path, self.cut_layer = blocks_path, cut_layer
         self.embedding_path = embedding_path
         self.carried = carried
+        self.head = head
 
     def input_embeddings(self) -> nn.Module:
         """The token embedding this client holds (its own tensor in a client copy)."""
@@ -144,13 +162,53 @@ class SplitServer(nn.Module):
                            use_cache=False, **kwargs)
 
 
+class SplitBody(SplitServer):
+    """Blocks ``[cut_layer, L)`` without what follows them: ``body(smashed) -> hidden states``.
+
+    The server's half when the labels stay on the client: it returns what its last block returns (before the
+    final norm), and the client's :class:`SplitHead` goes on from there.
+    """
+
+    def forward(self, smashed: Smashed, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+
+        def stop(module, args, output):  # the final norm and the head belong to the client
+            captured.append(first_output(output))
+            raise StopForward
+
+        handle = self.blocks[-1].register_forward_hook(stop)
+        try:
+            super().forward(smashed, **kwargs)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[-1]
+
+
+class SplitHead(SplitServer):
+    """What follows the blocks (final norm, LM head, logit scaling): ``head(Smashed(body_output, mask), labels)``.
+
+    Every block is a weightless stand-in and the server's output enters as the last one's, so the model's own
+    code runs whatever follows the blocks.
+    """
+
+
 class SplitCausalLM(nn.Module):
-    """A causal LM cut after block ``cut_layer - 1``; ``forward`` composes ``server(client(x))``."""
+    """A causal LM cut after block ``cut_layer - 1``; ``forward`` composes ``server(client(x))`` (with private
+    labels ``client.head(server(client(x)))``)."""
 
     def __init__(self, client: SplitClient, server: SplitServer, model: nn.Module, cut_layer: int, num_layers: int,
                  head_copied: bool, cut_shape: tuple[int, ...],
-                 carried_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None):
+                 carried_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+                 rest: SplitServer | None = None, head_shape: tuple[int, ...] | None = None):
         super().__init__()
+        #: Shape of the last block's output after the batch and sequence dimensions (what the server returns when
+        #: the labels are private).
+        self.head_shape = head_shape or cut_shape
+        # Everything after the cut as one half (blocks, final norm, head): the server itself unless the labels are
+        # private, where it only serves to shape auxiliary models (it shares the client's norm and head).
+        self._rest = [rest if rest is not None else server]
         # Shape of the smashed activations after the batch and sequence dimensions: the residual stream at the cut
         # (the embedding's width unless a family widens it, or keeps several streams, in its blocks).
         self.cut_shape = cut_shape
@@ -175,6 +233,16 @@ class SplitCausalLM(nn.Module):
         return _counts_blocks(_unwrap(self.model), self.num_layers)
 
     @property
+    def private_labels(self) -> bool:
+        """Whether the client holds the final norm, the LM head and the labels (the server returns hidden states)."""
+        return self.client.head is not None
+
+    @property
+    def rest(self) -> SplitServer:
+        """Blocks ``[cut_layer, L)``, final norm and LM head as one module (the server half of the usual split)."""
+        return self._rest[0]
+
+    @property
     def carried(self) -> tuple[CarriedInput, ...]:
         """What the server's blocks read besides the hidden states, as the family declares it."""
         return self.server.carried
@@ -185,14 +253,18 @@ class SplitCausalLM(nn.Module):
         return [c.name for c in self.carried if c.reveals_text]
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
-        return self.server(self.client(input_ids, attention_mask, position_ids), labels=labels, **kwargs)
+        smashed = self.client(input_ids, attention_mask, position_ids)
+        if not self.private_labels:
+            return self.server(smashed, labels=labels, **kwargs)
+        top = Smashed(self.server(smashed), smashed.attention_mask, smashed.position_ids)
+        return self.client.head(top, labels=labels, **kwargs)
 
     def untied_after_training(self) -> bool:
         """True when the server's head copy no longer equals the client's input embedding."""
         if not self.head_copied:
             return False
         emb = _unwrap(self.model).get_input_embeddings().weight  # the very tensor the client holds
-        head = self.server.lm.get_output_embeddings().weight
+        head = self.rest.lm.get_output_embeddings().weight
         return not torch.equal(emb.detach().to(head.device), head.detach())
 
     @property
@@ -207,7 +279,7 @@ class SplitCausalLM(nn.Module):
         lm.config.tie_word_embeddings = False
         if hasattr(lm.config, "get_text_config"):
             lm.config.get_text_config().tie_word_embeddings = False
-        lm.get_output_embeddings().weight = self.server.lm.get_output_embeddings().weight
+        lm.get_output_embeddings().weight = self.rest.lm.get_output_embeddings().weight
 
 
 # ---------------------------------------------------------------- construction
@@ -278,7 +350,7 @@ def decoder_blocks(lm: PreTrainedModel) -> tuple[str, str]:
                                    model_type)
 
 
-def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
+def split_causal_lm(model: nn.Module, cut_layer: int, private_labels: bool = False) -> SplitCausalLM:
     """Split ``model`` (a causal LM, optionally a ``peft.PeftModel``) after block ``cut_layer - 1``.
 
     The client gets the embedding stage and blocks ``[0, cut_layer)``, the server
@@ -286,9 +358,19 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
     copied except a trainable tied LM head (see the module docstring); LoRA
     adapters stay in place and trainable. ``server(client(x))`` reproduces the
     unsplit model's logits and loss.
+
+    With ``private_labels`` what follows the blocks (final norm, LM head) stays on the client as ``client.head``
+    (tied to its embedding where the model ties them, never copied); the server is a :class:`SplitBody` that
+    returns its last block's output, and ``client.head(Smashed(server(client(x)), mask, positions), labels)``
+    reproduces the unsplit model. Families whose server blocks read the text besides the hidden states are
+    refused (:func:`~hf_fsl_sage.splitting.families.private_labels_problem`).
     """
     lm = _unwrap(model)
     model_type = _check_causal_lm(lm)
+    problem = private_labels_problem(model_type) if private_labels else None
+    if problem:
+        raise ValueError(f"model_type {model_type!r} cannot keep the labels on the client: {problem}. "
+                         "Train it with private_labels=False, or use another family.")
     base_path, blocks_path = decoder_blocks(lm)
     base = lm.get_submodule(base_path)
     blocks: nn.ModuleList = base.get_submodule(blocks_path)
@@ -309,6 +391,7 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
     client_repl: dict[str, nn.Module] = {blocks_path: nn.ModuleList([*blocks[:cut_layer], capture])}
     skipped = [SkippedBlock(b, n) for b, n in zip(blocks[:cut_layer], seen.outputs)]
     server_repl: dict[str, nn.Module] = {blocks_path: nn.ModuleList(skipped + list(blocks[cut_layer:]))}
+    post: list[str] = []  # the weighted modules after the blocks (final norm): the server's, or the client's head's
     for own in owners:
         for name, child in base.get_submodule(own).named_children():
             path = join_path(own, name)
@@ -318,10 +401,11 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
                 server_repl.update(server_stand_ins(path, child, token_embedding))
             else:
                 client_repl[path] = NotHeld(f"{path!r}", "server")
+                post.append(path)
 
     head = lm.get_output_embeddings()
     head_path = path_of(lm, head)
-    head_copied = head.weight is token_embedding.weight and head.weight.requires_grad
+    head_copied = head.weight is token_embedding.weight and head.weight.requires_grad and not private_labels
     lm_repl = {join_path(base_path, p): m for p, m in server_repl.items()}
     if head_copied:
         own_head = copy.copy(head)
@@ -337,7 +421,20 @@ def split_causal_lm(model: nn.Module, cut_layer: int) -> SplitCausalLM:
             module = client_base.get_submodule(own)
             if "config" in vars(module):
                 module.config = configs.setdefault(id(module.config), config_for_blocks(module.config, cut_layer + 1))
-    client = SplitClient(client_base, blocks_path, cut_layer, embedding_path, carried)
-    server = SplitServer(with_replaced(lm, lm_repl), join_path(base_path, blocks_path), cut_layer,
-                         token_embedding.embedding_dim, base_path, carried)
-    return SplitCausalLM(client, server, model, cut_layer, num_layers, head_copied, seen.cut_shape, seen.carried)
+    full_blocks_path, embed_dim = join_path(base_path, blocks_path), token_embedding.embedding_dim
+    rest = SplitServer(with_replaced(lm, lm_repl), full_blocks_path, cut_layer, embed_dim, base_path, carried)
+    if not private_labels:
+        client = SplitClient(client_base, blocks_path, cut_layer, embedding_path, carried)
+        return SplitCausalLM(client, rest, model, cut_layer, num_layers, head_copied, seen.cut_shape, seen.carried)
+
+    body_repl = {**lm_repl, **{join_path(base_path, p): NotHeld(f"{p!r}", "client") for p in post},
+                 head_path: NotHeld("the LM head", "client")}
+    body = SplitBody(with_replaced(lm, body_repl), full_blocks_path, cut_layer, embed_dim, base_path, carried)
+    # The head keeps the embedding stage the client holds anyway (some families read its parameters' dtype); it
+    # computes nothing that reaches the output, since the server's output enters as the last block's.
+    all_skipped = nn.ModuleList([SkippedBlock(b, n) for b, n in zip(blocks, seen.outputs)])
+    head_lm = with_replaced(lm, {full_blocks_path: all_skipped})
+    top = SplitHead(head_lm, full_blocks_path, num_layers, embed_dim, base_path)
+    client = SplitClient(client_base, blocks_path, cut_layer, embedding_path, carried, head=top)
+    return SplitCausalLM(client, body, model, cut_layer, num_layers, False, seen.cut_shape, seen.carried, rest,
+                         seen.head_shape)

@@ -227,17 +227,26 @@ class ActivationCoder:
 
     A reply of a kind in ``reply_kinds`` (the gradient w.r.t. the client's last upload) travels as the codec's
     fields at that upload's kept positions (a dict of them by name when the upload had carried activations).
-    On the receiver, :meth:`decode` checks the message before it allocates anything (fields, dtypes and shapes
-    of the codec at ``hidden_size``; lengths, mask and rows that agree; at most ``limits["batch"]`` rows; labels
-    and token ids inside the vocabulary) and raises :class:`MalformedUpload` naming the problem; it returns
-    float tensors in ``dtype`` (``"none"``: as sent), zeros at the positions that did not travel and -100
-    labels there.
+    With the labels kept on the client (``labels_on_client``) an upload carries no labels (``(Smashed, None)``)
+    and no token ids: the sender refuses them and the receiver refuses an upload that holds any. The server's
+    loss is then a round trip that travels the same way, at the upload's kept positions and at the shape
+    ``head_shape`` of the last block's output: the server's output down (a kind in ``head_kinds``, the first
+    one) and the gradient w.r.t. it up (the second). A message of a kind in ``rows_kinds`` is a list of row
+    tensors (positions, ...), or of dicts of them by activation name, each encoded as it is.
+
+    On the receiver, :meth:`decode` checks the message before it allocates anything (fields, dtypes and shapes of
+    the codec at ``hidden_size``; lengths, mask and rows that agree; at most ``limits["batch"]`` rows; labels and
+    token ids inside the vocabulary) and raises :class:`MalformedUpload` naming the problem; it returns float
+    tensors in ``dtype`` (``"none"``: as sent), zeros at the positions that did not travel and -100 labels there.
     """
 
     def __init__(self, codec: str = "none", dtype: torch.dtype = torch.float32, *, hidden_size: int | None = None,
                  vocab_size: int | None = None, upload_kinds: tuple[str, ...] = ("smashed",),
                  reply_kinds: tuple[str, ...] = ("gradient",), hidden_shape: tuple[int, ...] | None = None,
-                 carried: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None):
+                 carried: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+                 head_kinds: tuple[str, str] = ("server_hidden", "head_gradient"),
+                 rows_kinds: tuple[str, ...] = ("cut_gradient",), labels_on_client: bool = False,
+                 head_shape: tuple[int, ...] | None = None):
         if codec not in CODECS:
             raise ValueError(f"unknown smashed_codec {codec!r}; choose one of {sorted(CODECS)}.")
         self.codec, self.dtype, self.hidden_size, self.vocab_size = CODECS[codec], dtype, hidden_size, vocab_size
@@ -245,6 +254,9 @@ class ActivationCoder:
         self.hidden_shape = hidden_shape or ((hidden_size,) if hidden_size is not None else None)
         self.carried = dict(carried or {})
         self.upload_kinds, self.reply_kinds = upload_kinds, reply_kinds
+        self.head_kinds, self.rows_kinds, self.labels_on_client = head_kinds, rows_kinds, labels_on_client
+        #: The shape of the last block's output after the batch and sequence dimensions (the round trip's).
+        self.head_shape = head_shape or self.hidden_shape
         self.labels_dtype = label_dtype(vocab_size)
         # the kept positions of each client's last upload: as sent (client side), as received (server side)
         self._sent: dict[int, torch.Tensor | None] = {}
@@ -260,18 +272,28 @@ class ActivationCoder:
                 return {n: None if g is None else self.codec.encode(_rows(g.detach(), kept))
                         for n, g in payload.items()}
             return self.codec.encode(_rows(payload.detach(), kept))
+        if kind in self.head_kinds:  # down: kept as the server received them; up: as the client sent them
+            kept = (self._received if kind == self.head_kinds[0] else self._sent).get(client_id)
+            return self.codec.encode(_rows(payload.detach(), kept))
+        if kind in self.rows_kinds:
+            return [{n: self.codec.encode(r.detach()) for n, r in rows.items()} if isinstance(rows, dict)
+                    else self.codec.encode(rows.detach()) for rows in payload]
         if kind not in self.upload_kinds:
             return payload
         if not (isinstance(payload, (tuple, list)) and len(payload) == 2 and isinstance(payload[0], Smashed)):
             raise TypeError(f"an upload of kind {kind!r} is (Smashed, labels); send other payloads under another kind")
         smashed, labels = payload
+        if self.labels_on_client and (labels is not None or any(not t.is_floating_point()
+                                                                for t in smashed.carried.values())):
+            raise ValueError("labels stay on the client (private_labels=True): an upload must carry neither labels "
+                             "nor token ids")
         with torch.no_grad():
             return self._encode_upload(client_id, smashed, labels)
 
-    def _encode_upload(self, client_id: int, smashed: Smashed, labels: torch.Tensor) -> Encoded:
+    def _encode_upload(self, client_id: int, smashed: Smashed, labels: torch.Tensor | None) -> Encoded:
         hidden, mask, positions = smashed.hidden_states.detach(), smashed.attention_mask, smashed.position_ids
         self._sent[client_id] = mask
-        if self.vocab_size is not None:
+        if labels is not None and self.vocab_size is not None:
             outside = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.vocab_size))
             if bool(outside.any()):
                 raise ValueError(f"label {int(labels[outside][0])} is outside the vocabulary "
@@ -279,17 +301,19 @@ class ActivationCoder:
         lengths = None
         if mask is not None:
             mask = mask.to(torch.bool)
-            check_padding_carries_no_loss(mask, labels)
+            if labels is not None:
+                check_padding_carries_no_loss(mask, labels)
             lengths = _right_padded_lengths(mask)
             if lengths is not None:  # positions past the longest row are padding in every row: they need no room
                 longest = int(lengths.max()) if lengths.numel() else 0
                 if positions is not None and positions.shape[-1] == mask.shape[1]:
                     positions = positions[..., :longest]
                 lengths = lengths.to(length_dtype(mask.shape[1]))
-            labels = labels[mask.to(labels.device)]
+            if labels is not None:
+                labels = labels[mask.to(labels.device)]
         message = {"rows": self.codec.encode(_rows(hidden, mask)), "lengths": lengths,
                    "mask": mask if lengths is None else None, "position_ids": positions,
-                   "labels": encode_labels(labels, self.labels_dtype)}
+                   "labels": None if labels is None else encode_labels(labels, self.labels_dtype)}
         if self.carried or smashed.carried:
             message["carried"] = {n: self.codec.encode(_rows(t.detach(), mask)) if t.is_floating_point()
                                   else encode_labels(_rows(t, mask), self.labels_dtype)
@@ -315,9 +339,32 @@ class ActivationCoder:
                     self._check_rows(rows, lead, f"the reply's {name}", shapes[name])
             return {n: None if rows is None else _restore(self.codec.decode(rows, self._dtype_of(n)), kept)
                     for n, rows in payload.items()}
+        if kind in self.head_kinds:
+            kept = (self._sent if kind == self.head_kinds[0] else self._received).get(client_id)
+            self._check_rows(payload, (int(kept.sum()),) if kept is not None else None, f"the {kind} message",
+                             self.head_shape)
+            return _restore(self.codec.decode(payload, self.dtype), kept)
+        if kind in self.rows_kinds:
+            return self._decode_rows_list(kind, payload)
         if kind not in self.upload_kinds:
             return payload
         return self._decode_upload(client_id, payload, (limits or {}).get("batch"))
+
+    def _decode_rows_list(self, kind: str, payload: Any) -> list[torch.Tensor | dict[str, torch.Tensor]]:
+        """A list of row tensors (positions, ...) of the hidden states, or dicts of them by activation name."""
+        shapes = {"hidden_states": self.hidden_shape} | {n: s for n, (s, d) in self.carried.items()
+                                                           if d.is_floating_point}
+        _require(isinstance(payload, list), f"the {kind} message is not a list of rows")
+        for item in payload:
+            named = item if len(shapes) > 1 else {"hidden_states": item}
+            _require(isinstance(named, dict) and named.keys() == shapes.keys(),
+                     f"the {kind} message holds an entry that is not rows for exactly {sorted(shapes)}")
+            for name, rows in named.items():
+                _require(len(self._check_rows(rows, None, f"the {kind} message", shapes[name])) == 1,
+                         f"the {kind} message holds {name} rows that are not (positions, ...)")
+        if len(shapes) == 1:
+            return [self.codec.decode(rows, self.dtype) for rows in payload]
+        return [{n: self.codec.decode(r, self._dtype_of(n)) for n, r in item.items()} for item in payload]
 
     def _dtype_of(self, name: str) -> torch.dtype:
         """The dtype a received float tensor of the upload is decoded to: the model's, or a carried input's own."""
@@ -325,15 +372,19 @@ class ActivationCoder:
             return self.dtype
         return self.carried[name][1]
 
-    def _decode_upload(self, client_id: int, message: Any, max_batch: int | None) -> tuple[Smashed, torch.Tensor]:
+    def _decode_upload(self, client_id: int, message: Any,
+                       max_batch: int | None) -> tuple[Smashed, torch.Tensor | None]:
         fields = ["rows", "lengths", "mask", "position_ids", "labels"] + (["carried"] if self.carried else [])
         _require(isinstance(message, dict) and message.keys() == set(fields),
                  f"the upload is not a dict of exactly {', '.join(fields[:-1])} and {fields[-1]}")
         rows, lengths, mask, labels = message["rows"], message["lengths"], message["mask"], message["labels"]
         label_dtypes = (self.labels_dtype,) if self.vocab_size is not None else (*_LABEL_CODES, torch.int32,
                                                                                   torch.int64)
-        _require(isinstance(labels, torch.Tensor) and labels.dtype in label_dtypes,
-                 f"labels are not a tensor of {' or '.join(map(str, label_dtypes))}")
+        if self.labels_on_client:
+            _require(labels is None, "the upload carries labels, which stay on the client (private_labels=True)")
+        else:
+            _require(isinstance(labels, torch.Tensor) and labels.dtype in label_dtypes,
+                     f"labels are not a tensor of {' or '.join(map(str, label_dtypes))}")
         if lengths is not None or mask is not None:
             _require(lengths is None or mask is None, "the upload carries both row lengths and a mask")
             if lengths is not None:
@@ -349,23 +400,26 @@ class ActivationCoder:
                 batch, kept = mask.shape[0], int(mask.sum())
             _require(max_batch is None or batch <= max_batch, f"{batch} rows, more than a batch ({max_batch})")
             lead = self._check_rows(rows, (kept,), "the upload", self.hidden_shape)
-            _require(labels.shape == (kept,), f"labels of shape {tuple(labels.shape)} for {kept} kept positions")
+            if labels is not None:
+                _require(labels.shape == (kept,), f"labels of shape {tuple(labels.shape)} for {kept} kept positions")
         else:
             lead = self._check_rows(rows, None, "the upload", self.hidden_shape)
             _require(len(lead) == 2 and (max_batch is None or lead[0] <= max_batch),
                      f"rows of shape {tuple(lead)}: not (batch <= {max_batch}, seq)")
-            _require(labels.shape == lead, f"labels of shape {tuple(labels.shape)} for rows {tuple(lead)}")
+            if labels is not None:
+                _require(labels.shape == lead, f"labels of shape {tuple(labels.shape)} for rows {tuple(lead)}")
         carried = self._check_carried(message.get("carried", {}), lead)
-        labels = decode_labels(labels)
-        top = self.vocab_size or 2**62
-        _require(bool(((labels == IGNORE_INDEX) | (labels >= 0) & (labels < top)).all()),
-                 f"a label is outside the vocabulary (0..{top - 1}, or -100)")
+        if labels is not None:
+            labels = decode_labels(labels)
+            top = self.vocab_size or 2**62
+            _require(bool(((labels == IGNORE_INDEX) | (labels >= 0) & (labels < top)).all()),
+                     f"a label is outside the vocabulary (0..{top - 1}, or -100)")
         if lengths is not None:
             longest = int(lengths.max()) if batch else 0
             mask = torch.arange(longest, device=lengths.device) < lengths.unsqueeze(1)
         self._received[client_id] = mask
         hidden = _restore(self.codec.decode(rows, self.dtype), mask)
-        if mask is not None:
+        if mask is not None and labels is not None:
             labels = _restore(labels, mask, IGNORE_INDEX)
         carried = {n: _restore(self.codec.decode(t, self._dtype_of(n)) if isinstance(t, dict) else decode_labels(t),
                                mask) for n, t in carried.items()}
@@ -382,6 +436,8 @@ class ActivationCoder:
             if dtype.is_floating_point:
                 self._check_rows(got, lead, f"the upload's {name}", shape)
                 continue
+            _require(not self.labels_on_client, f"the upload carries {name}, token ids, which stay on the client "
+                                                "(private_labels=True)")
             _require(isinstance(got, torch.Tensor) and got.dtype == self.labels_dtype and got.shape == (*lead, *shape),
                      f"the upload's {name} is not a {self.labels_dtype} tensor of shape {(*lead, *shape)}")
             ids = decode_labels(got)

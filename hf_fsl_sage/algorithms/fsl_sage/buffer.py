@@ -11,13 +11,16 @@ from ...splitting.split import Smashed
 
 
 class UploadBuffer:
-    """The most recent uploads ``(smashed, labels)`` of one client, at most ``size`` sequences, newest last."""
+    """The most recent uploads ``(smashed, labels)`` of one client, at most ``size`` sequences, newest last.
+
+    (With private labels the server keeps ``(gradient at the cut, None)`` per upload, the client the uploads.)
+    """
 
     def __init__(self, size: int):
         self.size = size
         self.items: deque[tuple[Smashed, torch.Tensor]] = deque()
 
-    def push(self, smashed: Smashed, labels: torch.Tensor) -> None:
+    def push(self, smashed: Smashed, labels: torch.Tensor | None) -> None:
         """Keep an upload, dropping the oldest ones beyond ``size`` sequences."""
         size, items = self.size, self.items
         items.append((smashed, labels))
@@ -25,7 +28,7 @@ class UploadBuffer:
             items.popleft()
         s, y = items[0]
         if s.hidden_states.shape[0] > size:  # a single upload larger than the buffer keeps its newest rows
-            items[0] = (s.map(lambda t: t[-size:]), y[-size:])
+            items[0] = (s.map(lambda t: t[-size:]), None if y is None else y[-size:])
 
     @property
     def num_sequences(self) -> int:
