@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--stall_payload_rank", type=int, default=None)
     parser.add_argument("--stall_payload_step", type=int, default=None)
     parser.add_argument("--slow_eval_seconds", type=float, default=0.0)
+    parser.add_argument("--private_labels", action="store_true")
+    parser.add_argument("--smashed_clip_norm", type=float, default=None)
+    parser.add_argument("--smashed_noise_multiplier", type=float, default=0.0)
     cli = parser.parse_args()
     torch.set_num_threads(1)
     if cli.data_backend is not None:
@@ -163,7 +166,8 @@ def main() -> None:
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
         ddp_timeout=cli.ddp_timeout, max_comm_bytes=cli.max_comm_bytes, smashed_codec=cli.smashed_codec,
         client_failures=cli.client_failures, simulate_client_failures=cli.simulate_client_failures,
-        client_ranks=cli.client_ranks,
+        client_ranks=cli.client_ranks, private_labels=cli.private_labels,
+        smashed_clip_norm=cli.smashed_clip_norm, smashed_noise_multiplier=cli.smashed_noise_multiplier,
     )
     peft_config = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
     if cli.family:

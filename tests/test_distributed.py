@@ -126,6 +126,27 @@ def test_three_processes_train_exactly_like_one(tmp_path, algorithm):
 
 
 @pytest.mark.slow
+def test_three_processes_keep_labels_on_the_clients_exactly_like_one(tmp_path):
+    """FSL-SAGE with private labels and noised activations: the round trip of every upload, the cut gradients
+    sent down and the clients' own alignment cross real process boundaries; same adapters, bytes and losses."""
+    extra = ["--private_labels", "--smashed_clip_norm", "0.5", "--smashed_noise_multiplier", "0.1",
+             "--smashed_codec", "bf16"]
+    _check(_single(tmp_path / "one", *extra))
+    _check(_three(tmp_path / "three", *extra))
+    one, three = _result(tmp_path / "one"), _result(tmp_path / "three")
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "three")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert three["ledger"] == one["ledger"]
+    kinds = one["ledger"]["messages"]
+    assert kinds["smashed_up"] == kinds["server_hidden_down"] == kinds["head_gradient_up"] > 0
+    assert kinds["cut_gradient_down"] > 0 and "aux_model_down" not in kinds
+    assert three["eval"]["eval_loss"] == pytest.approx(one["eval"]["eval_loss"], abs=1e-5)
+    for key in ("loss", "server_loss"):
+        logged = [[h[key] for h in r["log_history"] if "loss" in h] for r in (one, three)]
+        assert len(logged[0]) == 4 and logged[0] == pytest.approx(logged[1], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoint_resumes(tmp_path):
     """Process 2 dies (SIGKILL) in round 1: the job exits non-zero well within the timeout, the server names
     the process and the round, and resuming the last checkpoint in three processes gives the uninterrupted result."""

@@ -16,7 +16,7 @@ a process that holds both the server and the client the client's half runs inlin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -25,21 +25,18 @@ from ..splitting.split import Smashed
 from ..transport.base import TensorSpec
 
 
-if TYPE_CHECKING:
-    from .base import Algorithm, StepResult
-
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class LabelExchange:
     """One algorithm's private-label round trips; it serves as the federation's ``remote_loss``."""
 
-    def __init__(self, algorithm: Algorithm):
+    def __init__(self, algorithm: Any):  # an Algorithm (whose module imports this one)
         self.algorithm, self.fed = algorithm, algorithm.fed
         self._kept: dict[int, tuple[Smashed, torch.Tensor]] = {}  # client side: the last upload's shape and labels
         self._serving: int | None = None  # server side: the client whose upload is being served
         self._done = False
-        self._report: dict[int, StepResult] = {}  # client side: what the client's half computed
+        self._report: dict[int, dict] = {}  # client side: what the client's half computed
         self.fed.remote_loss = self.server_backward
 
     # ------------------------------------------------------------ client side
@@ -69,7 +66,7 @@ class LabelExchange:
         self._report[client_index] = result
         return gradient
 
-    def report(self, client_index: int) -> StepResult | dict:
+    def report(self, client_index: int) -> dict:
         """What the client's half of the last round trip of ``client_index`` computed on this process."""
         return self._report.pop(client_index, {})
 
@@ -103,7 +100,7 @@ class LabelExchange:
             self.fed.transport.to_server(c, "head_gradient", gradient)
 
 
-def head_loss_and_gradient(algorithm: Algorithm, client: Client, top: Smashed,
+def head_loss_and_gradient(algorithm: Any, client: Client, top: Smashed,
                            labels: torch.Tensor) -> tuple[float, torch.Tensor | None]:
     """The client's loss on the server's output with its labels, its head stepped; the gradient w.r.t. the output
     (``None`` if the loss is not finite)."""
