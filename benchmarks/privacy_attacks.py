@@ -66,13 +66,15 @@ class _Inverter(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def fit_inverter(public: Observed, vocab: int, kind: str = "linear", steps: int = 400, batch: int = 4096,
+def fit_inverter(public: list[Observed], vocab: int, kind: str = "linear", steps: int = 300, batch: int = 1024,
                  seed: int = 0) -> nn.Module:
-    """A token classifier on activations (``"linear"``, or ``"mlp"`` with one hidden layer of 512), Adam 3e-3."""
+    """A token classifier on standardised activations: ``"linear"`` (softmax regression, Adam 1e-2) or ``"mlp"``
+    (one hidden layer of 256, GELU, Adam 3e-3), on minibatches of ``batch`` tokens of the public activations
+    (of every client model in ``public`` together)."""
     torch.manual_seed(seed)
-    x, y = public.hidden, public.ids
-    model = _Inverter(x.shape[1], vocab, None if kind == "linear" else 512, x.mean(0), x.std(0).clamp_min(1e-6))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = torch.cat([p.hidden for p in public]), torch.cat([p.ids for p in public])
+    model = _Inverter(x.shape[1], vocab, None if kind == "linear" else 256, x.mean(0), x.std(0).clamp_min(1e-6))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2 if kind == "linear" else 3e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         pick = torch.randint(x.shape[0], (min(batch, x.shape[0]),), generator=generator)

@@ -4,6 +4,9 @@ and noise only where documented."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from hf_fsl_sage.splitting.split import Smashed
 from hf_fsl_sage.transport.base import UP, flatten
 from hf_fsl_sage.transport.defences import ActivationDefence
 from tests.test_algorithms import make_trainer
-from tests.tiny_models import max_split_diff, tiny_causal_lm
+from tests.tiny_models import max_split_diff, one_fsl_sage_round, round_problems, tiny_causal_lm
 
 
 SENDING = ["splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
@@ -77,6 +80,72 @@ def test_the_server_holds_its_blocks_only_and_a_client_copy_keeps_its_head_tied(
     assert copy.input_embeddings().weight is not model.transformer.wte.weight
     with pytest.raises(RuntimeError, match="the LM head is held by the client"):
         split.server.lm.lm_head(torch.zeros(1, 64))
+
+
+@pytest.mark.parametrize("model_type, problem", [
+    ("deepseek_v4", "its server blocks read token_ids (hash-routed MoE layers pick their experts from the token ids), "
+                    "so every upload would give the server the text"),
+    ("inkling2_text", "'final_input' after the blocks reads block_states"),
+])
+def test_a_family_whose_carried_inputs_stand_in_the_way_is_refused_by_its_declaration(model_type, problem):
+    model = tiny_causal_lm(model_type, num_layers=3)
+    with pytest.raises(ValueError, match=re.escape(f"model_type {model_type!r} cannot keep the labels on the client: "
+                                                   f"{problem}")):
+        split_causal_lm(model, 1, private_labels=True)
+    split_causal_lm(model, 1)  # with the labels on the server it splits as before
+
+
+def test_the_refusal_reads_the_declaration_not_a_list_of_names(monkeypatch):
+    """Zaya's router state is an activation: allowed. Declared as revealing the text, the same family is refused."""
+    from hf_fsl_sage.splitting import families
+
+    model = tiny_causal_lm("zaya", num_layers=3)
+    assert split_causal_lm(model, 1, private_labels=True).private_labels
+    (router,) = families.CARRIED_INPUTS["zaya"]
+    monkeypatch.setitem(families.CARRIED_INPUTS, "zaya", (dataclasses.replace(router, reveals_text=True),))
+    with pytest.raises(ValueError, match="cannot keep the labels on the client: its server blocks read router_state"):
+        split_causal_lm(model, 1, private_labels=True)
+
+
+def test_a_carried_activation_gets_the_unsplit_gradients_through_the_round_trip():
+    """Zaya's upload carries the router state: the server's output goes down, the client's head returns the
+    gradient w.r.t. it, the server backpropagates to the hidden states and the router state, the client through
+    its blocks; every weight gets the unsplit model's gradient."""
+    model = tiny_causal_lm("zaya", num_layers=3)
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    model.zero_grad()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    split = split_causal_lm(model, 2, private_labels=True)
+    smashed = split.client(ids, mask)
+    leaves = smashed.detach().leaves()
+    output = split.server(leaves)  # the server's half, returned to the client
+    top = Smashed(output.detach().requires_grad_(True), smashed.attention_mask)
+    split.client.head(top, labels=labels).loss.backward()  # the client's half: its head and labels
+    output.backward(top.hidden_states.grad)  # the gradient sent back up
+    reply = leaves.gradients()
+    assert set(reply) == {"hidden_states", "router_state"} and reply["router_state"].abs().max() > 0
+    smashed.backward(reply)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == reference.keys()
+    for n, g in reference.items():
+        assert torch.allclose(grads[n], g, atol=1e-6, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("algorithm", ["fsl_sage", "splitfed_v2"])
+def test_a_family_with_a_carried_activation_trains_with_private_labels(tmp_path, algorithm):
+    """One round on Zaya: FSL-SAGE aligns on the true gradients w.r.t. the hidden states and the router state,
+    which the server sends down; both halves move and every loss is finite."""
+    report = one_fsl_sage_round(tiny_causal_lm("zaya", num_layers=3), str(tmp_path), private_labels=True,
+                                algorithm=algorithm)
+    if algorithm == "fsl_sage":
+        assert not round_problems(report), round_problems(report)
+    else:
+        assert math.isfinite(report["server_loss"]) and report["client_changed"] > 0 < report["server_changed"]
 
 
 # ---------------------------------------------------------------- the wire
@@ -267,3 +336,21 @@ def test_bad_defence_settings_are_refused_with_the_fix(tmp_path, settings, probl
     with pytest.raises(ValueError, match=problem):
         FSLSageConfig(output_dir=str(tmp_path), report_to="none", **settings)
 
+
+
+def test_an_algorithm_written_without_private_labels_gets_the_round_trip(tmp_path):
+    """The one-module algorithm of the tests (registered outside the package; its serve calls server_step) keeps
+    the labels on the clients unchanged: each upload is served with one round trip, and the server trains."""
+    from tests.test_algorithms import ServerOnly  # noqa: F401 - registers "server_only_test"
+
+    trainer = make_trainer(tmp_path, "server_only_test", clients_per_round=None, max_steps=8, local_steps=4,
+                           server_update_interval=2, private_labels=True, use_lora=True)
+    before = {n: p.detach().clone() for n, p in trainer.split.server.named_parameters() if p.requires_grad}
+    trainer.train()
+    messages = trainer.federation.transport.ledger.messages
+    assert trainer.algorithm.served == messages["smashed_up"] == 12
+    assert messages["server_hidden_down"] == messages["head_gradient_up"] == 12
+    after = dict(trainer.split.server.named_parameters())
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+    logged = [h["server_loss"] for h in trainer.state.log_history if "server_loss" in h]
+    assert logged and all(math.isfinite(v) for v in logged)  # reported by the clients, who hold the labels

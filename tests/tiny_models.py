@@ -416,7 +416,8 @@ def _max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- one training round
-def one_fsl_sage_round(model: PreTrainedModel, output_dir: str, seq_len: int = 10, seed: int = 0) -> dict[str, float]:
+def one_fsl_sage_round(model: PreTrainedModel, output_dir: str, seq_len: int = 10, seed: int = 0,
+                       **overrides) -> dict[str, float]:
     """Train ``model`` for one FSL-SAGE round on random tokens and report what happened.
 
     A client takes one local step on its auxiliary gradient estimate and uploads, the server
@@ -424,7 +425,7 @@ def one_fsl_sage_round(model: PreTrainedModel, output_dir: str, seq_len: int = 1
     averaged (one client: what is family-specific is the split, the auxiliary model and the
     steps, not the averaging). Returns the round's client and server losses, the alignment cosines, the
     global model's loss after the round (``eval_loss``) and the fraction of the client's and the
-    server's trainable tensors that changed.
+    server's trainable tensors that changed. ``overrides`` change the run's settings (``FSLSageConfig``).
     """
     import datasets
     from transformers import default_data_collator
@@ -440,7 +441,8 @@ def one_fsl_sage_round(model: PreTrainedModel, output_dir: str, seq_len: int = 1
                          server_update_interval=1, align_interval=1, align_epochs=1, aux_heldout_cosine=False,
                          weight_decay=0.0,  # only gradients move weights: a client step without its estimate shows
                          warmup_steps=0, logging_steps=1,
-                         save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=seed)
+                         save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=seed,
+                         **overrides)
     trainer = FSLSageTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,
                              data_collator=default_data_collator)
     halves = {"client": trainer.split.client, "server": trainer.split.server}
