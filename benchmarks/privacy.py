@@ -9,14 +9,15 @@ on the pretraining part's references. The pretraining part is also the attacker'
 its ``mr`` values. Every run fine-tunes the base with LoRA for the same number of global steps.
 
 Per run (algorithm, cut layer, labels on the server or on the clients, defence) it reports the eval loss (and
-its curve against bytes), the bytes by kind, and what the server reads from the uploads of the last rounds:
+its curve against bytes), the bytes by kind, and what the server reads from the uploads of the first local step
+of the last round (sent from the global client model the server broadcast, with the dropout of training):
 
 - label leakage: the share of the uploads' label tokens present in server-bound messages;
 - with labels on the clients, the share of labels recovered from the returned gradients (the server knows the
   frozen final norm and head);
 - token recovery (top-1) and exact-row recovery of the clients' text by a linear and an MLP inverter fitted on
-  public text through both the public base and the global client model (with the run's defence), and by a
-  white-box nearest-token search with the global client model.
+  public text through both the public base and the global client model (with the run's defence, with and
+  without the dropout of training), and by a white-box nearest-token search with the global client model.
 
 Seeds: the comparisons of modes (equal steps, bytes to a target) run ``--seeds``; the defence grid runs the first.
 Writes ``privacy[_quick].json`` and ``privacy[_quick].png`` (token recovery against eval-loss cost).
@@ -41,26 +42,41 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from hf_fsl_sage import FSLSageTrainer, split_causal_lm
+from hf_fsl_sage.federation.federation import load_trainable_state, trainable_state
 from hf_fsl_sage.transport.defences import ActivationDefence
 
 
 ALGORITHMS = ["splitfed_v2", "cse_fsl", "fsl_sage"]
-FULL = {**bench.FULL, "max_steps": 40, "public_rows": 256, "attack_uploads": 8, "search_rows": 4,
-        "inverter_steps": 300, "noise_multipliers": [0.5, 2.0], "dx_scales": [1.0, 4.0],
+FULL = {**bench.FULL, "max_steps": 40, "public_rows": 256, "attack_uploads": 4, "search_rows": 3,
+        "search_tokens": 24, "inverter_steps": 300, "noise_multipliers": [0.5, 2.0], "dx_scales": [1.0, 4.0],
         "cuts": [1, 2, 3], "gap_target": 0.5, "defended_algorithms": ALGORITHMS, "deeper_algorithms": ALGORITHMS}
-QUICK = {**bench.QUICK, "n_layer": 4, "max_steps": 4, "public_rows": 64, "attack_uploads": 2, "search_rows": 1,
-         "inverter_steps": 200, "noise_multipliers": [1.0], "dx_scales": [1.0], "cuts": [1, 2], "gap_target": 0.5,
+QUICK = {**bench.QUICK, "n_layer": 4, "max_steps": 4, "public_rows": 256, "attack_uploads": 2, "search_rows": 1,
+         "search_tokens": 16,
+         "inverter_steps": 300, "noise_multipliers": [1.0], "dx_scales": [1.0], "cuts": [1, 2], "gap_target": 0.5,
          "fsl_sage": {**bench.QUICK["fsl_sage"], "align_interval": 1}, "defended_algorithms": ["fsl_sage"],
          "deeper_algorithms": ["fsl_sage"]}
 
 
 class Recorder:
-    """Keeps the last uploads of a run with their ground truth, and what the server decoded of them."""
+    """Keeps the uploads of the first local step of the last rounds with their ground truth, what the server decoded
+    of them, and the global client model the server broadcast at the start of that round (what it holds: at the
+    first local step the clients upload from exactly that model)."""
 
     def __init__(self, trainer: FSLSageTrainer, keep: int):
-        self.keep, self.entries, self._forward = keep, [], {}
-        fed, coder = trainer.federation, trainer.federation.transport.coder
+        self.keep, self.entries, self._forward, self._step = keep, [], {}, 0
+        self.round_model: dict[str, torch.Tensor] | None = None
+        fed, algorithm, coder = trainer.federation, trainer.algorithm, trainer.federation.transport.coder
         forward, to_server, decode = fed.client_forward, fed.transport.to_server, coder.decode
+        local_step, begin_round = algorithm.local_step, algorithm.begin_round
+
+        def begin(round_index, participants):
+            metrics = begin_round(round_index, participants)
+            self.round_model = trainable_state(trainer.split.client)
+            return metrics
+
+        def step(client_index, batch, round_index, local):
+            self._step = local
+            return local_step(client_index, batch, round_index, local)
 
         def client_forward(client, batch):
             smashed = forward(client, batch)
@@ -68,21 +84,32 @@ class Recorder:
             return smashed
 
         def sent(client_id, kind, payload=None, *args, **kwargs):
-            if kind == "smashed" and payload is not None:
+            if kind == "smashed" and payload is not None and self._step == 0:
                 batch = self._forward[client_id]
-                self.entries = (self.entries + [{"ids": batch["input_ids"], "mask": batch["attention_mask"],
-                                                 "labels": batch["labels"],
-                                                 "hidden": payload[0].hidden_states.detach()}])[-keep:]
+                if not self.entries or self.entries[-1].get("model") is not self.round_model:
+                    self.entries = [e for e in self.entries if e["model"] is self.round_model]  # the last round
+                self.entries.append({"ids": batch["input_ids"], "mask": batch["attention_mask"],
+                                     "labels": batch["labels"], "hidden": payload[0].hidden_states.detach(),
+                                     "model": self.round_model})
+                self.entries = self.entries[-keep:]
             return to_server(client_id, kind, payload, *args, **kwargs)
 
         def decoded(client_id, kind, payload, *args, **kwargs):
             out = decode(client_id, kind, payload, *args, **kwargs)
-            if out is not None and self.entries and kind in ("smashed", "server_hidden", "head_gradient"):
+            if out is not None and self._step == 0 and self.entries and kind in ("smashed", "server_hidden",
+                                                                                "head_gradient"):
                 name = {"smashed": "server_labels", "server_hidden": "top", "head_gradient": "gradient"}[kind]
                 self.entries[-1][name] = out[1] if kind == "smashed" else out
             return out
 
+        algorithm.begin_round, algorithm.local_step = begin, step
         fed.client_forward, fed.transport.to_server, coder.decode = client_forward, sent, decoded
+
+    def client_model(self, trainer: FSLSageTrainer):
+        """The global client model as the server broadcast it at the start of the recorded round."""
+        client = copy.deepcopy(trainer.split.client)
+        load_trainable_state(client, self.entries[-1]["model"])
+        return client
 
     def observed(self) -> attacks.Observed:
         ids, hidden, rows = [], [], []
@@ -122,21 +149,24 @@ def public_batches(data, cfg, collator) -> list[dict[str, torch.Tensor]]:
 
 def attack(cfg, base, trainer: FSLSageTrainer, recorder: Recorder, public, defence: ActivationDefence,
            seed: int, search: bool) -> dict[str, Any]:
-    """Every attack on the recorded uploads of one run."""
+    """Every attack on the recorded uploads of one run (with ``search``, the nearest-token search too)."""
     vocab, cut = base.config.vocab_size, trainer.split.cut_layer
     observed = recorder.observed()
     holders = {"public base": split_causal_lm(copy.deepcopy(base), cut).client,
-               "global client model": trainer.split.client}
+               "global client model": recorder.client_model(trainer)}
     out: dict[str, Any] = {"label_leakage": recorder.label_leakage(), "tokens_attacked": int(observed.ids.numel())}
-    fitted_on = [attacks.client_activations(client, public, defence) for client in holders.values()]
+    # (in evaluation and in training mode: the uploads carry the dropout of training, which the server knows)
+    fitted_on = [attacks.client_activations(client, public, defence, training) for client in holders.values()
+                 for training in (False, True)]
     for kind in ("linear", "mlp"):
-        inverter = attacks.fit_inverter(fitted_on, vocab, kind, cfg["inverter_steps"], seed)
+        inverter = attacks.fit_inverter(fitted_on, vocab, kind, cfg["inverter_steps"], seed=seed)
         tokens, rows = attacks.recovery(attacks.invert(inverter, observed), observed.ids, observed.rows)
         out[kind] = {"tokens": tokens, "rows": rows}
     if search:
-        found, truth = attacks.nearest_token_search(trainer.split.client, observed, vocab, cfg["search_rows"],
-                                                    defence.clip_norm)
-        tokens, rows = attacks.recovery(found, truth, observed.rows[:cfg["search_rows"]])
+        found, truth, searched = attacks.nearest_token_search(holders["global client model"], observed, vocab,
+                                                              cfg["search_rows"], cfg["search_tokens"],
+                                                              defence.clip_norm)
+        tokens, rows = attacks.recovery(found, truth, searched)
         out["nearest"] = {"tokens": tokens, "rows": rows}
     out["max_token_recovery"] = max(out[k]["tokens"] for k in ("linear", "mlp", "nearest") if k in out)
     if trainer.split.private_labels:  # labels from the returned gradients, with the frozen head the server knows
@@ -266,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for algorithm in ALGORITHMS:
             for private in (False, True):
                 add(run(cfg, base, data, collator, public, algorithm, 1, private, none, seed,
-                        do_attack=seed == opts.seeds[0], search=seed == opts.seeds[0]))
+                        do_attack=seed == opts.seeds[0], search=seed == opts.seeds[0]))  # (then: loss, bytes)
     # 2. defences at every cut (labels on the clients), first seed
     for cut in cfg["cuts"]:
         if cut != 1:
@@ -281,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     (out / f"{name}.partial.json").unlink()
     plot(results, out / f"{name}.png")
-    print(json.dumps(results["summary"], indent=1))
+    print(tables(results))
     return results
 
 
@@ -325,6 +355,50 @@ def summarize(results: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
     summary["goal_met_by"] = [f for f in frontier if f["defence"] != "none" and f["eval_loss_cost"] is not None
                               and f["eval_loss_cost"] <= 0.05 and f["max_token_recovery"] <= 0.10]
     return summary
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "not reached"
+    mean = statistics.mean(values)
+    return format(mean, fmt) + (f" ± {format((max(values) - min(values)) / 2, fmt)}" if len(values) > 1 else "")
+
+
+def tables(results: dict[str, Any]) -> str:
+    """The three tables of docs/privacy.md, in Markdown."""
+    summary, lines = results["summary"], []
+    lines += ["| algorithm | eval loss, labels up | eval loss, labels private | private vs up | MB, labels up | "
+              "MB, private | MB to target, private |", "|---|---|---|---|---|---|---|"]
+    for name, m in summary["modes"].items():
+        relative = [100 * r for r in m["private_vs_up_relative"]]
+        lines.append(f"| {name} | {_spread(m['eval_loss_labels_up'], '.4f')} | "
+                     f"{_spread(m['eval_loss_private'], '.4f')} | {_spread(relative, '+.2f')} % | "
+                     f"{_spread([b / 1e6 for b in m['bytes_labels_up']], '.2f')} | "
+                     f"{_spread([b / 1e6 for b in m['bytes_private']], '.2f')} | "
+                     f"{_spread([None if b is None else b / 1e6 for b in m['bytes_to_target_private']], '.2f')} |")
+    lines += ["", "| algorithm | cut | labels | label tokens on the wire | labels from returned gradients | linear | "
+              "MLP | nearest-token search | exact rows (search) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        a = r.get("attacks")
+        if a and r["defence"] == "none":
+            grads = a.get("labels_from_gradients")
+            lines.append(f"| {r['algorithm']} | {r['cut_layer']} | {'client' if r['private_labels'] else 'server'} | "
+                         f"{100 * a['label_leakage']:.0f} % | {'-' if grads is None else f'{100 * grads:.1f} %'} | "
+                         f"{100 * a['linear']['tokens']:.1f} % | {100 * a['mlp']['tokens']:.1f} % | "
+                         f"{100 * a['nearest']['tokens']:.1f} % | {100 * a['nearest']['rows']:.0f} % |")
+    lines += ["", "| algorithm | cut | defence | eval loss | cost | linear | MLP | search | best attack |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for f in summary["frontier"]:
+        cost = "-" if f["eval_loss_cost"] is None else f"{100 * f['eval_loss_cost']:+.2f} %"
+        by = f["by_attack"]
+        lines.append(f"| {f['algorithm']} | {f['cut_layer']} | {f['defence']} | {f['eval_loss']:.4f} | {cost} | "
+                     f"{100 * by['linear']:.1f} % | {100 * by['mlp']:.1f} % | {100 * by.get('nearest', 0):.1f} % | "
+                     f"{100 * f['max_token_recovery']:.1f} % |")
+    ratio = summary["fsl_sage_vs_splitfed_v2_bytes_to_target"]
+    lines += ["", f"target eval loss {results['target_eval_loss']:.4f}; FSL-SAGE / SplitFed-V2 bytes to it (labels "
+              f"private): {_spread(ratio, '.3f')}; defences meeting both goals: {len(summary['goal_met_by'])}"]
+    return "\n".join(lines)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

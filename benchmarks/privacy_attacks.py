@@ -36,10 +36,11 @@ class Observed:
 
 @torch.no_grad()
 def client_activations(client: SplitClient, batches: list[dict[str, torch.Tensor]],
-                       defence: ActivationDefence | None = None) -> Observed:
-    """``client``'s cut-layer output on ``batches`` (through ``defence`` when given), at the kept positions."""
+                       defence: ActivationDefence | None = None, training: bool = False) -> Observed:
+    """``client``'s cut-layer output on ``batches`` (through ``defence`` when given), at the kept positions; with
+    ``training``, with the dropout of training, as the uploads have it."""
     ids, hidden, rows = [], [], []
-    client.eval()
+    client.train(training)
     for batch in batches:
         mask = batch["attention_mask"].bool()
         if defence is not None and defence.active:
@@ -69,11 +70,11 @@ class _Inverter(nn.Module):
 def fit_inverter(public: list[Observed], vocab: int, kind: str = "linear", steps: int = 300, batch: int = 1024,
                  seed: int = 0) -> nn.Module:
     """A token classifier on standardised activations: ``"linear"`` (softmax regression, Adam 1e-2) or ``"mlp"``
-    (one hidden layer of 256, GELU, Adam 3e-3), on minibatches of ``batch`` tokens of the public activations
+    (one hidden layer of 128, GELU, Adam 3e-3), on minibatches of ``batch`` tokens of the public activations
     (of every client model in ``public`` together)."""
     torch.manual_seed(seed)
     x, y = torch.cat([p.hidden for p in public]), torch.cat([p.ids for p in public])
-    model = _Inverter(x.shape[1], vocab, None if kind == "linear" else 256, x.mean(0), x.std(0).clamp_min(1e-6))
+    model = _Inverter(x.shape[1], vocab, None if kind == "linear" else 128, x.mean(0), x.std(0).clamp_min(1e-6))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2 if kind == "linear" else 3e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -91,16 +92,19 @@ def invert(inverter: nn.Module, observed: Observed) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nearest_token_search(client: SplitClient, observed: Observed, vocab: int, max_rows: int,
-                         clip: float | None = None, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recovered ids of the first ``max_rows`` sequences, and their true ids (both flat over positions)."""
+def nearest_token_search(client: SplitClient, observed: Observed, vocab: int, max_rows: int, max_tokens: int,
+                         clip: float | None = None, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Recovered ids of the first ``max_tokens`` positions of the first ``max_rows`` sequences, their true ids
+    (both flat over positions) and the positions searched per sequence."""
     client.eval()
-    found, truth, start = [], [], 0
+    found, truth, start, searched = [], [], 0, []
     defence = ActivationDefence(clip)
-    for length in observed.rows[:max_rows]:
+    for row_length in observed.rows[:max_rows]:
+        length = min(row_length, max_tokens)
         target = observed.hidden[start:start + length]
         truth.append(observed.ids[start:start + length])
-        start += length
+        start += row_length
+        searched.append(length)
         prefix = torch.zeros(0, dtype=torch.long)
         for t in range(length):
             best, best_id = None, 0
@@ -114,7 +118,7 @@ def nearest_token_search(client: SplitClient, observed: Observed, vocab: int, ma
                     best, best_id = value, int(candidates[index])
             prefix = torch.cat([prefix, torch.tensor([best_id])])
         found.append(prefix)
-    return torch.cat(found), torch.cat(truth)
+    return torch.cat(found), torch.cat(truth), searched
 
 
 def recovery(found: torch.Tensor, truth: torch.Tensor, rows: list[int]) -> tuple[float, float]:

@@ -24,14 +24,6 @@ from tests.tiny_models import max_split_diff, one_fsl_sage_round, round_problems
 SENDING = ["splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class WireLog(list):
     """``(direction, kind, payload)`` of every message, in order; ``clients`` holds each one's client."""
 
@@ -152,8 +144,8 @@ def test_a_family_with_a_carried_activation_trains_with_private_labels(tmp_path,
 @pytest.mark.parametrize("algorithm", SENDING)
 def test_no_label_reaches_the_server(tmp_path, algorithm):
     """Every server-bound message of a run, as encoded: no labels field, no integer tensor but the row lengths,
-    and none of the label tokens' ids anywhere an integer could hide. The same run with labels on the server does
-    send them (so the check can fail)."""
+    and none of the label tokens' ids anywhere an integer could hide. With labels on the server the same check
+    fails (shown once)."""
     trainer = make_trainer(tmp_path, algorithm, use_lora=True, private_labels=True, max_steps=4)
     log = wire_log(trainer)
     trainer.train()
@@ -165,6 +157,8 @@ def test_no_label_reaches_the_server(tmp_path, algorithm):
     lengths = [p["lengths"] for p in smashed]
     assert len(integers) == len(lengths) and all(any(t is n for n in lengths) for t in integers)
 
+    if algorithm != "splitfed_v2":
+        return
     standard = make_trainer(tmp_path / "standard", algorithm, use_lora=True, max_steps=4)
     log = wire_log(standard)
     standard.train()
@@ -319,10 +313,10 @@ def test_dx_noise_reaches_the_uploads_only_in_training(tmp_path):
     client = trainer.federation.clients[0]
     batch = {"input_ids": torch.randint(0, 50, (2, 6))}
     client.model.module.eval()
-    quiet = trainer.federation.client_forward(client, batch).hidden_states
+    quiet = trainer.federation.client_forward(client, batch).hidden_states.detach()
     client.model.module.train()
-    noisy = trainer.federation.client_forward(client, batch).hidden_states
-    assert torch.equal(quiet, client.model.module(batch["input_ids"]).hidden_states)
+    noisy = trainer.federation.client_forward(client, batch).hidden_states.detach()
+    assert torch.equal(quiet, client.model.module(batch["input_ids"]).hidden_states.detach())
     assert float((noisy - quiet).abs().max()) > 0.1
 
 
