@@ -126,6 +126,7 @@ def load_data(cfg: dict[str, Any], tok, seed: int, full_vocab: bool, path: Path)
         out["eval"] = out["eval"].select(range(min(cfg["eval_rows"], len(out["eval"]))))
     out["sizes"] = {name: len(out[name]) for name in names}
     out["vocab_size"], out["pad_id"] = vocab, pad
+    out["token_index"] = None if full_vocab else index  # GPT-2 id -> the id used here
     return out
 
 

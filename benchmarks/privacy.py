@@ -5,8 +5,9 @@
 
 Same data, base model and clients as ``compare_algorithms.py`` (its helpers and preset): the E2E dev set split by
 ``mr`` into a pretraining part, the clients' training part and an eval part; a small GPT-2 pretrained centrally
-on the pretraining part's references. The pretraining part is also the attacker's public text: no client holds
-its ``mr`` values. Every run fine-tunes the base with LoRA for the same number of global steps.
+on the pretraining part's references. The pretraining part's rows (meaning representation and reference, as the
+clients' rows) are also the attacker's public text: no client holds their ``mr`` values. Every run fine-tunes the
+base with LoRA for the same number of global steps.
 
 Per run (algorithm, cut layer, labels on the server or on the clients, defence) it reports the eval loss (and
 its curve against bytes), the bytes by kind, and what the server reads from the uploads of the first local step
@@ -41,6 +42,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
+from e2e_task.data import E2E_SAMPLE_PATH, load_e2e_csv, offline_gpt2_tokenizer, split_by_mr, tokenize_e2e
 from hf_fsl_sage import FSLSageTrainer, split_causal_lm
 from hf_fsl_sage.federation.federation import load_trainable_state, trainable_state
 from hf_fsl_sage.transport.defences import ActivationDefence
@@ -142,9 +144,19 @@ class Curve(TrainerCallback):
         self.points.append({"step": state.global_step, "bytes": ledger.total, "eval_loss": metrics["eval_loss"]})
 
 
-def public_batches(data, cfg, collator) -> list[dict[str, torch.Tensor]]:
-    rows = data["pretrain"].select(range(min(cfg["public_rows"], len(data["pretrain"]))))
-    return [collator([rows[i] for i in range(s, min(len(rows), s + 32))]) for s in range(0, len(rows), 32)]
+def public_batches(data, cfg, collator, path: Path, seed: int) -> list[dict[str, torch.Tensor]]:
+    """The attacker's public text: rows of the pretraining part (whose ``mr`` no client holds) formatted as the
+    clients format theirs (``mr``, separator, reference), in the run's token ids; rows with a token outside the
+    run's vocabulary are left out."""
+    raw = load_e2e_csv(path)
+    if cfg["rows"]:
+        raw = raw.select(range(cfg["rows"]))
+    public = split_by_mr(raw, eval_fraction=0.1, test_fraction=0.3, seed=seed)["test"]
+    rows, index = tokenize_e2e(public, offline_gpt2_tokenizer(), max_length=cfg["max_length"]), data["token_index"]
+    kept = [{"input_ids": [index[t] for t in r["input_ids"]], "attention_mask": r["attention_mask"],
+             "labels": [t if t < 0 else index[t] for t in r["labels"]]}
+            for r in rows if index is None or all(t in index for t in r["input_ids"])][:cfg["public_rows"]]
+    return [collator(kept[s:s + 32]) for s in range(0, len(kept), 32)]
 
 
 def attack(cfg, base, trainer: FSLSageTrainer, recorder: Recorder, public, defence: ActivationDefence,
@@ -268,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base.load_state_dict(init_args[6])
     base.eval()
     collator = bench.PadCollator(data["pad_id"])
-    public = public_batches(data, cfg, collator)
+    path = Path(opts.data) if opts.data else (bench.DEVSET if bench.DEVSET.is_file() else E2E_SAMPLE_PATH)
+    public = public_batches(data, cfg, collator, path, opts.seed)
     central = bench.centralized(cfg, base, data, collator, True, opts.seed)
     base_loss = central["curve"][0]["eval_loss"]
     target = base_loss - cfg["gap_target"] * (base_loss - central["final_eval_loss"])
@@ -291,20 +304,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{seen}", flush=True)
 
     none = ActivationDefence()
-    # 1. modes at cut 1: labels on the server or on the clients, every seed (the comparison claims rest on)
-    for seed in opts.seeds:
+    first, later = opts.seeds[0], opts.seeds[1:]
+    # In order of what the conclusions rest on, so that a run cut short still has them:
+    # 1. labels on the server or on the clients, cut 1, first seed, every attack
+    for algorithm in ALGORITHMS:
+        for private in (False, True):
+            add(run(cfg, base, data, collator, public, algorithm, 1, private, none, first, True, True))
+    # 2. deeper cuts, labels on the clients, every attack
+    for cut in cfg["cuts"][1:]:
+        for algorithm in cfg["deeper_algorithms"]:
+            add(run(cfg, base, data, collator, public, algorithm, cut, True, none, first, True, True))
+    # 3. the defences at cut 1
+    for _, _, defence in defences(cfg, base, public, 1):
+        for algorithm in cfg["defended_algorithms"]:
+            add(run(cfg, base, data, collator, public, algorithm, 1, True, defence, first, True, True))
+    # 4. the other seeds of the modes (eval loss and bytes: the equal-steps and bytes-to-target comparisons)
+    for seed in later:
         for algorithm in ALGORITHMS:
             for private in (False, True):
-                add(run(cfg, base, data, collator, public, algorithm, 1, private, none, seed,
-                        do_attack=seed == opts.seeds[0], search=seed == opts.seeds[0]))  # (then: loss, bytes)
-    # 2. defences at every cut (labels on the clients), first seed
-    for cut in cfg["cuts"]:
-        if cut != 1:
-            for algorithm in cfg["deeper_algorithms"]:
-                add(run(cfg, base, data, collator, public, algorithm, cut, True, none, opts.seeds[0], True, True))
+                add(run(cfg, base, data, collator, public, algorithm, 1, private, none, seed, False, False))
+    # 5. the defences at deeper cuts, FSL-SAGE
+    for cut in cfg["cuts"][1:]:
         for _, _, defence in defences(cfg, base, public, cut):
-            for algorithm in cfg["defended_algorithms"] if cut == 1 else ["fsl_sage"]:  # (FSL-SAGE deeper only)
-                add(run(cfg, base, data, collator, public, algorithm, cut, True, defence, opts.seeds[0], True, True))
+            add(run(cfg, base, data, collator, public, "fsl_sage", cut, True, defence, first, True, True))
     results["summary"] = summarize(results, opts.seeds)
     results["wall_seconds"], results["cpu_seconds"] = time.time() - start, time.process_time() - cpu
     results["machine"] = "2 shared CPU cores (other jobs running): CPU seconds are the comparable figure"
