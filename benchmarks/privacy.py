@@ -197,10 +197,11 @@ def attack(cfg, base, trainer: FSLSageTrainer, recorder: Recorder, public, defen
     return out
 
 
-def run(cfg, base, data, collator, public, algorithm: str, cut: int, private: bool, defence: ActivationDefence,
-        seed: int, do_attack: bool, search: bool) -> dict[str, Any]:
+def run_one(cfg, base, data, collator, public, algorithm: str, cut: int, private: bool, defence: ActivationDefence,
+            seed: int, do_attack: bool, search: bool) -> dict[str, Any]:
     set_seed(seed)
-    overrides = {"cut_layer": cut, "private_labels": private, "max_comm_bytes": None,
+    aux_layers = min(cfg.get(algorithm, {}).get("aux_num_layers", 1), cfg["n_layer"] - cut)  # blocks after the cut
+    overrides = {"cut_layer": cut, "private_labels": private, "max_comm_bytes": None, "aux_num_layers": aux_layers,
                  "eval_steps": cfg["local_steps"], "smashed_clip_norm": defence.clip_norm,
                  "smashed_noise_multiplier": defence.noise_multiplier,
                  "embedding_dx_epsilon": defence.embedding_epsilon}
@@ -292,6 +293,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    done = {}  # with --resume: the runs an interrupted run finished, by what they ran
+    if opts.resume and (out / f"{name}.partial.json").is_file():
+        saved = json.loads((out / f"{name}.partial.json").read_text())["runs"]
+        done = {(r["algorithm"], r["cut_layer"], r["private_labels"], r["defence"], r["seed"]): r for r in saved}
+
+    def run(cfg, base, data, collator, public, algorithm, cut, private, defence, seed, do_attack, search):
+        key = (algorithm, cut, private, describe(defence), seed)
+        return done[key] if key in done else run_one(cfg, base, data, collator, public, algorithm, cut, private,
+                                                     defence, seed, do_attack, search)
+
     def add(row: dict[str, Any]) -> None:
         results["runs"].append(row)
         (out / f"{name}.partial.json").write_text(json.dumps(results))
@@ -323,10 +334,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for algorithm in ALGORITHMS:
             for private in (False, True):
                 add(run(cfg, base, data, collator, public, algorithm, 1, private, none, seed, False, False))
-    # 5. the defences at deeper cuts, FSL-SAGE
+    # 5. the strongest setting of each defence at deeper cuts, FSL-SAGE
     for cut in cfg["cuts"][1:]:
-        for _, _, defence in defences(cfg, base, public, cut):
-            add(run(cfg, base, data, collator, public, "fsl_sage", cut, True, defence, first, True, True))
+        grid = defences(cfg, base, public, cut)
+        for kind in ("gaussian", "dx"):
+            strongest = [d for k, _, d in grid if k == kind][-1 if kind == "gaussian" else 0]
+            add(run(cfg, base, data, collator, public, "fsl_sage", cut, True, strongest, first, True, True))
     results["summary"] = summarize(results, opts.seeds)
     results["wall_seconds"], results["cpu_seconds"] = time.time() - start, time.process_time() - cpu
     results["machine"] = "2 shared CPU cores (other jobs running): CPU seconds are the comparable figure"
