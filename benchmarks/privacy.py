@@ -50,8 +50,9 @@ from hf_fsl_sage.transport.defences import ActivationDefence
 
 ALGORITHMS = ["splitfed_v2", "cse_fsl", "fsl_sage"]
 FULL = {**bench.FULL, "max_steps": 40, "public_rows": 256, "attack_uploads": 4, "search_rows": 3,
-        "search_tokens": 24, "inverter_steps": 300, "noise_multipliers": [0.5, 2.0], "dx_scales": [1.0, 4.0],
-        "cuts": [1, 2, 3], "gap_target": 0.5, "defended_algorithms": ALGORITHMS, "deeper_algorithms": ALGORITHMS}
+        "search_tokens": 24, "inverter_steps": 300, "noise_multipliers": [0.05, 0.15, 0.5, 2.0],
+        "dx_scales": [1.0, 4.0], "cuts": [1, 2, 3], "gap_target": 0.5, "defended_algorithms": ALGORITHMS,
+        "deeper_algorithms": ALGORITHMS}
 QUICK = {**bench.QUICK, "n_layer": 4, "max_steps": 4, "public_rows": 256, "attack_uploads": 2, "search_rows": 1,
          "search_tokens": 16,
          "inverter_steps": 300, "noise_multipliers": [1.0], "dx_scales": [1.0], "cuts": [1, 2], "gap_target": 0.5,
@@ -334,12 +335,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for algorithm in ALGORITHMS:
             for private in (False, True):
                 add(run(cfg, base, data, collator, public, algorithm, 1, private, none, seed, False, False))
-    # 5. the strongest setting of each defence at deeper cuts, FSL-SAGE
+    # 5. at deeper cuts, FSL-SAGE with the largest noise multiplier and with the smallest d_chi scale
     for cut in cfg["cuts"][1:]:
         grid = defences(cfg, base, public, cut)
-        for kind in ("gaussian", "dx"):
-            strongest = [d for k, _, d in grid if k == kind][-1 if kind == "gaussian" else 0]
-            add(run(cfg, base, data, collator, public, "fsl_sage", cut, True, strongest, first, True, True))
+        for kind, pick in (("gaussian", -1), ("dx", 0)):
+            setting = [d for k, _, d in grid if k == kind][pick]
+            add(run(cfg, base, data, collator, public, "fsl_sage", cut, True, setting, first, True, True))
     results["summary"] = summarize(results, opts.seeds)
     results["wall_seconds"], results["cpu_seconds"] = time.time() - start, time.process_time() - cpu
     results["machine"] = "2 shared CPU cores (other jobs running): CPU seconds are the comparable figure"
