@@ -164,7 +164,7 @@ class Algorithm:
         smashed = Smashed(TensorSpec((*seq, *split.cut_shape), FLOATS),
                           TensorSpec(seq, (torch.bool,), optional=True),
                           TensorSpec((None, "seq"), INTEGERS, optional=True), carried)
-        labels = None if self.fed.private_labels else TensorSpec(seq, INTEGERS)
+        labels = None if split.private_labels else TensorSpec(seq, INTEGERS)
         return (smashed, labels), {"batch": self.fed.batch_size}
 
     def expected_reply(self, client: Client) -> Any:
