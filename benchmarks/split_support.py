@@ -4,7 +4,8 @@ For every family of the installed transformers (``AutoModelForCausalLM``'s regis
 ``tests.family_support.check_family``, the very check ``tests/test_split.py`` runs on each family: a tiny
 random model split at every cut and compared with the unsplit model (no mask, right padding, left padding with
 and without position ids), then one FSL-SAGE round (client step on the auxiliary estimate, server step,
-alignment, FedAvg) that must end with finite losses and moved weights. Each family runs in a worker process
+alignment, FedAvg) that must end with finite losses and moved weights; an exact family is also split with the
+labels on the client (``private_labels=True``) and compared the same way. Each family runs in a worker process
 with a time limit, so a family that crashes or hangs costs only itself.
 
     python benchmarks/split_support.py                 # all families, updates the table in the docs
@@ -140,22 +141,31 @@ def markdown(rows: list[dict], command: str, version: str) -> str:
     trains = sum(bool(r.get("trains")) for r in rows)
     counts = Counter(r["status"] for r in rows if r["status"] != "exact")
     others = "; ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    private = Counter(r["private_labels"] for r in rows if r.get("private_labels"))
     lines = [
         f"**{exact} of {len(rows)} causal-LM families split exactly** (tiny random models, fp32, every cut, "
         f"no mask / right padding / left padding with and without position ids; |Δlogit| ≤ {LOGIT_TOLERANCE:g}, "
         f"|Δloss| ≤ {LOSS_TOLERANCE:g}, NaN never equal)" + (f"; {others}." if others else ".")
         + f" **{trains} of these {exact} families train**: one FSL-SAGE round (client step on the auxiliary "
         "estimate, server step, alignment, FedAvg) ends with finite losses and changed client and server weights "
-        "(status \"exact and trains\").",
+        "(status \"exact and trains\"). "
+        f"**With the labels on the client** (`private_labels=True`, [privacy](privacy.md)) "
+        f"{private['exact']} of them split exactly at every cut (same cases and tolerances), "
+        f"{private['refused']} are refused by their declaration"
+        + "".join(f", {n} {k}" for k, n in sorted(private.items()) if k not in ("exact", "refused")) + ".",
         f"Produced by `{command}` with transformers {version}; `tests/test_split.py` runs the same check on every "
         "family of the installed transformers.",
         "",
-        "| family | model class | status | max \\|Δlogit\\| |",
-        "|---|---|---|---|",
+        "| family | model class | status | max \\|Δlogit\\| | labels on the client |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
         diff = f"{r['max_logit_diff']:.1e}" if "max_logit_diff" in r else ""
-        lines.append(f"| {r['family']} | {r.get('model_class', '')} | {_status(r).replace('|', '/')} | {diff} |")
+        private = r.get("private_labels", "")
+        if private and private != "exact":
+            private += f": {r.get('private_labels_reason', '')}".rstrip(": ")
+        lines.append(f"| {r['family']} | {r.get('model_class', '')} | {_status(r).replace('|', '/')} | {diff} | "
+                     f"{private.replace('|', '/')} |")
     return "\n".join(lines)
 
 

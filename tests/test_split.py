@@ -85,6 +85,8 @@ def test_support_table_lists_the_installed_families() -> None:
                                    f"{sorted(set(ROWS) - installed)})"
     assert all(ROWS[f]["status"] == "exact" and ROWS[f]["trains"] for f in FAMILIES), regenerate
     assert all(ROWS[f]["status"] == "unsupported" for f in installed - set(FAMILIES)), regenerate
+    assert all(ROWS[f].get("private_labels") == ("refused" if private_labels_problem(f) else "exact")
+               for f in FAMILIES), regenerate
     assert SUPPORT["exact"] == SUPPORT["trains"] == len(FAMILIES) and SUPPORT["total"] == len(installed)
     split_support = _benchmark()
     page = split_support.TABLE_PAGE.read_text()
