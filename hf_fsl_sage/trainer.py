@@ -49,6 +49,7 @@ from .integrations.callbacks import ClientEpochs, CommBudgetStop
 from .splitting.materialise import load_pretrained, load_tokenizer, release_unneeded
 from .splitting.split import split_causal_lm
 from .timing import PARTS, StepTimer, per_step
+from .transport.base import Transport
 from .transport.codecs import ActivationCoder
 from .transport.defences import ActivationDefence
 from .transport.distributed import DistributedTransport
@@ -83,6 +84,9 @@ class FSLSageTrainer(Trainer):
         model_init_kwargs: keyword arguments for ``from_pretrained`` when ``model`` is a string;
             ``{"dtype": torch.bfloat16}`` keeps the frozen base in bf16 while LoRA adapters and their
             optimizer states stay fp32 (PEFT's default), and smashed activations travel in bf16.
+        transport: what carries the messages between the parties when it is not this process or the
+            ``accelerate launch`` process group: the Flower apps of :mod:`hf_fsl_sage.flower` pass one (with
+            its placement); leave it None otherwise.
 
     Under ``accelerate launch`` a process that holds clients but not the server materialises only the
     embedding stage, blocks ``[0, cut_layer)`` and the server blocks its auxiliary models copy; the rest of
@@ -102,6 +106,7 @@ class FSLSageTrainer(Trainer):
         peft_config: PeftConfig | None = None,
         callbacks: list[TrainerCallback] | None = None,
         model_init_kwargs: dict[str, Any] | None = None,
+        transport: Transport | None = None,
     ):
         # Args
         if args is None:
@@ -111,7 +116,8 @@ class FSLSageTrainer(Trainer):
                             "build one with FSLSageConfig(...).")
 
         # Placement: a process that holds clients but not the server needs only part of the model
-        placement = Placement.build(args.process_index, args.world_size, args.num_clients, args.client_ranks)
+        placement = getattr(transport, "placement", None) or Placement.build(
+            args.process_index, args.world_size, args.num_clients, args.client_ranks)
         algorithm_cls = get_algorithm(args.algorithm)
         server_blocks = None if placement.is_server else algorithm_cls.server_blocks_on_clients(args)
         # Labels and defences concern what crosses the wire during a round (not FedAvg's: nothing does)
@@ -190,7 +196,9 @@ class FSLSageTrainer(Trainer):
         self.placement = placement
         #: Which processes are still in the run (several processes with client_failures="drop"; else None).
         self.membership = None
-        if self.placement.is_distributed:
+        if transport is not None:
+            logger.info(f"Federated split placement: {self.placement.describe()}")
+        elif self.placement.is_distributed:
             if torch.distributed.get_backend() == "gloo":  # the deadline Trainer gives NCCL's group, on CPUs too
                 torch.distributed.distributed_c10d._set_pg_timeout(args.ddp_timeout_delta)
             # Control traffic on a gloo group, tensors on the launch's backend (NCCL on GPUs): see transport.groups
@@ -205,6 +213,8 @@ class FSLSageTrainer(Trainer):
         else:
             transport = LocalTransport()
         # Activations cross the wire encoded; the receiver checks and decodes them to the model's dtype.
+        #: Whether the processes share a torch.distributed process group (``accelerate launch``) for collectives.
+        self._collectives = isinstance(transport, DistributedTransport)
         transport.coder = ActivationCoder(args.smashed_codec, dtype=next(self.split.server.parameters()).dtype,
                                           hidden_size=self.split.cut_width, vocab_size=vocab,
                                           hidden_shape=self.split.cut_shape, carried=self.split.carried_shapes,
@@ -222,7 +232,11 @@ class FSLSageTrainer(Trainer):
                                      defence=defence if algorithm_cls.sends_activations else None)
         self.algorithm = algorithm_cls.from_config(args, self.federation)
         self._round_metrics: dict[str, float] = {}
+        #: What this process's parties reported in the last global step, by client.
+        self.step_results: dict[int, dict[str, float]] = {}
         self._server_losses: list[float] = []
+        self._guard_seen = [0, 0]  # this process's guard counts at the last log_sums()
+        self._guard_counts = [0, 0]  # skipped updates and dropped clients of every process, as logged
         #: Bytes on the wire at the end of the global step that reached ``max_comm_bytes`` (None until then).
         self.comm_budget_reached: int | None = None
         if args.max_comm_bytes is not None:
@@ -305,21 +319,25 @@ class FSLSageTrainer(Trainer):
             self.federation.guard.new_round()
             self._round_metrics.update(self.algorithm.begin_round(round_index, participants))
         self.algorithm.train()
-        losses = []
+        self.step_results = {}
         with self.accelerator.autocast():
             for c in participants:
                 held = self.placement.holds_client(c)
                 batch = self._prepare_inputs(inputs["clients"][c]) if held else None
-                result = self.algorithm.local_step(c, batch, round_index, local)
-                if result.get("loss") is not None:
-                    losses.append(result["loss"])
-                if result.get("server_loss") is not None:
-                    self._server_losses.append(result["server_loss"])
+                self.step_results[c] = self.algorithm.local_step(c, batch, round_index, local)
         if inputs["round_end"]:
             self._round_metrics.update(self.algorithm.end_round(round_index, participants))
             if any(k.startswith("align_") for k in self._round_metrics):
                 self.log({"round": round_index, **self._pop_align_metrics()})
-        processes = self.placement.world_size
+        elsewhere = self.federation.transport.step_done(inputs["step"])  # what other processes computed
+        losses = []
+        for c in participants:
+            result = {**elsewhere.get(c, {}), **self.step_results[c]}
+            if result.get("loss") is not None:
+                losses.append(result["loss"])
+            if result.get("server_loss") is not None:
+                self._server_losses.append(result["server_loss"])
+        processes = self.args.world_size  # Trainer averages the returned loss over its processes
         if self.membership is not None:  # before any collective: the processes agree on who is left
             self._sync_membership(inputs["step"])
             processes = len(self.membership.members)
@@ -345,7 +363,7 @@ class FSLSageTrainer(Trainer):
         (one int64 per global step, only when a budget is set).
         """
         total = self.federation.transport.ledger.total
-        if self.placement.is_distributed:
+        if self._collectives:
             total = int(self.federation.transport.broadcast(torch.tensor([total], dtype=torch.int64))[0])
         if total >= self.args.max_comm_bytes:
             self.comm_budget_reached = total
@@ -368,22 +386,21 @@ class FSLSageTrainer(Trainer):
             logs.update(self.federation.transport.ledger.metrics())
             logs.update(self._time_metrics(self.federation.timer.totals(), self._timed_steps[1]))
         elif "loss" in logs and "eval_loss" not in logs:
-            guard = self.federation.guard
-            means = {"server_loss": (sum(self._server_losses), len(self._server_losses)),
-                     **self.algorithm.log_sums()}
-            self._server_losses = []
-            values = [v for pair in means.values() for v in pair] + [guard.skipped_updates, guard.dropped_clients]
-            sums = torch.tensor(values, dtype=torch.float64)
-            if self.placement.is_distributed:  # every process logs the same means at the same step
+            names, sums = self.log_sums()
+            means = dict.fromkeys(names[:-2])
+            if self._collectives:  # every process logs the same means at the same step
                 sums = self.federation.transport.all_reduce(sums)
+            else:
+                sums = sums + self.federation.transport.peer_sums("log", sums)
             for i, name in enumerate(means):
                 total, count = float(sums[2 * i]), int(sums[2 * i + 1])
                 if count:
                     logs[name] = round(total / count, 4)
+            self._guard_counts = [a + int(b) for a, b in zip(self._guard_counts, sums[-2:])]  # since the run began
             if self.args.nonfinite == "skip":
-                logs["skipped_updates"] = int(sums[-2])  # since the start of the run
+                logs["skipped_updates"] = self._guard_counts[0]
             if self.args.client_failures == "drop":
-                logs["dropped_clients"] = int(sums[-1])
+                logs["dropped_clients"] = self._guard_counts[1]
             logs["round"] = self.schedule.position(max(self.state.global_step - 1, 0))[0]
             logs.update(self.federation.transport.ledger.metrics())
             logs.update(self._time_metrics(self.federation.timer.pop(), self._timed_steps[0]))
@@ -391,13 +408,28 @@ class FSLSageTrainer(Trainer):
             logs = {k: v for k, v in logs.items() if v is not None}
         super().log(logs, start_time)
 
+    def log_sums(self) -> tuple[list[str], torch.Tensor]:
+        """What this process adds to the logged means since the last call: ``(names, values)``, a ``(sum, count)``
+        pair per mean (``server_loss`` and the algorithm's), then how many ``skipped_updates`` and
+        ``dropped_clients`` the guard counted. Every process of a run has the same names."""
+        guard = self.federation.guard
+        means = {"server_loss": (sum(self._server_losses), len(self._server_losses)), **self.algorithm.log_sums()}
+        self._server_losses = []
+        counts = [guard.skipped_updates, guard.dropped_clients]
+        new = [now - before for now, before in zip(counts, self._guard_seen)]
+        self._guard_seen = counts
+        values = [v for pair in means.values() for v in pair] + new
+        return [*means, "skipped_updates", "dropped_clients"], torch.tensor(values, dtype=torch.float64)
+
     def _time_metrics(self, seconds: dict[str, float], steps: int) -> dict[str, float]:
         """``time/<part>`` in seconds per global step, summed over the processes (each times its parties)."""
-        if self.placement.is_distributed:  # every process logs at the same steps
-            names = [*PARTS, "other"]
-            values = torch.tensor([seconds.get(k, 0.0) for k in names], dtype=torch.float64)
-            seconds = dict(zip(names, self.federation.transport.all_reduce(values).tolist()))
-        return per_step(seconds, steps)
+        names = [*PARTS, "other"]
+        values = torch.tensor([seconds.get(k, 0.0) for k in names], dtype=torch.float64)
+        if self._collectives:  # every process logs at the same steps
+            values = self.federation.transport.all_reduce(values)
+        else:
+            values = values + self.federation.transport.peer_sums("time", values)
+        return per_step(dict(zip(names, values.tolist())), steps)
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -408,7 +440,7 @@ class FSLSageTrainer(Trainer):
         (:func:`~hf_fsl_sage.transport.waiting.share_json`): evaluation, and generation in a callback, may take
         longer than ``ddp_timeout``.
         """
-        if not self.placement.is_distributed:
+        if not self._collectives:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         metrics = None
         if self.placement.is_server:
@@ -424,7 +456,7 @@ class FSLSageTrainer(Trainer):
         return metrics
 
     def get_eval_dataloader(self, eval_dataset=None) -> torch.utils.data.DataLoader:
-        if not self.placement.is_distributed:
+        if not self._collectives:
             return super().get_eval_dataloader(eval_dataset)
         if isinstance(eval_dataset, str):
             eval_dataset = self.eval_dataset[eval_dataset]
@@ -446,7 +478,7 @@ class FSLSageTrainer(Trainer):
         return loss.detach(), None, None
 
     def evaluation_loop(self, *args, **kwargs):
-        if self.placement.is_distributed:
+        if self._collectives:
             self.gather_function = _unchanged  # only this process evaluates: nothing to gather
         # Trainer's ``model.eval()`` reaches ``self.model`` only; the split halves evaluated here follow their own
         # mode, and without this dropout would stay on during evaluation.
@@ -506,6 +538,17 @@ class FSLSageTrainer(Trainer):
                 save_file({n: t.detach().contiguous() for n, t in state.items()}, path)
             save_training_args(self.args, output_dir)  # JSON in place of Trainer's pickled training_args.bin
 
+    def process_state(self) -> dict[str, Any]:
+        """This process's share of a checkpoint: its parties, optimizers and schedules."""
+        return {"federation": self._federation_state(), "optimizers": self.optimizer.state_dict(),
+                "schedulers": self.lr_scheduler.state_dict()}
+
+    def load_process_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`process_state` returned."""
+        self._load_federation_state(state["federation"])
+        self.optimizer.load_state_dict(state["optimizers"])
+        self.lr_scheduler.load_state_dict(state["schedulers"])
+
     def _federation_state(self) -> dict[str, Any]:
         return {**self.federation.state_dict(), "algorithm": self.algorithm.state_dict()}
 
@@ -516,14 +559,16 @@ class FSLSageTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # Each process saves the parties it holds, with their optimizers and schedules, without pickle (in place
         # of Trainer's optimizer.pt and scheduler.pt).
-        state = {"federation": self._federation_state(), "optimizers": self.optimizer.state_dict(),
-                 "schedulers": self.lr_scheduler.state_dict()}
+        state = self.process_state()
         save_federation_state(state, output_dir, self.placement)
         if not self.placement.is_distributed:
             return
         if self.membership is not None and self.membership.lost and self.placement.is_server:
             save_lost_processes(output_dir, self.membership.lost)
-        self.federation.transport.barrier()  # the checkpoint is whole before Trainer writes its state and rotates it
+        if self._collectives:
+            self.federation.transport.barrier()  # the checkpoint is whole before Trainer writes its state, rotates
+        else:
+            self.federation.transport.save_peers(output_dir)
 
     def _save_rng_state(self, output_dir: str) -> None:
         save_rng_state(output_dir, self.placement)  # in place of Trainer's pickled rng_state.pth
@@ -542,9 +587,9 @@ class FSLSageTrainer(Trainer):
                 self._rejoin(lost[rank])
                 return
         state = load_federation_state(checkpoint, self.placement, self.args.device)
-        self._load_federation_state(state["federation"])  # first: it says what differs when the run does not match
-        self.optimizer.load_state_dict(state["optimizers"])
-        self.lr_scheduler.load_state_dict(state["schedulers"])
+        self.load_process_state(state)  # the federation first: it says what differs when the run does not match
+        if not self._collectives:  # processes without a process group (Flower): their transport hands them theirs
+            self.federation.transport.load_peers(checkpoint)
 
     def _rejoin(self, cause: str) -> None:
         """Resume a process that had left the run before the checkpoint, so it wrote no state: its clients sit

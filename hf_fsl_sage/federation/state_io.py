@@ -82,17 +82,30 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     raise ValueError(f"unknown tag {tag!r}")
 
 
+def encode_state(state: Any) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(skeleton, tensors)`` of ``state``: the structure as JSON text, the tensors by the names it gives them."""
+    tensors: dict[str, torch.Tensor] = {}
+    return json.dumps(_encode(state, tensors, "state")), tensors
+
+
+def decode_state(skeleton: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """The state :func:`encode_state` described; :class:`CheckpointError` if the description is malformed."""
+    try:
+        return _decode(json.loads(skeleton), tensors)
+    except (KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f"malformed state structure ({error}).") from None
+
+
 def save_state(state: Any, path: str) -> None:
     """Write ``state`` to ``path`` (a safetensors file), atomically."""
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = _encode(state, tensors, "state")
+    skeleton, tensors = encode_state(state)
     storages = set()
     for name, t in tensors.items():  # safetensors refuses tensors that share memory: give repeats their own
         if t.numel() and (ptr := t.untyped_storage().data_ptr()) in storages:
             tensors[name] = t.clone()
         elif t.numel():
             storages.add(ptr)
-    metadata = {"format": FORMAT, "skeleton": json.dumps(skeleton), "sha256": _digest(tensors)}
+    metadata = {"format": FORMAT, "skeleton": skeleton, "sha256": _digest(tensors)}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     partial = os.path.join(directory, f".{os.path.basename(path)}.partial-{os.getpid()}")
@@ -126,7 +139,9 @@ def load_state(path: str, device: torch.device | str = "cpu") -> Any:
     device = torch.device(device)
     if device.type != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}
+    if "skeleton" not in metadata:
+        raise CheckpointError(f"{path} has no structure.")
     try:
-        return _decode(json.loads(metadata["skeleton"]), tensors)
-    except (KeyError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{path} has a malformed structure ({error}).") from None
+        return decode_state(metadata["skeleton"], tensors)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path} has a {error}") from None

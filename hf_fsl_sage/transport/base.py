@@ -251,6 +251,25 @@ class Transport(ABC):
     @abstractmethod
     def _move(self, client_id: int, direction: str, kind: str, payload: T | None) -> T | None: ...
 
+    # ------------------------------------------------------------ processes without a process group
+    # A transport whose processes share no torch.distributed group (Flower) brings back what the other processes
+    # computed with their messages; the trainer asks for it where it would otherwise use a collective.
+    def step_done(self, step: int) -> dict[int, dict[str, float]]:
+        """End of global ``step`` on this process: what other processes' parties reported for it, by client (their
+        :class:`~hf_fsl_sage.algorithms.base.StepResult` items), when the trainer cannot gather them itself."""
+        return {}
+
+    def peer_sums(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """What the other processes add to this process's ``like`` (the ``"log"`` sums or ``"time"`` seconds
+        of the trainer) since the last call, when the trainer cannot all-reduce them itself; zeros here."""
+        return torch.zeros_like(like)
+
+    def save_peers(self, directory: str) -> None:
+        """Write the other processes' share of a checkpoint into ``directory``, when they cannot write it."""
+
+    def load_peers(self, directory: str) -> None:
+        """Read what :meth:`save_peers` wrote, to hand it back to the other processes."""
+
     def _from_peer(self, client_id: int, direction: str) -> str | None:
         """Who sent the message this process just received, if it came from another process; else ``None``."""
         return None
