@@ -85,6 +85,15 @@ class Timed:
             return self.fn(*args, **kwargs)
 
 
+#: The parts a process's seconds are added up over, in order: the timed parts and the rest of the step.
+TIME_NAMES = (*PARTS, "other")
+
+
+def time_vector(seconds: dict[str, float]) -> torch.Tensor:
+    """The seconds of :data:`TIME_NAMES` as one float64 vector (zero for a part not run)."""
+    return torch.tensor([seconds.get(k, 0.0) for k in TIME_NAMES], dtype=torch.float64)
+
+
 def per_step(seconds: dict[str, float], steps: int) -> dict[str, float]:
     """``time/<part>`` keys: seconds per global step, rounded to microseconds."""
     return {f"time/{k}": round(v / max(steps, 1), 6) for k, v in seconds.items()}

@@ -48,7 +48,7 @@ from .federation.schedule import GlobalStepDataset, RoundSchedule, steps_per_epo
 from .integrations.callbacks import ClientEpochs, CommBudgetStop
 from .splitting.materialise import load_pretrained, load_tokenizer, release_unneeded
 from .splitting.split import split_causal_lm
-from .timing import PARTS, StepTimer, per_step
+from .timing import TIME_NAMES, StepTimer, per_step, time_vector
 from .transport.base import Transport
 from .transport.codecs import ActivationCoder
 from .transport.defences import ActivationDefence
@@ -84,9 +84,9 @@ class FSLSageTrainer(Trainer):
         model_init_kwargs: keyword arguments for ``from_pretrained`` when ``model`` is a string;
             ``{"dtype": torch.bfloat16}`` keeps the frozen base in bf16 while LoRA adapters and their
             optimizer states stay fp32 (PEFT's default), and smashed activations travel in bf16.
-        transport: what carries the messages between the parties when it is not this process or the
-            ``accelerate launch`` process group: the Flower apps of :mod:`hf_fsl_sage.flower` pass one (with
-            its placement); leave it None otherwise.
+        transport: what carries the messages between the parties when it is neither this process nor the
+            ``accelerate launch`` process group: the Flower apps of :mod:`hf_fsl_sage.flower` pass one, which
+            places the clients (``place(num_clients, client_ranks)``); leave it None otherwise.
 
     Under ``accelerate launch`` a process that holds clients but not the server materialises only the
     embedding stage, blocks ``[0, cut_layer)`` and the server blocks its auxiliary models copy; the rest of
@@ -116,8 +116,10 @@ class FSLSageTrainer(Trainer):
                             "build one with FSLSageConfig(...).")
 
         # Placement: a process that holds clients but not the server needs only part of the model
-        placement = getattr(transport, "placement", None) or Placement.build(
-            args.process_index, args.world_size, args.num_clients, args.client_ranks)
+        if transport is not None:  # it knows which process this is (a Flower app's transport)
+            placement = transport.place(args.num_clients, args.client_ranks)
+        else:
+            placement = Placement.build(args.process_index, args.world_size, args.num_clients, args.client_ranks)
         algorithm_cls = get_algorithm(args.algorithm)
         server_blocks = None if placement.is_server else algorithm_cls.server_blocks_on_clients(args)
         # Labels and defences concern what crosses the wire during a round (not FedAvg's: nothing does)
@@ -384,7 +386,7 @@ class FSLSageTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "train_loss" in logs:
             logs.update(self.federation.transport.ledger.metrics())
-            logs.update(self._time_metrics(self.federation.timer.totals(), self._timed_steps[1]))
+            logs.update(self._time_metrics(self.federation.timer.totals(), self._timed_steps[1], "time_total"))
         elif "loss" in logs and "eval_loss" not in logs:
             names, sums = self.log_sums()
             means = dict.fromkeys(names[:-2])
@@ -421,15 +423,15 @@ class FSLSageTrainer(Trainer):
         values = [v for pair in means.values() for v in pair] + new
         return [*means, "skipped_updates", "dropped_clients"], torch.tensor(values, dtype=torch.float64)
 
-    def _time_metrics(self, seconds: dict[str, float], steps: int) -> dict[str, float]:
-        """``time/<part>`` in seconds per global step, summed over the processes (each times its parties)."""
-        names = [*PARTS, "other"]
-        values = torch.tensor([seconds.get(k, 0.0) for k in names], dtype=torch.float64)
+    def _time_metrics(self, seconds: dict[str, float], steps: int, window: str = "time") -> dict[str, float]:
+        """``time/<part>`` in seconds per global step, summed over the processes (each times its parties);
+        ``window``: ``"time"`` (since the last log) or ``"time_total"``."""
+        values = time_vector(seconds)
         if self._collectives:  # every process logs at the same steps
             values = self.federation.transport.all_reduce(values)
         else:
-            values = values + self.federation.transport.peer_sums("time", values)
-        return per_step(dict(zip(names, values.tolist())), steps)
+            values = values + self.federation.transport.peer_sums(window, values)
+        return per_step(dict(zip(TIME_NAMES, values.tolist())), steps)
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

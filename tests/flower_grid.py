@@ -1,0 +1,49 @@
+"""A stand-in for Flower's grid that runs the ClientApp of each node in this process (the tests' engine).
+
+Every message goes through Flower's protobuf form and back, as on the wire; each node keeps its own
+``Context`` between messages, and nothing else: a ClientApp call starts from the message and that context.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+
+
+class InProcessGrid:
+    """``get_node_ids`` and ``send_and_receive`` of a Flower grid over ``num_nodes`` in-process nodes."""
+
+    def __init__(self, client_app, num_nodes: int, run_config: dict, fail: dict[int, int] | None = None):
+        self.client_app = client_app
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what Flower's runtime sets
+        self.contexts = {101 + i: Context(run_id=1, node_id=101 + i, node_config={}, state=RecordDict(),
+                                          run_config=run_config) for i in range(num_nodes)}
+        self.fail = fail or {}  # node ID -> the number of its messages after which it answers no more
+        self.count: dict[int, int] = {}
+        self.wire_bytes = 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for i, message in enumerate(messages):
+            node = message.metadata.dst_node_id
+            self.count[node] = self.count.get(node, 0) + 1
+            if node in self.fail and self.count[node] > self.fail[node]:
+                continue  # gone: no answer
+            message.metadata.__dict__["_message_id"] = f"{node}-{self.count[node]}-{i}"
+            message.metadata.__dict__["_src_node_id"] = 0
+            wire = message_to_proto(message)
+            self.wire_bytes += wire.ByteSize()
+            TaskIdentity.node_id = node
+            try:
+                reply = self.client_app(message_from_proto(wire), self.contexts[node])
+            finally:
+                TaskIdentity.node_id = 0
+            reply.metadata.__dict__["_message_id"] = f"reply-{node}-{self.count[node]}-{i}"
+            wire = message_to_proto(reply)
+            self.wire_bytes += wire.ByteSize()
+            replies.append(message_from_proto(wire))
+        return replies
