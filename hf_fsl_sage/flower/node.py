@@ -84,9 +84,9 @@ class NodeRunner:
             start = cloned(trainer.process_state()), json.loads(json.dumps(transport.counters()))
             try:
                 trainer.training_step(trainer.split, self.steps[self.position])
-            except Blocked:
+            except Blocked:  # undo the step; what it sent stays sent
                 trainer.load_process_state(start[0])
-                transport.load_counters(_int_keys(start[1]))
+                transport.load_counters({**_int_keys(start[1]), "sent": dict(transport.sent)})
                 break
             trainer.lr_scheduler.step()  # what Trainer does after each step
             held = {c: dict(r) for c, r in trainer.step_results.items() if trainer.placement.holds_client(c)}
