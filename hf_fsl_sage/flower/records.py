@@ -27,6 +27,7 @@ from ..transport.distributed import MalformedMessage, _nbytes, _padded, decode_h
 #: The serialisation type of the byte buffers this module puts in an ``Array``.
 STYPE = "hf_fsl_sage.bytes"
 
+EMPTY = torch.zeros(0, dtype=torch.uint8)
 #: One message: ``(client, kind, sequence number, payload)``.
 Item = tuple[int, str, int, Any]
 
@@ -71,7 +72,7 @@ def decode_items(index: ConfigRecord, buffers: ArrayRecord, sender: str) -> list
             size = sum(_padded(_nbytes(shape, dtype)) for shape, dtype in spec[1])
             if len(data) != size:
                 raise MalformedMessage(f"message {i} holds {len(data)} bytes, its header describes {size}")
-            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, torch.uint8)
+            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else EMPTY
             items.append((client, kind, entry[0], unflatten(spec, unpack(buffer, spec[1]))))
         return items
     except (MalformedMessage, KeyError, TypeError, ValueError) as error:
