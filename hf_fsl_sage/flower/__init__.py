@@ -8,8 +8,8 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError('hf_fsl_sage.flower needs Flower: pip install "hf_fsl_sage[flower]"') from error
 
-from .apps import flower_apps, wait_for_nodes
+from .apps import FlowerApps, flower_apps, wait_for_nodes
 from .transport import FlowerNodeTransport, FlowerServerTransport
 
 
-__all__ = ["FlowerNodeTransport", "FlowerServerTransport", "flower_apps", "wait_for_nodes"]
+__all__ = ["FlowerApps", "FlowerNodeTransport", "FlowerServerTransport", "flower_apps", "wait_for_nodes"]

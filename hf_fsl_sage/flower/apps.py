@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -46,9 +46,17 @@ def wait_for_nodes(grid: Grid, count: int, seconds: float) -> list[int]:
     return nodes[:count]
 
 
+class FlowerApps(NamedTuple):
+    """The two apps of a run. Give each its own module-level name (``server_app = apps.server_app``): Flower finds
+    the apps named in ``pyproject.toml`` by reading the module's top-level assignments."""
+
+    server_app: ServerApp
+    client_app: ClientApp
+
+
 def flower_apps(make_trainer: TrainerFactory, num_nodes: int = 2, after_training: AfterTraining = _save,
-                wait_seconds: float = 300.0) -> tuple[ServerApp, ClientApp]:
-    """The ``(ServerApp, ClientApp)`` pair of a run whose trainer ``make_trainer(context, transport)`` builds.
+                wait_seconds: float = 300.0) -> FlowerApps:
+    """The ``ServerApp`` and ``ClientApp`` of a run whose trainer ``make_trainer(context, transport)`` builds.
 
     Args:
         make_trainer: builds the run's trainer, passing ``transport`` to ``FSLSageTrainer``; the same on every
@@ -85,4 +93,4 @@ def flower_apps(make_trainer: TrainerFactory, num_nodes: int = 2, after_training
     def step(message: Message, context: Context) -> Message:
         return handle(message, context, make_trainer)
 
-    return server_app, client_app
+    return FlowerApps(server_app, client_app)

@@ -54,4 +54,6 @@ def write_result(trainer: FSLSageTrainer, context: Context) -> None:
     Path(out, "result.json").write_text(json.dumps(result, indent=1))
 
 
-server_app, client_app = flower_apps(make_trainer, after_training=write_result)
+apps = flower_apps(make_trainer, after_training=write_result)
+server_app = apps.server_app
+client_app = apps.client_app
