@@ -1,6 +1,7 @@
-"""Flower's deployment engine on this machine: a SuperLink and two SuperNodes as separate processes (127.0.0.1
-only, insecure localhost mode), the tests' app started with ``flwr run``. One launch serves every check: a run
-equal to one process, then a run that loses a SuperNode it is killed mid-run while a late SuperNode connects."""
+"""Flower's two engines running the tests' app with ``flwr run``: the deployment engine on this machine (a SuperLink
+and two SuperNodes as separate processes, 127.0.0.1 only, insecure localhost mode; one launch serves every check:
+a run equal to one process, then a run whose SuperNode is killed mid-run while a late SuperNode connects), and the
+simulation engine (Ray workers)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class Federation:
         self.processes: dict[str, subprocess.Popen] = {}
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-                                          f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+                                          f'address = "127.0.0.1:{self.port}"\ninsecure = true\n\n'
+                                          '[superlink.simulation]\noptions.num-supernodes = 2\n')
 
     def start(self, name: str, command: list[str]) -> None:
         log = open(self.home / f"{name}.log", "w")
@@ -54,10 +56,10 @@ class Federation:
     def log(self, name: str) -> str:
         return (self.home / f"{name}.log").read_text()
 
-    def run(self, timeout: float, **config) -> subprocess.CompletedProcess:
+    def run(self, timeout: float, connection: str = "local", **config) -> subprocess.CompletedProcess:
         """``flwr run`` the tests' app with ``config`` over its run config; waits for the run to end."""
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
-        return subprocess.run(["flwr", "run", str(APP), "local", "--stream", "--run-config", overrides],
+        return subprocess.run(["flwr", "run", str(APP), connection, "--stream", "--run-config", overrides],
                               env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home)
 
     def stop(self) -> None:
@@ -106,3 +108,19 @@ def test_a_deployment_trains_like_one_process_and_goes_on_without_a_killed_super
     finally:
         federation.stop()
 
+
+
+@pytest.mark.slow
+def test_the_simulation_engine_trains_like_one_process(tmp_path):
+    pytest.importorskip("ray", reason='the simulation engine needs Ray: pip install -e ".[flower]"')
+    want = one_process(load_script(APP / "tiny_split_app.py", "tiny_split_app"), tmp_path / "one")
+    federation = Federation(tmp_path / "flwr")
+    try:
+        done = federation.run(600, "simulation", **{"output-dir": str(tmp_path / "simulated")})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    finally:
+        federation.stop()
+    got = json.loads((tmp_path / "simulated" / "result.json").read_text())
+    a, b = adapters(tmp_path / "one"), adapters(tmp_path / "simulated")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+    assert got["ledger"] == want["ledger"] and logged(got) == logged(want)
