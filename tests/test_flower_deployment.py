@@ -69,14 +69,16 @@ class Federation:
 
 @pytest.mark.slow
 def test_a_deployment_trains_like_one_process_and_goes_on_without_a_killed_supernode(tmp_path):
-    want = one_process(load_script(APP / "tiny_split_app.py", "tiny_split_app"), tmp_path / "one")
+    # Alignment in round 0 only: 4 messages per SuperNode (each starts a process on the node) instead of 6.
+    quick = {"align-interval": 2}
+    want = one_process(load_script(APP / "tiny_split_app.py", "tiny_split_app"), tmp_path / "one", **quick)
     federation = Federation(tmp_path / "flwr")
     try:
         federation.superlink()
         time.sleep(3)
         federation.supernode("node1"), federation.supernode("node2")
         # 1. exactness: the same adapters, ledger and logs as one process
-        done = federation.run(600, **{"output-dir": str(tmp_path / "deployed")})
+        done = federation.run(900, **quick, **{"output-dir": str(tmp_path / "deployed")})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         got = json.loads((tmp_path / "deployed" / "result.json").read_text())
         a, b = adapters(tmp_path / "one"), adapters(tmp_path / "deployed")
@@ -86,7 +88,8 @@ def test_a_deployment_trains_like_one_process_and_goes_on_without_a_killed_super
         # 2. churn: SuperNode 2 is killed once it has answered; a third one connects late and is not used
         out = tmp_path / "churn"
         runner = subprocess.Popen(["flwr", "run", str(APP), "local", "--stream", "--run-config",
-                                   f'output-dir="{out}" client-failures="drop" ddp-timeout=30 max-steps=6'],
+                                   f'output-dir="{out}" client-failures="drop" ddp-timeout=30 max-steps=6 '
+                                   'align-interval=2'],
                                   env=federation.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   cwd=federation.home, start_new_session=True)
         try:
@@ -97,7 +100,7 @@ def test_a_deployment_trains_like_one_process_and_goes_on_without_a_killed_super
                 time.sleep(0.2)
             os.killpg(federation.processes["node2"].pid, signal.SIGKILL)
             federation.supernode("node3")
-            stdout, _ = runner.communicate(timeout=600)
+            stdout, _ = runner.communicate(timeout=900)
         finally:
             kill_group(runner)
         assert runner.returncode == 0, stdout[-4000:]
@@ -116,7 +119,7 @@ def test_the_simulation_engine_trains_like_one_process(tmp_path):
     want = one_process(load_script(APP / "tiny_split_app.py", "tiny_split_app"), tmp_path / "one")
     federation = Federation(tmp_path / "flwr")
     try:
-        done = federation.run(600, "simulation", **{"output-dir": str(tmp_path / "simulated")})
+        done = federation.run(900, "simulation", **{"output-dir": str(tmp_path / "simulated")})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     finally:
         federation.stop()
