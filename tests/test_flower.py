@@ -45,9 +45,10 @@ def one_process(app, output_dir: Path, **overrides) -> dict:
     return json.loads((output_dir / "result.json").read_text())
 
 
-def on_grid(app, output_dir: Path, fail: dict[int, int] | None = None, **overrides) -> tuple[dict, InProcessGrid]:
+def on_grid(app, output_dir: Path, fail: dict[int, int] | None = None, offline: dict[int, int] | None = None,
+            **overrides) -> tuple[dict, InProcessGrid]:
     config = run_config(output_dir, **overrides)
-    grid = InProcessGrid(app.client_app, 2, config, fail)
+    grid = InProcessGrid(app.client_app, 2, config, fail, offline)
     app.server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     return json.loads((output_dir / "result.json").read_text()), grid
 
@@ -103,10 +104,15 @@ def test_a_flower_run_trains_exactly_like_one_process(app, tmp_path, algorithm):
 
 
 # ---------------------------------------------------------------- failed SuperNodes
-def test_a_supernode_that_stops_answering_is_dropped_with_its_clients(app, tmp_path):
-    got, grid = on_grid(app, tmp_path, fail={102: 2}, **{"client-failures": "drop"})
-    assert got["global_step"] == 4 and list(got["lost"]) == ["2"]
-    assert "no answer" in got["lost"]["2"]
+@pytest.mark.parametrize("gone", ["silent", "offline"])
+def test_a_supernode_that_stops_answering_is_dropped_with_its_clients(app, tmp_path, gone):
+    """Silent: no answer within ddp_timeout (1 s). Offline: the SuperLink lists the node offline, and the server does
+    not wait out its ddp_timeout (10 minutes here)."""
+    timeout = {"silent": 1, "offline": 600}[gone]
+    node_gone = {"fail" if gone == "silent" else "offline": {102: 2}}  # after its second answer
+    got, grid = on_grid(app, tmp_path, **node_gone, **{"client-failures": "drop", "ddp-timeout": timeout})
+    assert got["global_step"] == 4 and list(got["lost"]) == ["102"]
+    assert {"silent": "no answer within 1 s", "offline": "lists its SuperNode offline"}[gone] in got["lost"]["102"]
     drops = [h["dropped_clients"] for h in got["log_history"] if "dropped_clients" in h]
     assert drops[-1] == 2  # clients 1 and 3, once each
     assert all(torch.isfinite(t).all() for t in adapters(tmp_path).values())
@@ -115,4 +121,34 @@ def test_a_supernode_that_stops_answering_is_dropped_with_its_clients(app, tmp_p
 def test_a_supernode_that_stops_answering_stops_the_run_with_client_failures_raise(app, tmp_path):
     with pytest.raises(FederationCommError, match="SuperNode 102 .process 2, clients \\[1, 3\\]. is gone: no answer.*"
                                                   "client_failures='drop'"):
-        on_grid(app, tmp_path, fail={102: 1})
+        on_grid(app, tmp_path, fail={102: 1}, **{"ddp-timeout": 1})
+
+
+# ---------------------------------------------------------------- checkpoints and byte budgets
+def test_a_flower_run_resumed_from_a_checkpoint_ends_as_the_run_that_wrote_it(app, tmp_path):
+    """The checkpoint holds each node's share (asked from the node at that step); resuming hands it back."""
+    full, _ = on_grid(app, tmp_path / "full", **{"save-steps": 2})
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.glob("federation-*")) == [f"federation-rank{r}-of-3.safetensors"
+                                                                       for r in range(3)]
+    resumed, _ = on_grid(app, tmp_path / "resumed", **{"save-steps": 2, "resume-from-checkpoint": str(checkpoint)})
+    a, b = adapters(tmp_path / "full"), adapters(tmp_path / "resumed")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+    assert resumed["ledger"] == full["ledger"] and resumed["global_step"] == 4
+
+
+def test_a_byte_budget_stops_a_flower_run_at_the_step_it_stops_one_process(app, tmp_path):
+    """Round 0 (global steps 1-2) sends 216,358 bytes, each step of round 1 about 108,000: a budget of 300,000 stops
+    the run after global step 3, mid-round. No node runs past it: the checkpoint written there holds every node
+    at step 3, and the wire carries no step beyond the budget (protobuf bytes within 1.10x of the ledger)."""
+    budget = {"max-comm-bytes": 300_000, "max-steps": 6}
+    want = one_process(app, tmp_path / "one", **budget)
+    got, grid = on_grid(app, tmp_path / "flower", **budget)
+    assert got["global_step"] == want["global_step"] == 3
+    a, b = adapters(tmp_path / "one"), adapters(tmp_path / "flower")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0 and got["ledger"] == want["ledger"]
+    ledger = want["ledger"]["up"] + want["ledger"]["down"]
+    assert ledger < grid.wire_bytes <= 1.10 * ledger
+    saved, _ = on_grid(app, tmp_path / "saved", **budget, **{"save-steps": 2})
+    assert saved["global_step"] == 3
+    assert (tmp_path / "saved" / "checkpoint-3" / "federation-rank2-of-3.safetensors").is_file()

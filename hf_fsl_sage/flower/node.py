@@ -12,8 +12,10 @@ go back in the answer; its state also stays in ``Context.state`` for the next me
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
+import psutil
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from ..federation import state_io
@@ -103,6 +105,8 @@ def _int_keys(counters: dict[str, dict[str, int]]) -> dict[str, dict[int, int]]:
 
 def handle(message: Message, context: Context, make_trainer) -> Message:
     """Answer one exchange of the server (see :mod:`hf_fsl_sage.flower.transport`)."""
+    began = time.time()
+    seconds = {"start": began - psutil.Process().create_time()}
     content = message.content
     meta = content["meta"]
     transport = FlowerNodeTransport(int(meta["rank"]), int(meta["world_size"]))
@@ -118,11 +122,15 @@ def handle(message: Message, context: Context, make_trainer) -> Message:
     else:
         runner.restore(context.state)
     runner.receive(decode_items(content["down.index"], content["down.buffers"], SERVER))
+    seconds["build"] = time.time() - began
     reports = runner.run(int(meta["through"]))
+    seconds["steps"] = time.time() - began - seconds["build"]
     runner.save(context.state)
     reply = RecordDict()
     reply["up.index"], reply["up.buffers"] = encode_items(transport.outbox)
-    reply["meta"] = ConfigRecord({"position": runner.position, "reports": json.dumps(reports)})
     if meta["want_state"]:
         reply["state.skeleton"], reply["state.tensors"] = state_records(trainer.process_state())
+    seconds["answer"] = time.time() - began - seconds["build"] - seconds["steps"]
+    reply["meta"] = ConfigRecord({"position": runner.position, "reports": json.dumps(reports),
+                                  "seconds": json.dumps(seconds)})
     return Message(reply, reply_to=message)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -38,6 +39,8 @@ logger = logging.get_logger(__name__)
 
 #: The Flower message type of an exchange between the ServerApp and a node.
 MESSAGE_TYPE = "train.hf_fsl_sage"
+#: While it waits for answers, the server asks the SuperLink which SuperNodes are online this often (seconds).
+OFFLINE_CHECK_SECONDS = 2.0
 
 
 class Blocked(BaseException):
@@ -52,11 +55,13 @@ class FlowerServerTransport(Transport):
         grid: the ``ServerApp``'s Flower grid.
         node_ids: the SuperNodes of the run; the node at index ``i`` is process ``i + 1``.
         timeout: seconds to wait for a node's answer before it counts as gone (``ddp_timeout``).
+        poll_interval: the longest pause, in seconds, between two looks for answers at the SuperLink (the pause
+            starts at 50 ms and grows to it). Flower's ``Grid.send_and_receive`` pauses 3 s between looks.
     """
 
-    def __init__(self, grid: Any, node_ids: list[int], timeout: float):
+    def __init__(self, grid: Any, node_ids: list[int], timeout: float, poll_interval: float = 0.5):
         super().__init__()
-        self.grid, self.node_ids, self.timeout = grid, list(node_ids), timeout
+        self.grid, self.node_ids, self.timeout, self.poll_interval = grid, list(node_ids), timeout, poll_interval
         self.world_size = len(self.node_ids) + 1
         self.placement: Placement | None = None
         self.trainer = None
@@ -71,8 +76,9 @@ class FlowerServerTransport(Transport):
         self.position = dict.fromkeys(ranks, 0)  # global steps each node has completed
         self.lost: dict[int, str] = {}  # process -> why it is out of the run
         self._restore: dict[int, Any] = {}  # process -> checkpointed state to hand back
-        #: Messages exchanged with the nodes and the bytes of their records (measured by the benchmark).
+        #: Messages exchanged with the nodes, and where the time of each went (see :meth:`_timed`).
         self.exchanges = 0
+        self.timings: list[dict[str, float]] = []
 
     # ------------------------------------------------------------ set-up
     def place(self, num_clients: int, client_ranks: list[int] | None) -> Placement:
@@ -119,9 +125,13 @@ class FlowerServerTransport(Transport):
         return sorted({rank} | {r for r, box in self._outbox.items() if box and r not in self.lost})
 
     def _through(self) -> int:
-        """How far a node may run: to the next checkpoint (it saves its state there), at most the last step."""
+        """How far a node may run: to the next checkpoint (it saves its state there), at most the last step; under
+        a byte budget (``max_comm_bytes``) only the current step, as the budget may stop the run after any step
+        and a node that ran ahead would have sent bytes beyond it."""
         state, args = self.trainer.state, self.trainer.args
         step, last = state.global_step, args.max_steps
+        if args.max_comm_bytes is not None:
+            return min(last, step + 1)
         if args.save_strategy == SaveStrategy.STEPS and state.save_steps:
             return min(last, (step // state.save_steps + 1) * state.save_steps)
         return last
@@ -142,18 +152,58 @@ class FlowerServerTransport(Transport):
             content["meta"] = ConfigRecord(meta)
             messages.append(Message(content, dst_node_id=self.node_ids[rank - 1], message_type=MESSAGE_TYPE))
         self.exchanges += len(messages)
-        replies = {reply.metadata.src_node_id: reply for reply in
-                   self.grid.send_and_receive(messages, timeout=self.timeout)}
+        sent = time.time()
+        replies = self._send_and_receive(messages)
         states = {}
         for rank in ranks:
-            reply = replies.get(self.node_ids[rank - 1])
-            if reply is None:
+            node = self.node_ids[rank - 1]
+            reply, received = replies.get(node, (None, 0.0))
+            if node in replies and reply is None:
+                self._lose(rank, f"the SuperLink lists its SuperNode offline (it missed its heartbeats) at "
+                                 f"{self.context or 'set-up'}")
+            elif reply is None:
                 self._lose(rank, f"no answer within {self.timeout:.0f} s (ddp_timeout) at {self.context or 'set-up'}")
             elif reply.has_error():
                 self._lose(rank, f"its ClientApp failed at {self.context or 'set-up'}: {reply.error.reason}")
             else:
                 states[rank] = self._take(rank, reply.content, want_state)
+                self.timings.append(self._timed(reply.content, received - sent))
         return states
+
+    def _send_and_receive(self, messages: list[Message]) -> dict[int, tuple[Message | None, float]]:
+        """Push ``messages`` and pull their answers until all are in, or ``timeout`` has passed, or the SuperLink
+        lists their node offline (it missed its heartbeats); returns each answering node's answer and the time
+        it came in, and ``(None, 0.0)`` for each node gone offline."""
+        node_of = dict(zip(self.grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
+        now = time.monotonic()
+        deadline, pause, looked, replies = now + self.timeout, 0.05, now, {}
+        while node_of:
+            for reply in self.grid.pull_messages(list(node_of)):
+                node_of.pop(reply.metadata.reply_to_message_id, None)
+                replies[reply.metadata.src_node_id] = reply, time.time()
+            if not node_of or time.monotonic() > deadline:
+                break
+            if time.monotonic() - looked > OFFLINE_CHECK_SECONDS:
+                looked, online = time.monotonic(), set(self.grid.get_node_ids())
+                for message_id, node in list(node_of.items()):
+                    if node not in online:
+                        replies[node] = None, 0.0
+                        del node_of[message_id]
+            time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+            pause = min(pause * 1.5, self.poll_interval)
+        return replies
+
+    @staticmethod
+    def _timed(content: RecordDict, seconds: float) -> dict[str, float]:
+        """Where the ``seconds`` of one exchange went: the node's ``start`` (from its ClientApp process's start
+        to the message's handling: interpreter, imports, Flower; 0 when the process served earlier messages),
+        ``build`` (the trainer and its state), ``steps`` (training) and ``answer`` (encoding it), and
+        ``flower`` (the rest: queueing and polling at the SuperLink and SuperNode, the transfers)."""
+        parts = json.loads(content["meta"].get("seconds", "{}"))
+        parts = {k: float(parts.get(k, 0.0)) for k in ("start", "build", "steps", "answer")}
+        if sum(parts.values()) > seconds:  # the process started before the message was sent: a reused worker
+            parts["start"] = 0.0
+        return {"total": seconds, **parts, "flower": max(seconds - sum(parts.values()), 0.0)}
 
     def _take(self, rank: int, content: RecordDict, want_state: bool) -> Any:
         sender = self.node_of(rank)

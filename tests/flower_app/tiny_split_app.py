@@ -36,6 +36,7 @@ def make_trainer(context: Context, transport) -> FSLSageTrainer:
         align_learning_rate=1e-3, warmup_steps=0, logging_steps=2, eval_strategy="no", report_to="none", seed=0,
         disable_tqdm=True, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         ddp_timeout=int(cfg["ddp-timeout"]), client_failures=str(cfg["client-failures"]),
+        max_comm_bytes=int(cfg["max-comm-bytes"]) or None,
     )
     peft_config = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
     return FSLSageTrainer(model=model, args=args, train_dataset=train, eval_dataset=evalset.select(range(32)),
@@ -47,10 +48,12 @@ def write_result(trainer: FSLSageTrainer, context: Context) -> None:
     out = trainer.args.output_dir
     trainer.save_model(os.path.join(out, "final"))
     transport = trainer.federation.transport
-    lost = {str(r): why for r, why in getattr(transport, "lost", {}).items()}
+    nodes = getattr(transport, "node_ids", [])
+    lost = {str(nodes[r - 1]): why for r, why in getattr(transport, "lost", {}).items()}  # SuperNode ID -> why
     result = {"ledger": transport.ledger.state_dict(), "log_history": trainer.state.log_history, "eval": metrics,
               "global_step": trainer.state.global_step, "lost": lost,
-              "exchanges": getattr(transport, "exchanges", 0), "placement": trainer.placement.describe()}
+              "exchanges": getattr(transport, "exchanges", 0), "timings": getattr(transport, "timings", []),
+              "placement": trainer.placement.describe()}
     Path(out, "result.json").write_text(json.dumps(result, indent=1))
 
 
