@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--server_update_interval", type=int, default=1)
     parser.add_argument("--align_interval", type=int, default=1)
     parser.add_argument("--max_comm_bytes", type=int, default=None)
+    parser.add_argument("--eval_steps", type=int, default=4, help="0: no evaluation during training")
     parser.add_argument("--model_path", default=None, help="load the base model from this directory instead")
     parser.add_argument("--dtype", default="float32", help="dtype of the base model loaded from --model_path")
     parser.add_argument("--holdings", action="store_true", help="each process writes D/holdings-rank<r>.json")
@@ -162,7 +163,8 @@ def main() -> None:
         max_steps=cli.max_steps, per_device_train_batch_size=cli.batch, per_device_eval_batch_size=16,
         aux_num_layers=1, server_update_interval=cli.server_update_interval, align_interval=cli.align_interval,
         align_epochs=2, align_buffer_size=8, learning_rate=3e-3, align_learning_rate=1e-3, warmup_steps=0,
-        logging_steps=2, eval_strategy="steps", eval_steps=4, report_to="none", seed=0, disable_tqdm=True,
+        logging_steps=2, eval_strategy="steps" if cli.eval_steps else "no", eval_steps=cli.eval_steps or 4,
+        report_to="none", seed=0, disable_tqdm=True,
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
         ddp_timeout=cli.ddp_timeout, max_comm_bytes=cli.max_comm_bytes, smashed_codec=cli.smashed_codec,
         client_failures=cli.client_failures, simulate_client_failures=cli.simulate_client_failures,

@@ -61,8 +61,9 @@ class Federation:
                     raise RuntimeError(f"the SuperLink did not start:\n{self.log('superlink')[-2000:]}") from None
                 time.sleep(0.1)
 
-    def supernode(self, name: str) -> None:
-        self.start(name, ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+    def supernode(self, name: str, port: int | None = None) -> None:
+        """Start SuperNode ``name``; it reaches the SuperLink at ``port`` (default: the SuperLink's own)."""
+        self.start(name, ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port or self.port}",
                           "--port", str(free_port())])
 
     def node_id(self, name: str) -> str:

@@ -6,7 +6,8 @@ Every message goes through Flower's protobuf form and back, as on the wire; each
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -21,7 +22,7 @@ class InProcessGrid:
         self.contexts = {101 + i: Context(run_id=1, node_id=101 + i, node_config={}, state=RecordDict(),
                                           run_config=run_config) for i in range(num_nodes)}
         self.fail = fail or {}  # node ID -> the number of its messages after which it answers no more
-        self.offline = offline or {}  # the same, and the SuperLink then lists the node offline
+        self.offline = offline or {}  # the same, and the SuperLink then answers for it: "node unavailable"
         self.count: dict[int, int] = {}
         self.wire_bytes = 0
         self.replies: dict[str, Message] = {}
@@ -38,7 +39,12 @@ class InProcessGrid:
             message.metadata.__dict__["_message_id"] = f"{node}-{self.count[node]}-{i}"
             message.metadata.__dict__["_src_node_id"] = 0
             ids.append(message.metadata.message_id)
-            if self.count[node] > min(self.fail.get(node, self.count[node]), self.offline.get(node, self.count[node])):
+            if self.count[node] > self.offline.get(node, self.count[node]):  # the SuperLink's answer, as Flower's
+                reply = Message(Error(ErrorCode.NODE_UNAVAILABLE, "the node missed its heartbeats"), reply_to=message)
+                reply.metadata.__dict__["_src_node_id"] = 0
+                self.replies[message.metadata.message_id] = reply
+                continue
+            if self.count[node] > self.fail.get(node, self.count[node]):
                 continue  # gone: no answer
             wire = message_to_proto(message)
             self.wire_bytes += wire.ByteSize()

@@ -106,13 +106,13 @@ def test_a_flower_run_trains_exactly_like_one_process(app, tmp_path, algorithm):
 # ---------------------------------------------------------------- failed SuperNodes
 @pytest.mark.parametrize("gone", ["silent", "offline"])
 def test_a_supernode_that_stops_answering_is_dropped_with_its_clients(app, tmp_path, gone):
-    """Silent: no answer within ddp_timeout (1 s). Offline: the SuperLink lists the node offline, and the server does
-    not wait out its ddp_timeout (10 minutes here)."""
+    """Silent: no answer within ddp_timeout (1 s). Offline: the SuperLink answers for the node that it is unavailable
+    (it missed its heartbeats), and the server does not wait out its ddp_timeout (10 minutes here)."""
     timeout = {"silent": 1, "offline": 600}[gone]
     node_gone = {"fail" if gone == "silent" else "offline": {102: 2}}  # after its second answer
     got, grid = on_grid(app, tmp_path, **node_gone, **{"client-failures": "drop", "ddp-timeout": timeout})
     assert got["global_step"] == 4 and list(got["lost"]) == ["102"]
-    assert {"silent": "no answer within 1 s", "offline": "lists its SuperNode offline"}[gone] in got["lost"]["102"]
+    assert {"silent": "no answer within 1 s", "offline": "reports its SuperNode offline"}[gone] in got["lost"]["102"]
     drops = [h["dropped_clients"] for h in got["log_history"] if "dropped_clients" in h]
     assert drops[-1] == 2  # clients 1 and 3, once each
     assert all(torch.isfinite(t).all() for t in adapters(tmp_path).values())

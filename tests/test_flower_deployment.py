@@ -36,18 +36,17 @@ def test_a_deployment_trains_like_one_process_and_goes_on_without_a_killed_super
         assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
         assert got["ledger"] == want["ledger"] and logged(got) == logged(want)
 
-        # 2. churn: SuperNode 2 is killed once it has answered; a third one connects late and is not used. The
-        # server gives up on a node after ddp-timeout: three times the longest exchange of the run above, so that
-        # a loaded machine does not make it give up on the SuperNode that is still there.
-        timeout = max(30, round(3 * max(t["total"] for t in got["timings"])))
+        # 2. churn: SuperNode 2 is killed once it has answered; a third one connects late and is not used. With
+        # a ddp-timeout of 10 minutes the server learns of the loss from the SuperLink, which answers for a node
+        # that missed its heartbeats (Flower 1.42: within 60 s).
         out = tmp_path / "churn"
         status, output, _ = churn_run(federation, "churn", 900, **QUICK, **{
-            "output-dir": str(out), "client-failures": "drop", "ddp-timeout": timeout})
+            "output-dir": str(out), "client-failures": "drop", "ddp-timeout": 600})
         killed = federation.node_id("node2")
     assert status == 0, output[-4000:]
     result = json.loads((out / "result.json").read_text())
     assert result["global_step"] == 4 and list(result["lost"]) == [killed], (killed, result["lost"])
-    assert "no answer within" in result["lost"][killed]
+    assert "reports its SuperNode offline" in result["lost"][killed]
     assert [h["dropped_clients"] for h in result["log_history"] if "dropped_clients" in h][-1] == 2  # clients 1, 3
     assert "Going on without SuperNode" in output and "took no part" in output, output[-4000:]
     assert all(torch.isfinite(t).all() for t in adapters(out).values())

@@ -86,7 +86,7 @@ def flower_apps(make_trainer: TrainerFactory, num_nodes: int = 2, after_training
                 f"{transport.node_of(r)}: {why}" for r, why in sorted(transport.lost.items())))
         late = sorted(set(grid.get_node_ids()) - set(nodes))
         if late:
-            logger.info(f"SuperNodes {late} connected after the run started and took no part in it.")
+            logger.warning(f"SuperNodes {late} connected after the run started and took no part in it.")
         after_training(trainer, context)
 
     @client_app.train(MESSAGE_TYPE.split(".", 1)[1])

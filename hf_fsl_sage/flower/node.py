@@ -131,6 +131,7 @@ def handle(message: Message, context: Context, make_trainer) -> Message:
     if meta["want_state"]:
         reply["state.skeleton"], reply["state.tensors"] = state_records(trainer.process_state())
     seconds["answer"] = time.time() - began - seconds["build"] - seconds["steps"]
+    seconds["cpu"] = time.process_time()  # of the ClientApp's process since it started
     reply["meta"] = ConfigRecord({"position": runner.position, "reports": json.dumps(reports),
                                   "seconds": json.dumps(seconds)})
     return Message(reply, reply_to=message)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from transformers.trainer_utils import SaveStrategy
 from transformers.utils import logging
 
@@ -39,8 +40,6 @@ logger = logging.get_logger(__name__)
 
 #: The Flower message type of an exchange between the ServerApp and a node.
 MESSAGE_TYPE = "train.hf_fsl_sage"
-#: While it waits for answers, the server asks the SuperLink which SuperNodes are online this often (seconds).
-OFFLINE_CHECK_SECONDS = 2.0
 
 
 class Blocked(BaseException):
@@ -156,13 +155,11 @@ class FlowerServerTransport(Transport):
         replies = self._send_and_receive(messages)
         states = {}
         for rank in ranks:
-            node = self.node_ids[rank - 1]
-            reply, received = replies.get(node, (None, 0.0))
-            if node in replies and reply is None:
-                self._lose(rank, f"the SuperLink lists its SuperNode offline (it missed its heartbeats) at "
-                                 f"{self.context or 'set-up'}")
-            elif reply is None:
+            reply, received = replies.get(self.node_ids[rank - 1], (None, 0.0))
+            if reply is None:
                 self._lose(rank, f"no answer within {self.timeout:.0f} s (ddp_timeout) at {self.context or 'set-up'}")
+            elif reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                self._lose(rank, f"the SuperLink reports its SuperNode offline (no heartbeat) at {self.context}")
             elif reply.has_error():
                 self._lose(rank, f"its ClientApp failed at {self.context or 'set-up'}: {reply.error.reason}")
             else:
@@ -170,25 +167,18 @@ class FlowerServerTransport(Transport):
                 self.timings.append(self._timed(reply.content, received - sent))
         return states
 
-    def _send_and_receive(self, messages: list[Message]) -> dict[int, tuple[Message | None, float]]:
-        """Push ``messages`` and pull their answers until all are in, or ``timeout`` has passed, or the SuperLink
-        lists their node offline (it missed its heartbeats); returns each answering node's answer and the time
-        it came in, and ``(None, 0.0)`` for each node gone offline."""
+    def _send_and_receive(self, messages: list[Message]) -> dict[int, tuple[Message, float]]:
+        """Push ``messages`` and pull their answers until all are in or ``timeout`` has passed; returns, by
+        destination node, each answer and the time it came in. The SuperLink answers itself, with an error,
+        for a node that stopped sending heartbeats."""
         node_of = dict(zip(self.grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
-        now = time.monotonic()
-        deadline, pause, looked, replies = now + self.timeout, 0.05, now, {}
+        deadline, pause, replies = time.monotonic() + self.timeout, 0.05, {}
         while node_of:
             for reply in self.grid.pull_messages(list(node_of)):
-                node_of.pop(reply.metadata.reply_to_message_id, None)
-                replies[reply.metadata.src_node_id] = reply, time.time()
+                if (node := node_of.pop(reply.metadata.reply_to_message_id, None)) is not None:
+                    replies[node] = reply, time.time()
             if not node_of or time.monotonic() > deadline:
                 break
-            if time.monotonic() - looked > OFFLINE_CHECK_SECONDS:
-                looked, online = time.monotonic(), set(self.grid.get_node_ids())
-                for message_id, node in list(node_of.items()):
-                    if node not in online:
-                        replies[node] = None, 0.0
-                        del node_of[message_id]
             time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
             pause = min(pause * 1.5, self.poll_interval)
         return replies
@@ -196,14 +186,16 @@ class FlowerServerTransport(Transport):
     @staticmethod
     def _timed(content: RecordDict, seconds: float) -> dict[str, float]:
         """Where the ``seconds`` of one exchange went: the node's ``start`` (from its ClientApp process's start
-        to the message's handling: interpreter, imports, Flower; 0 when the process served earlier messages),
-        ``build`` (the trainer and its state), ``steps`` (training) and ``answer`` (encoding it), and
-        ``flower`` (the rest: queueing and polling at the SuperLink and SuperNode, the transfers)."""
+        to the message's handling: interpreter, imports, Flower), ``build`` (the trainer and its state), ``steps``
+        (training) and ``answer`` (encoding it), and ``flower`` (the rest: queueing and polling at the SuperLink
+        and SuperNode, the transfers); ``cpu``: the CPU seconds of the node's process. ``start`` and ``cpu`` are 0
+        when the process served earlier messages (the simulation engine's workers)."""
         parts = json.loads(content["meta"].get("seconds", "{}"))
+        cpu = float(parts.pop("cpu", 0.0))
         parts = {k: float(parts.get(k, 0.0)) for k in ("start", "build", "steps", "answer")}
         if sum(parts.values()) > seconds:  # the process started before the message was sent: a reused worker
-            parts["start"] = 0.0
-        return {"total": seconds, **parts, "flower": max(seconds - sum(parts.values()), 0.0)}
+            parts["start"] = cpu = 0.0
+        return {"total": seconds, **parts, "flower": max(seconds - sum(parts.values()), 0.0), "cpu": cpu}
 
     def _take(self, rank: int, content: RecordDict, want_state: bool) -> Any:
         sender = self.node_of(rank)
