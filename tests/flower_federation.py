@@ -121,3 +121,28 @@ def churn_run(federation: Federation, name: str, timeout: float, **config) -> tu
         return process.wait(max(deadline - time.monotonic(), 1)), federation.log(name), killed
     finally:
         kill_group(process)
+
+
+def churn_problems(output_dir: Path, output: str, killed: str, max_steps: int) -> list[str]:
+    """What went wrong in a :func:`churn_run` with ``client_failures="drop"`` (nothing: ``[]``): the run must end
+    at ``max_steps`` without SuperNode ``killed`` alone (reported offline by the SuperLink, or silent for
+    ``ddp_timeout``), with its two clients counted as dropped, the late SuperNode named, and finite adapters."""
+    from safetensors.torch import load_file
+
+    result = json.loads((output_dir / "result.json").read_text())
+    problems = []
+    if result["global_step"] != max_steps:
+        problems.append(f"ended at global step {result['global_step']}, not {max_steps}")
+    if list(result["lost"]) != [killed]:
+        problems.append(f"lost {result['lost']}, not SuperNode {killed} alone")
+    elif not any(why in result["lost"][killed] for why in ("reports its SuperNode offline", "no answer within")):
+        problems.append(f"lost SuperNode {killed} for another reason: {result['lost'][killed]}")
+    dropped = [h["dropped_clients"] for h in result["log_history"] if "dropped_clients" in h]
+    if not dropped or dropped[-1] != 2:
+        problems.append(f"dropped clients logged {dropped}, not 2 at the end")
+    if "Going on without SuperNode" not in output or "took no part" not in output:
+        problems.append("the log names neither the lost SuperNode nor the late one")
+    adapters = load_file(output_dir / "final" / "adapter_model.safetensors")
+    if not all(bool(t.isfinite().all()) for t in adapters.values()):
+        problems.append("adapters not finite")
+    return problems

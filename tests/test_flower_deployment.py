@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 
 pytest.importorskip("flwr", reason='the Flower path needs the flower extra: pip install -e ".[flower]"')
 
-from tests.flower_federation import APP, Federation, churn_run  # noqa: E402
+from tests.flower_federation import APP, Federation, churn_problems, churn_run  # noqa: E402
 from tests.helpers import load_script  # noqa: E402
 from tests.test_flower import adapters, logged, one_process  # noqa: E402
 
@@ -36,20 +35,17 @@ def test_a_deployment_trains_like_one_process_and_goes_on_without_a_killed_super
         assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
         assert got["ledger"] == want["ledger"] and logged(got) == logged(want)
 
-        # 2. churn: SuperNode 2 is killed once it has answered; a third one connects late and is not used. With
-        # a ddp-timeout of 10 minutes the server learns of the loss from the SuperLink, which answers for a node
-        # that missed its heartbeats (Flower 1.42: within 60 s).
+        # 2. churn, in one round: SuperNode 2 is killed once it has answered; a third one connects late and is not
+        # used. The server learns of the loss from the SuperLink, which answers for a node that missed its
+        # heartbeats (Flower 1.42: within 60 s), or when ddp-timeout runs out: three times the longest exchange
+        # above, so that a loaded machine does not make it give up on the SuperNode that is still there.
+        timeout = max(20, round(3 * max(t["total"] for t in got["timings"])))
         out = tmp_path / "churn"
         status, output, _ = churn_run(federation, "churn", 900, **QUICK, **{
-            "output-dir": str(out), "client-failures": "drop", "ddp-timeout": 600})
+            "output-dir": str(out), "client-failures": "drop", "ddp-timeout": timeout, "max-steps": 2})
         killed = federation.node_id("node2")
     assert status == 0, output[-4000:]
-    result = json.loads((out / "result.json").read_text())
-    assert result["global_step"] == 4 and list(result["lost"]) == [killed], (killed, result["lost"])
-    assert "reports its SuperNode offline" in result["lost"][killed]
-    assert [h["dropped_clients"] for h in result["log_history"] if "dropped_clients" in h][-1] == 2  # clients 1, 3
-    assert "Going on without SuperNode" in output and "took no part" in output, output[-4000:]
-    assert all(torch.isfinite(t).all() for t in adapters(out).values())
+    assert churn_problems(out, output, killed, 2) == [], output[-4000:]
 
 
 @pytest.mark.slow
