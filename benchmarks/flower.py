@@ -123,7 +123,7 @@ def distributed(algorithm: str, settings: dict, out: Path) -> dict:
     args = [str(ROOT / "tests" / "distributed_run.py"), "--output_dir", str(out), "--algorithm", algorithm,
             "--max_steps", str(settings["max-steps"]), "--local_steps", str(settings["local-steps"]),
             "--num_clients", str(settings["num-clients"]), "--align_interval", str(settings["align-interval"]),
-            "--eval_steps", "0"]
+            "--n_embd", str(settings["n-embd"]), "--eval_steps", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = accelerate_launch(CONFIG, args, env, timeout=3600)
@@ -178,11 +178,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="the in-process grid only, 4 global steps (CI)")
     parser.add_argument("--algorithms", nargs="+", default=["fsl_sage", "splitfed_v2"])
     parser.add_argument("--max_steps", type=int, default=None, help="default 8, or 4 with --quick")
+    parser.add_argument("--n_embd", type=int, default=32, help="the model's width: the activations' size")
     parser.add_argument("--output", default=None, help="default benchmarks/results/flower[_quick].json")
     opts = parser.parse_args(argv)
     output = Path(opts.output or ROOT / "benchmarks" / "results" / f"flower{'_quick' if opts.quick else ''}.json")
     steps = opts.max_steps or (4 if opts.quick else 8)
-    settings = {"max-steps": steps, "local-steps": 2, "num-clients": 4, "align-interval": 1}
+    settings = {"max-steps": steps, "local-steps": 2, "num-clients": 4, "align-interval": 1, "n-embd": opts.n_embd}
     results = {"settings": settings, "quick": opts.quick, "cpu_count": os.cpu_count(), "algorithms": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for algorithm in opts.algorithms:
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
                     cpu_seconds_torch_distributed=torch_run["cpu_seconds"],
                     cpu_seconds_flower=flower_run["cpu_seconds"],
                     flower_exchanges=_exchanges(flower_run["timings"]), tcp_bytes=flower_run["tcp_bytes"],
-                    tcp_to_ledger=tcp / ledger, ledgers_equal=_ledger(torch_run) == _ledger(flower_run) == ledger,
+                    tcp_to_ledger=tcp / ledger, tcp_beyond_protobuf_per_exchange=(tcp - grid["protobuf_bytes"]) /
+                    flower_run["exchanges"], ledgers_equal=_ledger(torch_run) == _ledger(flower_run) == ledger,
                     max_abs_adapter_difference=_max_difference(_adapters(Path(tmp, algorithm, "torch")),
                                                                _adapters(Path(tmp, algorithm, "flower", "out"))),
                 )
@@ -221,8 +223,9 @@ def _print(algorithm: str, row: dict) -> None:
         return
     tcp = row["tcp_bytes"]
     print(f"  TCP between SuperNodes and SuperLink: {tcp['to_superlink']:,} B up + {tcp['from_superlink']:,} B down "
-          f"= {row['tcp_to_ledger']:.3f}x the ledger; ledgers equal: {row['ledgers_equal']}; adapters max difference "
-          f"{row['max_abs_adapter_difference']:.1e}")
+          f"= {row['tcp_to_ledger']:.3f}x the ledger ({row['tcp_beyond_protobuf_per_exchange']:,.0f} B per exchange "
+          f"beyond the messages: HTTP, polling, heartbeats); ledgers equal: {row['ledgers_equal']}; adapters max "
+          f"difference {row['max_abs_adapter_difference']:.1e}")
     print(f"  seconds per global step: torch.distributed {row['seconds_per_step_torch_distributed']:.2f}, Flower "
           f"{row['seconds_per_step_flower']:.2f} (+{row['overhead_seconds_per_step']:.2f}); CPU seconds of the run: "
           f"{row['cpu_seconds_torch_distributed']:.0f} vs {row['cpu_seconds_flower']:.0f}")

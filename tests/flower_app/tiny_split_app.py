@@ -26,7 +26,7 @@ def make_trainer(context: Context, transport) -> FSLSageTrainer:
     torch.set_num_threads(1)
     train, evalset, vocab, pad = compact_e2e()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(3, 32, vocab))
+    model = AutoModelForCausalLM.from_config(tiny_config(3, int(cfg["n-embd"]), vocab))
     save_steps = int(cfg["save-steps"])
     args = FSLSageConfig(
         output_dir=str(cfg["output-dir"]), algorithm=str(cfg["algorithm"]), num_clients=int(cfg["num-clients"]),
