@@ -25,7 +25,7 @@ from ..transport.distributed import MalformedMessage, _nbytes, _padded, decode_h
 
 
 #: The serialisation type of the byte buffers this module puts in an ``Array``.
-STYPE = "hf_fsl_sage.bytes"
+STYPE = "hf-fsl-sage-bytes"
 
 EMPTY = torch.zeros(0, dtype=torch.uint8)
 #: One message: ``(client, kind, sequence number, payload)``.
