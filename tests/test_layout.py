@@ -14,7 +14,7 @@ NAME = "hf_fsl_sage"
 # Lower tiers never import higher ones; a part may import its own tier. ``integrations`` (the model card, plots)
 # import nothing of the package and the trainer's ``create_model_card`` hook uses the model card: they sit below it.
 # ``timing`` (the step timer) is a leaf every part may use.
-TIERS = [["splitting", "timing"], ["transport"], ["federation"], ["algorithms"], ["integrations"],
+TIERS = [["splitting", "timing"], ["transport"], ["federation"], ["algorithms"], ["integrations", "flower"],
          ["config", "trainer"], ["__init__"]]
 
 

@@ -17,7 +17,7 @@ from hf_fsl_sage.federation.federation import trainable_state
 from hf_fsl_sage.splitting.split import Smashed
 from hf_fsl_sage.transport.base import UP, flatten
 from hf_fsl_sage.transport.defences import ActivationDefence
-from tests.test_algorithms import make_trainer
+from tests.test_algorithms import make_trainer, server_only_registered  # noqa: F401 - a fixture
 from tests.tiny_models import max_split_diff, one_fsl_sage_round, round_problems, tiny_causal_lm
 
 
@@ -331,12 +331,10 @@ def test_bad_defence_settings_are_refused_with_the_fix(tmp_path, settings, probl
         FSLSageConfig(output_dir=str(tmp_path), report_to="none", **settings)
 
 
-
+@pytest.mark.usefixtures("server_only_registered")
 def test_an_algorithm_written_without_private_labels_gets_the_round_trip(tmp_path):
     """The one-module algorithm of the tests (registered outside the package; its serve calls server_step) keeps
     the labels on the clients unchanged: each upload is served with one round trip, and the server trains."""
-    from tests.test_algorithms import ServerOnly  # noqa: F401 - registers "server_only_test"
-
     trainer = make_trainer(tmp_path, "server_only_test", clients_per_round=None, max_steps=8, local_steps=4,
                            server_update_interval=2, private_labels=True, use_lora=True)
     before = {n: p.detach().clone() for n, p in trainer.split.server.named_parameters() if p.requires_grad}
