@@ -14,6 +14,16 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``deadlines`` check what happens when a process or node stops answering, against deadlines of
+    a few seconds: under pytest-xdist (``-n 2 --dist loadgroup``, the CI command) they share one group, so two of
+    them never run at once and the 2 cores are never shared by two such runs."""
+    for item in items:
+        if item.get_closest_marker("deadlines"):
+            item.add_marker(pytest.mark.xdist_group("deadlines"))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     # Trainer.train() runs a full garbage collection; over the ~500k objects torch and transformers leave after
     # import that costs ~0.5 s of CPU per run. Frozen objects are skipped by the collector (they are never garbage).

@@ -23,6 +23,9 @@ from tests.processes import free_port
 from tests.test_distributed import _check, _detection_seconds, _result, _single, _three
 
 
+pytestmark = pytest.mark.deadlines
+
+
 # ---------------------------------------------------------------- re-formed groups (no processes)
 @pytest.mark.parametrize("device, backend, bound", [
     (torch.device("cuda", 3), "nccl", torch.device("cuda", 3)),

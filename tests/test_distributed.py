@@ -146,6 +146,7 @@ def test_three_processes_keep_labels_on_the_clients_exactly_like_one(tmp_path):
         assert len(logged[0]) == 4 and logged[0] == pytest.approx(logged[1], abs=1e-5)
 
 
+@pytest.mark.deadlines
 @pytest.mark.slow
 def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoint_resumes(tmp_path):
     """Process 2 dies (SIGKILL) in round 1: the job exits non-zero well within the timeout, the server names
@@ -178,6 +179,7 @@ def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoi
     assert "resume with the number of processes that wrote it" in wrong.stderr
 
 
+@pytest.mark.deadlines
 @pytest.mark.slow
 def test_silent_client_process_times_out_with_a_clear_error(tmp_path):
     """Process 2 hangs in round 1: the server gives up after ddp_timeout and the job exits non-zero."""
@@ -188,6 +190,7 @@ def test_silent_client_process_times_out_with_a_clear_error(tmp_path):
            "that process stopped, died, or did not answer within the 10 s timeout (ddp_timeout)" in hung.stderr
 
 
+@pytest.mark.deadlines
 @pytest.mark.slow
 def test_a_stalled_client_process_is_dropped_and_the_others_train_on(tmp_path):
     """client_failures="drop": process 2 (clients 1 and 3) hangs for 30 s after global step 3. The server gives up

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 
+pytestmark = pytest.mark.deadlines
+
+
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ["one_process", "processes_equal", "resume", "codec", "dropped_client", "slow_process_zero",
           "stalled_process_drop", "recipe_bf16_generation", "killed_process_raise"]

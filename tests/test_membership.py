@@ -13,6 +13,9 @@ from hf_fsl_sage.transport.membership import Membership, ProcessDropped
 from tests.processes import free_port
 
 
+pytestmark = pytest.mark.deadlines
+
+
 TIMEOUT = timedelta(seconds=1)
 
 
