@@ -218,7 +218,7 @@ def test_a_base_given_as_a_folder_reloads_with_auto_peft_and_the_card_is_fsl_sag
 
 def test_saving_an_adapter_whose_base_has_no_path_warns_how_to_reload(tmp_path, caplog):
     trainer = make_trainer(tmp_path, model=tiny_gpt2(compact_e2e()[2]), peft_config=lora(), max_steps=1)
-    with caplog.at_level("WARNING", logger="hf_fsl_sage.trainer"):
+    with caplog.at_level("WARNING", logger="hf_fsl_sage"):
         trainer.save_model(str(tmp_path / "final"))
     assert "names no base model" in caplog.text and "PeftModel.from_pretrained(base, " in caplog.text
     assert not list(tmp_path.glob("final/*.bin"))  # training_args.json instead of Trainer's pickle
