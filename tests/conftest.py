@@ -17,11 +17,13 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``deadlines`` check what happens when a process or node stops answering, against deadlines of
-    a few seconds: under pytest-xdist (``-n 2 --dist loadgroup``, the CI command) they share one group, so two of
-    them never run at once and the 2 cores are never shared by two such runs."""
+    a few seconds: under pytest-xdist (``-n 2 --dist loadgroup``, the CI command) those of one kind (the mark's
+    argument: process groups by default, ``"flower"`` for Flower nodes) share an xdist group, so two of a kind
+    never run at once."""
     for item in items:
-        if item.get_closest_marker("deadlines"):
-            item.add_marker(pytest.mark.xdist_group("deadlines"))
+        mark = item.get_closest_marker("deadlines")
+        if mark:
+            item.add_marker(pytest.mark.xdist_group(f"deadlines-{mark.args[0] if mark.args else 'processes'}"))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

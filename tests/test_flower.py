@@ -104,7 +104,7 @@ def test_a_flower_run_trains_exactly_like_one_process(app, tmp_path, algorithm):
 
 
 # ---------------------------------------------------------------- failed SuperNodes
-@pytest.mark.deadlines
+@pytest.mark.deadlines("flower")
 @pytest.mark.parametrize("gone", ["silent", "offline"])
 def test_a_supernode_that_stops_answering_is_dropped_with_its_clients(app, tmp_path, gone):
     """Silent: no answer within ddp_timeout (1 s). Offline: the SuperLink answers for the node that it is unavailable
@@ -119,7 +119,7 @@ def test_a_supernode_that_stops_answering_is_dropped_with_its_clients(app, tmp_p
     assert all(torch.isfinite(t).all() for t in adapters(tmp_path).values())
 
 
-@pytest.mark.deadlines
+@pytest.mark.deadlines("flower")
 def test_a_supernode_that_stops_answering_stops_the_run_with_client_failures_raise(app, tmp_path):
     with pytest.raises(FederationCommError, match="SuperNode 102 .process 2, clients \\[1, 3\\]. is gone: no answer.*"
                                                   "client_failures='drop'"):

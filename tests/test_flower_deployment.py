@@ -17,7 +17,7 @@ from tests.helpers import load_script  # noqa: E402
 from tests.test_flower import adapters, logged, one_process  # noqa: E402
 
 
-pytestmark = pytest.mark.deadlines
+pytestmark = pytest.mark.deadlines("flower")
 
 
 # Alignment in round 0 only: 4 messages per SuperNode (each starts a process on the node) instead of 6.
