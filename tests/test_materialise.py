@@ -18,6 +18,10 @@ from tests.helpers import PadCollator, compact_e2e
 from tests.test_distributed import _adapter, _check, _result, _single, _three
 
 
+# The module's runs (three processes and one) are made once: under pytest-xdist its tests stay on one worker.
+pytestmark = pytest.mark.xdist_group("materialise")
+
+
 E, BLOCKS, POSITIONS, R = 32, 3, 64, 4
 
 
