@@ -1,121 +1,158 @@
-"""FSL-SAGE's own settings, one at a time, at the same communication budget: what limits its quality per byte.
+"""What caps FSL-SAGE's quality, and what its alignment costs: controlled runs to convergence, one change at a time.
 
-    python benchmarks/ablate_fsl_sage.py            # LoRA/IID variants, and round lengths with full fine-tuning
-    python benchmarks/ablate_fsl_sage.py --quick    # smoke run
+    python benchmarks/ablate_fsl_sage.py --jobs 2                   # every variant (see docs/benchmarks.md)
+    python benchmarks/ablate_fsl_sage.py --variants reference "server_replay=2" --seeds 0 1 2
+    python benchmarks/ablate_fsl_sage.py --quick                    # smoke run
 
-Same data, base model, clients and seed as ``compare_algorithms.py`` (its preset, its helpers); every variant
-changes one setting of the reference (the benchmark's FSL-SAGE settings) and runs to the same budget. Reports the
-eval loss at 25/50/100 % of the budget, the held-out gradient cosine (the auxiliary model the client used against
-the server's true gradient, on each upload before it is buffered), the alignment's in-sample cosine after
-fitting, the share of the bytes that went into auxiliary models, and wall and CPU time. Writes
-``ablate_fsl_sage[_quick].json`` under ``--output-dir``.
+Same data, base model, clients and protocol as ``compare_algorithms.py`` (``e2e_runs``: validation and test
+loss at the end of every round, stop when the validation loss stops improving): LoRA, IID clients. Every
+variant changes one thing from ``REFERENCE`` (FSL-SAGE with every setting it reads written out, so that the
+figures do not move with the library's defaults) and states the hypothesis it tests. The yardstick is the
+converged centralized reference of ``compare_algorithms.py`` (same preset and runs, stored with the variants).
+
+Reported per variant (mean and min-max over ``--seeds``): the converged test loss, the share of the gap
+between the base model and the reference it closes, the bytes and server updates to get there, the bytes to
+the 95 % target, the share of the training time spent aligning, and the CPU time. Writes
+``ablate_fsl_sage[_quick].json`` under ``--output-dir``, and each run as it ends in ``e2e_runs[_quick].jsonl`` there.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import time
 from pathlib import Path
+from typing import Any
 
 import compare_algorithms as bench
 import torch
+from curves import best_point, gap_targets, span
+from e2e_runs import Clock, RunStore, base_model, data_path, fingerprint, load_data, run_all, runs_file
 from transformers.utils import logging as hf_logging
 
 
-# One change each from the reference; the LoRA/IID setting unless the name says full fine-tuning. Names that start
-# with "CSE-FSL" or "SplitFed-V2" run that algorithm with the same settings, as the baselines to beat.
-VARIANTS: dict[str, dict] = {
-    "reference": {},
-    "CSE-FSL": {},
-    "align_epochs=0 (no alignment)": {"align_epochs": 0},
-    "aux_trainable=all": {"aux_trainable": "all"},
-    "aux_trainable=all, align_learning_rate=3e-4": {"aux_trainable": "all", "align_learning_rate": 3e-4},
-    "aux_init=random, aux_trainable=all": {"aux_init": "random", "aux_trainable": "all"},
-    "CSE-FSL, aux_init=random, aux_trainable=all": {"aux_init": "random", "aux_trainable": "all"},
-    "aux_init=random, aux_trainable=all, align_interval=4": {"aux_init": "random", "aux_trainable": "all",
-                                                             "align_interval": 4},
-    "aux_num_layers=1": {"aux_num_layers": 1},
-    "aux_num_layers=3": {"aux_num_layers": 3},
-    "CSE-FSL, aux_num_layers=3": {"aux_num_layers": 3},
-    "align_epochs=1": {"align_epochs": 1},
-    "align_epochs=15": {"align_epochs": 15},
-    "align_buffer_size=48": {"align_buffer_size": 48},
-    "align_learning_rate=3e-4": {"align_learning_rate": 3e-4},
-    "align_learning_rate=1e-2": {"align_learning_rate": 1e-2},
-    "align_interval=1": {"align_interval": 1},
-    "align_interval=4": {"align_interval": 4},
-    "local_steps=25": {"local_steps": 25},
-    "CSE-FSL, local_steps=25": {"local_steps": 25},
+REFERENCE = {"learning_rate": 3e-3, "local_steps": 10, "server_update_interval": 5, "aux_num_layers": 3,
+             "aux_init": "server_blocks", "aux_trainable": "adapters", "align_interval": 2, "align_epochs": 5,
+             "align_buffer_size": 16, "server_replay": 0}
+QUICK_REFERENCE = {**REFERENCE, "local_steps": 2, "aux_num_layers": 1, "align_interval": 1, "align_epochs": 1,
+                   "align_buffer_size": 4}
+
+# name -> (hypothesis, algorithm, changes from the reference)
+VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "reference": ("", "fsl_sage", {}),
+    # where the plateau comes from
+    "server_update_interval=1": ("the server's updates per example cap the quality: uploading every step "
+                                 "(5x the server updates) ends lower", "fsl_sage", {"server_update_interval": 1}),
+    "server_update_interval=2": ("as above, in between", "fsl_sage", {"server_update_interval": 2}),
+    "server_replay=2": ("more server passes over the uploads it already holds buy server updates without bytes",
+                        "fsl_sage", {"server_replay": 2}),
+    "server_replay=4": ("as above, more", "fsl_sage", {"server_replay": 4}),
+    "align_epochs=0": ("the auxiliary estimate's bias caps the client half: without alignment it ends higher",
+                       "fsl_sage", {"align_epochs": 0}),
+    "aux_num_layers=1": ("a shallower auxiliary model estimates worse and ends higher", "fsl_sage",
+                         {"aux_num_layers": 1}),
+    "aux_init=random, aux_trainable=all": ("the paper's auxiliary model (random blocks, all weights aligned)",
+                                           "fsl_sage", {"aux_init": "random", "aux_trainable": "all"}),
+    "num_clients=1": ("averaging client halves (FedAvg) costs quality: one client with all the data ends lower",
+                      "fsl_sage", {"num_clients": 1}),
+    "local_steps=25": ("longer rounds: fewer averagings of the client halves", "fsl_sage", {"local_steps": 25}),
+    "learning_rate=1e-3": ("the schedule: a smaller step", "fsl_sage", {"learning_rate": 1e-3}),
+    "learning_rate=1e-2": ("the schedule: a larger step", "fsl_sage", {"learning_rate": 1e-2}),
+    # baselines with the same settings
+    "CSE-FSL": ("the same without alignment, the auxiliary model trained by the client", "cse_fsl", {}),
+    "SplitFed-V2": ("the true gradient, every step", "splitfed_v2", {}),
+    # alignment cost (the library's defaults)
+    "align every 10 rounds, 40 epochs, 64 sequences (paper)": ("alignment settings", "fsl_sage",
+                                                               {"align_interval": 10, "align_epochs": 40,
+                                                                "align_buffer_size": 64}),
+    "align every 10 rounds, 5 epochs, 16 sequences": ("alignment settings", "fsl_sage", {"align_interval": 10}),
+    "align every 5 rounds, 5 epochs, 32 sequences": ("alignment settings", "fsl_sage",
+                                                     {"align_interval": 5, "align_buffer_size": 32}),
+    "align every 2 rounds, 2 epochs, 16 sequences": ("alignment settings", "fsl_sage", {"align_epochs": 2}),
 }
-FULL_VARIANTS: dict[str, dict] = {
-    "full: reference": {}, "full: CSE-FSL": {}, "full: SplitFed-V2": {},
-    "full: local_steps=25": {"local_steps": 25}, "full: CSE-FSL, local_steps=25": {"local_steps": 25},
-    "full: SplitFed-V2, local_steps=25": {"local_steps": 25},
-}
-BASELINES = {"CSE-FSL": "cse_fsl", "SplitFed-V2": "splitfed_v2"}
+AUX_ONLY = ("server_update_interval", "aux_num_layers", "aux_init", "aux_trainable")
+FSL_SAGE_ONLY = ("align_interval", "align_epochs", "align_buffer_size", "server_replay")
 
 
-def algorithm_of(name: str) -> str:
-    short = name.removeprefix("full: ")
-    return next((algorithm for prefix, algorithm in BASELINES.items() if short.startswith(prefix)), "fsl_sage")
+def task(name: str, seed: int, reference: dict[str, Any]):
+    """The run of variant ``name``: its algorithm, with the reference's settings that algorithm reads."""
+    _, algorithm, changes = VARIANTS[name]
+    settings = {**reference, **changes}
+    dropped = (AUX_ONLY + FSL_SAGE_ONLY if algorithm == "splitfed_v2" else
+               FSL_SAGE_ONLY if algorithm == "cse_fsl" else ())
+    items = tuple(sorted((k, v) for k, v in settings.items() if k not in dropped))
+    return algorithm, "lora", "iid", seed, items
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    bench.common_options(parser)
-    parser.add_argument("--variants", nargs="+", default=None, help="names of VARIANTS / FULL_VARIANTS to run")
+    parser.add_argument("--quick", action="store_true", help="tiny model, to check that it all runs")
+    parser.add_argument("--output-dir", default=str(bench.ROOT / "benchmarks" / "results"))
+    parser.add_argument("--data", default=None, help="E2E csv; default ../shared/data/e2e/devset.csv")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the base model")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the runs")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
-    cfg = bench.preset(opts)
+    cfg = copy.deepcopy(bench.QUICK if opts.quick else bench.FULL)
+    reference = QUICK_REFERENCE if opts.quick else REFERENCE
     out_dir = Path(opts.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "ablate_fsl_sage_quick" if opts.quick else "ablate_fsl_sage"
-    variants = {**{k: (True, v) for k, v in VARIANTS.items()}, **{k: (False, v) for k, v in FULL_VARIANTS.items()}}
-    if opts.variants:
-        variants = {k: variants[k] for k in opts.variants}
+    path = data_path(opts.data, opts.quick)
+    # Every variant gives each setting it depends on: its runs, like the centralized ones, do not depend on the
+    # library's defaults (and share the runs file, and the centralized reference, with compare_algorithms.py).
+    store = RunStore(runs_file(out_dir, opts.quick), lambda t: fingerprint(cfg, path, t, False), stem)
+    clock = Clock()
+    cache = out_dir / "cache" / f"{'compare_algorithms_quick' if opts.quick else 'compare_algorithms'}_base"
+    data = load_data(cfg, path, opts.seed)
+    base_model(cfg, data, cache, opts.seed)
+    worker = (cfg, str(path), opts.seed, opts.threads, str(cache))
+    before = len(store.rows)
 
-    started = time.time()
-    results, init_args, _ = bench.prepare(opts, cfg)
-    tasks = {name: (algorithm_of(name), lora, "iid", opts.seed, tuple(sorted(over.items())))
-             for name, (lora, over) in variants.items()}
-    done = bench.run_all(list(tasks.values()), opts.jobs, init_args, out_dir / f"{stem}.partial.jsonl", opts.resume)
+    # The yardstick: the converged reference at the learning rate compare_algorithms chooses for LoRA.
+    refs = bench.reference_grid(cfg)["lora"]
+    run_all(refs, store, opts.jobs, worker, bench.report_line)
+    ceiling_tasks = bench.reference_tasks_at(cfg, bench.best_task(refs, store))
+    tasks = {(name, seed): task(name, seed, reference) for name in opts.variants for seed in opts.seeds}
+    run_all(bench.longest_first(ceiling_tasks + list(tasks.values())), store, opts.jobs, worker, bench.report_line)
+    store.add_invocation(clock.record(len(store.rows) - before))
+
+    ceiling_runs = [store.get(t) for t in ceiling_tasks]
+    base = ceiling_runs[0]["curve"][0]["test_loss"]
+    ceiling = span([best_point(r["curve"])["test_loss"] for r in ceiling_runs])
+    targets = gap_targets(base, ceiling["mean"])
     rows = {}
-    for name, task in tasks.items():
-        run = done[task]
-        at = bench.summarize(run, results["base"]["eval_loss"], results["base"]["eval_loss"])["loss_at_fraction"]
-        aux_bytes = sum(v for k, v in run["bytes_by_kind"].items() if k.startswith("aux_model"))
-        rows[name] = {"algorithm": task[0], "lora": task[1], "overrides": dict(task[4]),
-                      **{f"loss_at_{f}": at[str(f)] for f in at}, "aux_bytes_share": aux_bytes / run["total_bytes"],
-                      **run}
-    results.update(variants=rows, seconds=time.time() - started)
+    for name in opts.variants:
+        runs = [store.get(tasks[(name, seed)]) for seed in opts.seeds]
+        per_run = [bench.summarize(r, base, ceiling["mean"], targets, cfg["budgets_mb"]["lora"]) for r in runs]
+        rows[name] = {"hypothesis": VARIANTS[name][0], "algorithm": VARIANTS[name][1],
+                      "changes": VARIANTS[name][2], "seeds": opts.seeds, "runs": per_run,
+                      "curves": [r["curve"] for r in runs], **bench.aggregate(per_run)}
+    results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"]}, "reference_settings": reference,
+               "ceiling": ceiling, "base_test_loss": base, "targets": targets, "variants": rows,
+               "invocations": store.invocations}
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    (out_dir / f"{stem}.partial.jsonl").unlink(missing_ok=True)
-    print(table(rows, cfg))
-    print(f"\ntotal {results['seconds'] / 60:.1f} min wall; wrote {out_dir / (stem + '.json')}")
+    print(table(results))
     return results
 
 
-def table(rows: dict, cfg: dict) -> str:
-    budget = cfg["budget_mb"]
-    width = max(len("variant"), *map(len, rows)) + 2
-    head = (f"{'variant':<{width}}{'@25%':>8}{'@50%':>8}{'@100%':>8}{'held-out cos':>13}{'align cos':>10}"
-            f"{'aux bytes':>10}{'server upd':>11}{'steps':>7}{'wall s':>8}{'CPU s':>7}")
-    title = f"FSL-SAGE ablation at {budget['lora']:g} MB (LoRA) / {budget['full']:g} MB (full fine-tuning), IID"
-    lines = [title, head]
-
-    def loss(r: dict, f: float) -> str:
-        cell = r[f"loss_at_{f}"]
-        return f"{cell['eval_loss']:.4f}" + ("" if cell["reached"] else "*")
-
-    for name, r in rows.items():
-        cos = "—" if r["heldout_cosine"] is None else f"{r['heldout_cosine']:.3f}"
-        align = "—" if r["align_cosine_after"] is None else f"{r['align_cosine_after']:.3f}"
-        lines.append(f"{name:<{width}}{loss(r, 0.25):>8}{loss(r, 0.5):>8}{loss(r, 1.0):>8}{cos:>13}{align:>10}"
-                     f"{r['aux_bytes_share']:>10.1%}{r['server_updates']:>11}{r['global_steps']:>7}"
-                     f"{r['train_seconds']:>8.0f}{r['cpu_seconds']:>7.0f}")
-    lines.append("* stopped at the step cap before that fraction of the budget.")
+def table(results: dict[str, Any]) -> str:
+    ref = results["ceiling"]
+    lines = [f"centralized reference {bench.cell(ref)} (base {results['base_test_loss']:.4f}); 95 % target "
+             f"{results['targets']['0.95']:.4f}",
+             "| variant | converged test loss | gap closed | over reference | MB there | server updates | "
+             "MB to 95 % | align share | CPU s |", "|---" * 9 + "|"]
+    for name, row in results["variants"].items():
+        cells = [bench.cell(row["test_loss"]), bench.cell(row["gap_closed"], lambda v: f"{v:.1%}"),
+                 bench.cell(row["over_reference"], lambda v: f"{v:+.2%}"), bench.cell(row["bytes"], bench.mb),
+                 bench.cell(row["server_updates"], lambda v: f"{v:.0f}"),
+                 bench.cell(row["bytes_to_target"]["0.95"], bench.mb),
+                 bench.cell(row["align_share"], lambda v: f"{v:.0%}"),
+                 bench.cell(row["cpu_seconds"], lambda v: f"{v:.0f}")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,34 +1,33 @@
-"""FedAvg, SplitFed-V1/V2, CSE-FSL and FSL-SAGE on E2E at equal communication budgets: eval loss against bytes.
+"""Every algorithm trained to convergence on E2E with the same tuning budget: the quality each reaches, and the bytes
+it takes to get there, beside a centralized reference trained to convergence.
 
-    python benchmarks/compare_algorithms.py            # full run (see docs/benchmarks.md for its time on 2 CPU cores)
-    python benchmarks/compare_algorithms.py --quick    # smoke run, under 3 min
+    python benchmarks/compare_algorithms.py --jobs 2     # full run (its time: docs/benchmarks.md)
+    python benchmarks/compare_algorithms.py --quick      # smoke run (CI), under 2 minutes
 
-Set-up: a small GPT-2 (6 blocks of width 128) and the real GPT-2 tokenizer, its
-ids renumbered over the ~1.3k tokens that occur in the data (``--full-vocab``
-keeps all 50,257 rows). The E2E dev set (``--data``; default
-``../shared/data/e2e/devset.csv`` next to the repository when present, else the
-sample shipped in the package) is split by ``mr`` into a pretraining part
-(30 %), a training part and an eval part (10 %). The base model is first trained
-centrally on the pretraining part's references alone (a stand-in for
-pretraining: it knows the language, not the data-to-text task).
+Set-up (``e2e_runs``): a GPT-2 with 6 blocks of width 128 pre-trained on held-out E2E references, fine-tuned
+on the training part over 4 clients (IID, or Dirichlet(0.5) over the ``customer rating`` slot) with LoRA (r 4
+on attention) or every weight. Every run, federated or not, evaluates the validation and the test loss (the
+federated ones at the end of every round) and stops when the validation loss has not improved for a set number
+of client steps, or at a cap.
 
-Every algorithm then fine-tunes a copy of that base on the training part, spread
-over 5 clients, until the bytes on the wire reach the same budget
-(``max_comm_bytes``; ``--budget-mb`` scales it) or a global-step cap, in four
-settings: IID or Dirichlet(0.5) non-IID clients (groups: the ``customer rating``
-slot), with LoRA (r 4 on attention) or full fine-tuning. All runs use the same
-constant learning rate after a short warm-up, so stopping at a budget truncates
-no schedule. Targets come from outside the compared algorithms: the eval losses
-that close 80 % and 90 % of the gap between the base model and a centralized
-run (plain ``Trainer`` on the unsplit model, same PEFT config, data, batch and
-schedule, ``central_steps`` steps).
+Protocol, in three stages (a rerun skips the runs its results file already holds):
 
-Per run it reports the eval loss at 10/25/50/100 % of the budget, the bytes at
-the first evaluation at or below each target, server updates, client steps,
-wall and CPU time, and FSL-SAGE's alignment and held-out gradient cosines. The
-LoRA/IID setting runs every seed of ``--seeds`` for the algorithms in
-``SEEDED``; the others run the first seed. Writes
-``compare_algorithms[_quick].json`` and ``.png`` under ``--output-dir``.
+1. *Reference*: the unsplit model with a plain ``Trainer``, per fine-tuning mode, at the learning rates of the
+   grid; the one with the lowest validation loss is run with two more seeds. Its converged test loss (mean over
+   the seeds) is the ceiling; the targets are the test losses that close 80, 90, 95 and 99 % of the gap between
+   the base model and it.
+2. *Tuning*, the same for every algorithm, on IID clients and seed 0: the learning rate (the mode's base rate
+   times each factor of the grid) at the preset's round length, then each other round length at the chosen
+   rate; the choice is the lowest validation loss. Dirichlet clients use the IID choice.
+3. *Final runs* with the chosen settings: three seeds for SplitFed-V2, CSE-FSL and FSL-SAGE, one for FedAvg and
+   SplitFed-V1 (which runs with SplitFed-V2's settings), in all four settings.
+
+Reported from the test curve at the point each run's validation loss was lowest: the converged test loss, the
+share of the gap it closes, and the bytes and server updates it took; the bytes to each target, interpolated in
+log-bytes between the two evaluations that bracket it (with the bracket); and, as a second view, the test loss
+at fixed byte budgets. Seeds give min-max. Writes ``compare_algorithms[_quick].json`` (with every curve and the
+wall and CPU time of each invocation) and ``.png`` under ``--output-dir``, and each run as it ends in
+``e2e_runs[_quick].jsonl`` there.
 """
 
 from __future__ import annotations
@@ -36,474 +35,224 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import multiprocessing
-import statistics
-import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
-from transformers.trainer_callback import PrinterCallback
+from curves import GAP_SHARES, best_point, crossing, gap_closed, gap_targets, select, span, value_at
+from e2e_runs import Clock, RunStore, Task, base_model, data_path, fingerprint, load_data, run_all, runs_file
 from transformers.utils import logging as hf_logging
-
-from e2e_task.data import (
-    E2E_SAMPLE_PATH,
-    load_e2e_csv,
-    offline_gpt2_tokenizer,
-    split_by_mr,
-    tokenize_e2e,
-    with_mr_slot_column,
-)
-from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
-from hf_fsl_sage.federation.data import tokenize_text
 
 
 ROOT = Path(__file__).resolve().parents[1]
-ALGORITHMS = ["fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"]
+METHODS = ["fedavg", "splitfed_v2", "cse_fsl", "fsl_sage"]  # tuned on the same grid
 SEEDED = ["splitfed_v2", "cse_fsl", "fsl_sage"]  # the comparison FSL-SAGE's claim is about: several seeds
-DEVSET = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
-FRACTIONS = (0.1, 0.25, 0.5, 1.0)
-GAP_TARGETS = (0.8, 0.9)
+UNTUNED = {"splitfed_v1": "splitfed_v2"}  # runs with the settings chosen for the other
+MODES = ["lora", "full"]
+PARTITIONS = ["iid", "dirichlet"]
 
 FULL = {
-    # model and data
-    "n_layer": 4, "n_embd": 64, "n_head": 4, "max_length": 96, "rows": None, "eval_rows": 96,
-    "pretrain_steps": 150, "pretrain_batch": 16, "pretrain_lr": 3e-3,
-    # federation, shared by every algorithm
-    "num_clients": 4, "batch": 8, "local_steps": 10, "cut_layer": 1, "server_update_interval": 5,
-    "lr_lora": 3e-3, "lr_full": 1e-3, "warmup_steps": 5,
-    # budget, step cap, evaluations, centralized reference
-    "budget_mb": {"lora": 16.0, "full": 24.0}, "max_steps": 150, "eval_points": 6, "central_steps": 40,
-    # each algorithm's own settings
-    "fsl_sage": {"aux_num_layers": 2, "align_interval": 2, "align_epochs": 5, "align_buffer_size": 16},
-    "cse_fsl": {"aux_num_layers": 2},
+    # model and data (e2e_runs.load_data, e2e_runs.base_model)
+    "n_layer": 6, "n_embd": 128, "n_head": 4, "max_length": 64, "validation_share": 0.1, "test_share": 0.1,
+    "pretrain_share": 0.3, "eval_rows": 128, "pretrain_steps": 600, "pretrain_batch": 16, "pretrain_lr": 2e-3,
+    # every run
+    "num_clients": 4, "batch": 8, "cut_layer": 1, "local_steps": 10, "warmup_steps": 10,
+    "eval_client_steps": 80, "patience_client_steps": 800, "max_client_steps": 8000,
+    # tuning grid: learning rate = base rate of the mode x factor; then the other round lengths
+    "learning_rate": {"lora": 3e-3, "full": 1e-3}, "lr_factors": [0.3, 1.0, 3.0], "round_lengths": [10, 25],
+    "seeds": [0, 1, 2],
+    # second view: test loss at these budgets (MB)
+    "budgets_mb": {"lora": [2, 8, 32], "full": [8, 32, 128]},
+    # each algorithm's own settings (FSLSageConfig fields); the rest are the library's defaults
+    "cse_fsl": {"aux_num_layers": 3}, "fsl_sage": {"aux_num_layers": 3},
 }
 QUICK = {
-    **FULL, "n_layer": 2, "n_embd": 32, "n_head": 2, "rows": 600, "eval_rows": 32, "pretrain_steps": 5,
-    "num_clients": 2, "local_steps": 2, "server_update_interval": 2, "budget_mb": {"lora": 0.6, "full": 1.5},
-    "max_steps": 12, "eval_points": 3, "central_steps": 4,
-    "fsl_sage": {"aux_num_layers": 1, "align_interval": 1, "align_epochs": 1, "align_buffer_size": 4},
-    "cse_fsl": {"aux_num_layers": 1},
+    **FULL, "n_layer": 2, "n_embd": 32, "n_head": 2, "max_length": 64, "eval_rows": 16, "pretrain_steps": 10,
+    "num_clients": 2, "local_steps": 2, "eval_client_steps": 4, "patience_client_steps": 8, "max_client_steps": 16,
+    "lr_factors": [1.0, 3.0], "round_lengths": [2, 4], "seeds": [0, 1], "budgets_mb": {"lora": [0.1], "full": [1]},
+    "cse_fsl": {"aux_num_layers": 1}, "fsl_sage": {"aux_num_layers": 1, "align_epochs": 1, "align_buffer_size": 4,
+                                                  "align_interval": 1},
 }
 
 
-# ---------------------------------------------------------------- data and models
-def load_data(cfg: dict[str, Any], tok, seed: int, full_vocab: bool, path: Path) -> dict[str, Any]:
-    """Tokenized pretraining / train / eval parts of the E2E dev set (train keeps its ``mr`` for partitioning).
+# ---------------------------------------------------------------- tasks of each stage
+def settings(lr: float, local_steps: int | None = None) -> tuple:
+    return (("learning_rate", lr),) + ((("local_steps", local_steps),) if local_steps is not None else ())
 
-    Unless ``full_vocab``, token ids are renumbered densely over the GPT-2 tokens that occur in the data
-    (about 1.3k of 50,257), so the vocabulary rows stay in proportion to the blocks of a small model.
-    """
-    raw = load_e2e_csv(path)
-    if cfg["rows"]:
-        raw = raw.select(range(cfg["rows"]))
-    parts = split_by_mr(raw, eval_fraction=0.1, test_fraction=0.3, seed=seed)
-    out = {name: tokenize_e2e(parts[key], tok, max_length=cfg["max_length"])
-           for name, key in (("train", "train"), ("eval", "validation"))}
-    out["pretrain"] = tokenize_text(parts["test"].select_columns(["ref"]).rename_column("ref", "text"), tok,
-                                    max_length=cfg["max_length"])
-    names = ("pretrain", "train", "eval")
-    pad, vocab = tok.eos_token_id, len(tok)
-    if not full_vocab:
-        used = sorted({t for name in names for row in out[name]["input_ids"] for t in row} | {tok.eos_token_id})
-        index = {t: i for i, t in enumerate(used)}
-        pad, vocab = index[tok.eos_token_id], len(used)
-        for name in names:
-            out[name] = out[name].map(lambda row: {"input_ids": [index[t] for t in row["input_ids"]],
-                                                   "labels": [t if t < 0 else index[t] for t in row["labels"]]})
-    out["train"] = with_mr_slot_column(out["train"].add_column("mr", parts["train"]["mr"]), "customer rating")
-    if cfg["eval_rows"]:
-        out["eval"] = out["eval"].select(range(min(cfg["eval_rows"], len(out["eval"]))))
-    out["sizes"] = {name: len(out[name]) for name in names}
-    out["vocab_size"], out["pad_id"] = vocab, pad
-    out["token_index"] = None if full_vocab else index  # GPT-2 id -> the id used here
+
+def rate(cfg, mode: str, factor: float) -> float:
+    return float(f"{cfg['learning_rate'][mode] * factor:.3g}")
+
+
+def reference_grid(cfg) -> dict[str, list[Task]]:
+    return {mode: [("centralized", mode, "all", cfg["seeds"][0], settings(rate(cfg, mode, f)))
+                   for f in cfg["lr_factors"]] for mode in MODES}
+
+
+def lr_grid(cfg, method: str, mode: str) -> list[Task]:
+    return [(method, mode, "iid", cfg["seeds"][0], settings(rate(cfg, mode, f), cfg["local_steps"]))
+            for f in cfg["lr_factors"]]
+
+
+def best_task(tasks: list[Task], store: RunStore) -> Task:
+    """The task whose run has the lowest validation loss (``curves.select``: the test split plays no part)."""
+    by_key = {json.dumps(t): t for t in tasks}
+    return by_key[select({k: store.get(t)["curve"] for k, t in by_key.items()})]
+
+
+def round_grid(cfg, chosen_lr: Task) -> list[Task]:
+    method, mode, partition, seed, items = chosen_lr
+    lr = dict(items)["learning_rate"]
+    return [chosen_lr] + [(method, mode, partition, seed, settings(lr, n)) for n in cfg["round_lengths"]
+                          if n != cfg["local_steps"]]
+
+
+def final_tasks(cfg, chosen: dict[tuple[str, str], Task]) -> list[Task]:
+    tasks = []
+    for mode in MODES:
+        for partition in PARTITIONS:
+            for method in METHODS + list(UNTUNED):
+                items = chosen[(UNTUNED.get(method, method), mode)][4]
+                seeds = cfg["seeds"] if method in SEEDED else cfg["seeds"][:1]
+                tasks += [(method, mode, partition, seed, items) for seed in seeds]
+    return tasks
+
+
+def longest_first(tasks: list[Task]) -> list[Task]:
+    """Auxiliary-loss methods with LoRA run longest; starting them first lets two workers finish together."""
+    return sorted(tasks, key=lambda t: (t[0] not in ("fsl_sage", "cse_fsl"), t[1] != "lora"))
+
+
+# ---------------------------------------------------------------- reading the runs
+def summarize(row: dict[str, Any], base: float, reference: float, targets: dict[str, float],
+              budgets: list[float]) -> dict[str, Any]:
+    """The figures of one run, from its test curve at the point its validation loss was lowest."""
+    best = best_point(row["curve"])
+    cross = {share: crossing(row["curve"], loss) for share, loss in targets.items()}
+    return {"test_loss": best["test_loss"], "validation_loss": best["validation_loss"],
+            "gap_closed": gap_closed(base, reference, best["test_loss"]),
+            "over_reference": best["test_loss"] / reference - 1, "bytes": best["bytes"],
+            "server_updates": best["server_updates"], "client_steps": best["client_steps"],
+            "bytes_to_target": {s: c["value"] if c else None for s, c in cross.items()},
+            "bracket_to_target": {s: c["bracket"] if c else None for s, c in cross.items()},
+            "loss_at_budget": {str(b): value_at(row["curve"], b * 1e6) for b in budgets},
+            "stopped_by": row["stopped_by"], "cpu_seconds": row["cpu_seconds"],
+            "align_share": row.get("time_share", {}).get("align")}
+
+
+def analyse(cfg, store: RunStore, chosen: dict, reference_choice: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {"references": {}, "tuning": {}, "settings": {}}
+    for mode in MODES:
+        grid = reference_grid(cfg)[mode]
+        runs = [store.get(t) for t in reference_tasks_at(cfg, reference_choice[mode])]
+        base = runs[0]["curve"][0]["test_loss"]
+        ceiling = span([best_point(r["curve"])["test_loss"] for r in runs])
+        targets = gap_targets(base, ceiling["mean"])
+        out["references"][mode] = {
+            "grid": {str(dict(t[4])["learning_rate"]): best_point(store.get(t)["curve"])["validation_loss"]
+                     for t in grid},
+            "learning_rate": dict(reference_choice[mode][4])["learning_rate"], "base_test_loss": base,
+            "test_loss": ceiling, "targets": targets,
+            "steps": span([best_point(r["curve"])["step"] for r in runs]), "runs": runs}
+        out["tuning"][mode] = {}
+        for method in METHODS:
+            grid = {json.dumps(dict(t[4])): best_point(store.get(t)["curve"])["validation_loss"]
+                    for t in tuning_tasks(cfg, store, method, mode)}
+            out["tuning"][mode][method] = {"grid": grid, "chosen": dict(chosen[(method, mode)][4])}
+        for partition in PARTITIONS:
+            rows = {}
+            for method in METHODS + list(UNTUNED):
+                tasks = [t for t in final_tasks(cfg, chosen) if t[:3] == (method, mode, partition)]
+                runs = [store.get(t) for t in tasks]
+                per_run = [summarize(r, base, ceiling["mean"], targets, cfg["budgets_mb"][mode]) for r in runs]
+                rows[method] = {"seeds": [t[3] for t in tasks], "settings": dict(tasks[0][4]), "runs": per_run,
+                                "curves": [r["curve"] for r in runs], **aggregate(per_run)}
+            out["settings"][f"{partition}/{mode}"] = {"base_test_loss": base, "reference": ceiling["mean"],
+                                                      "targets": targets, "methods": rows,
+                                                      "goal": goal(rows, ceiling["mean"])}
     return out
 
 
-class PadCollator:
-    """Right padding: ``input_ids`` with ``pad_id``, ``attention_mask`` with 0, ``labels`` with -100."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        return {key: torch.tensor([list(r[key]) + [fill] * (width - len(r[key])) for r in rows])
-                for key, fill in (("input_ids", self.pad_id), ("attention_mask", 0), ("labels", -100))}
+def reference_tasks_at(cfg, chosen: Task) -> list[Task]:
+    name, mode, partition, _, items = chosen
+    return [(name, mode, partition, seed, items) for seed in cfg["seeds"]]
 
 
-def lora_config():
-    from peft import LoraConfig
-
-    return LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
-
-
-@torch.no_grad()
-def eval_loss(model: torch.nn.Module, ds, collator, batch_size: int = 32) -> float:
-    """Batch-size-weighted mean of the per-batch token-mean cross-entropy (as the Trainers report it)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(ds), batch_size):
-        batch = collator([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
-        total += float(model(**batch).loss) * batch["input_ids"].shape[0]
-        count += batch["input_ids"].shape[0]
-    model.train(was_training)
-    return total / count
+def tuning_tasks(cfg, store: RunStore, method: str, mode: str) -> list[Task]:
+    """Every tuning run of ``method`` in ``mode``: the learning rates, then the round lengths at the chosen one."""
+    rates = lr_grid(cfg, method, mode)
+    return list(dict.fromkeys(rates + round_grid(cfg, best_task(rates, store))))
 
 
-def plain_trainer(model, out_dir: str, train, collator, steps: int, batch: int, lr: float, seed: int, warmup: int,
-                  scheduler: str, callbacks=()) -> Trainer:
-    args = TrainingArguments(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch,
-                             learning_rate=lr, weight_decay=0.01, adam_epsilon=1e-6, warmup_steps=warmup,
-                             label_smoothing_factor=0.1, max_grad_norm=1.0, lr_scheduler_type=scheduler,
-                             logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
-                             seed=seed, data_seed=seed, remove_unused_columns=False)
-    columns = ["input_ids", "attention_mask", "labels"]
-    return Trainer(model=model, args=args, train_dataset=train.select_columns(columns),
-                   data_collator=collator, callbacks=list(callbacks))
+def aggregate(per_run: list[dict[str, Any]]) -> dict[str, Any]:
+    def of(get) -> dict[str, Any]:
+        return span([get(r) for r in per_run])
+
+    keys = per_run[0]["bytes_to_target"]
+    return {"test_loss": of(lambda r: r["test_loss"]), "gap_closed": of(lambda r: r["gap_closed"]),
+            "over_reference": of(lambda r: r["over_reference"]), "bytes": of(lambda r: r["bytes"]),
+            "server_updates": of(lambda r: r["server_updates"]), "client_steps": of(lambda r: r["client_steps"]),
+            "bytes_to_target": {s: of(lambda r, s=s: r["bytes_to_target"][s]) for s in keys},
+            "loss_at_budget": {b: of(lambda r, b=b: r["loss_at_budget"][b]) for b in per_run[0]["loss_at_budget"]},
+            "cpu_seconds": of(lambda r: r["cpu_seconds"]), "align_share": of(lambda r: r["align_share"]),
+            "stopped_by": sorted({r["stopped_by"] for r in per_run})}
 
 
-def pretrain_base(cfg: dict[str, Any], data, collator, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    set_seed(seed)
-    config = GPT2Config(n_layer=cfg["n_layer"], n_embd=cfg["n_embd"], n_head=cfg["n_head"],
-                        n_positions=max(128, cfg["max_length"]), vocab_size=data["vocab_size"],
-                        bos_token_id=data["pad_id"], eos_token_id=data["pad_id"], pad_token_id=data["pad_id"])
-    model = AutoModelForCausalLM.from_config(config)
-    before = eval_loss(model, data["eval"], collator)
-    start = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        plain_trainer(model, tmp, data["pretrain"], collator, cfg["pretrain_steps"], cfg["pretrain_batch"],
-                      cfg["pretrain_lr"], seed, 0, "linear").train()
-    info = {"eval_loss_random_init": before, "eval_loss": eval_loss(model, data["eval"], collator),
-            "steps": cfg["pretrain_steps"], "seconds": time.time() - start,
-            "params": sum(p.numel() for p in model.parameters())}
-    return model.eval(), info
-
-
-# ---------------------------------------------------------------- runs
-class EvalEvery(TrainerCallback):
-    """Plain-Trainer callback: plain cross-entropy on the eval set every ``every`` steps."""
-
-    def __init__(self, every: int, evaluate, curve: list[dict[str, float]]):
-        self.every, self.evaluate, self.curve = every, evaluate, curve
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            self.curve.append({"step": state.global_step, "bytes": 0, "eval_loss": self.evaluate(model)})
-
-
-def centralized(cfg, base, data, collator, lora: bool, seed: int) -> dict[str, Any]:
-    """Plain Trainer on the unsplit model: same PEFT config, data, batch and schedule, ``central_steps`` steps."""
-    set_seed(seed)
-    model = copy.deepcopy(base).train()
-    if lora:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora_config())
-    steps = cfg["central_steps"]
-    curve = [{"step": 0, "bytes": 0, "eval_loss": eval_loss(model, data["eval"], collator)}]
-    start, cpu = time.time(), time.process_time()
-    with tempfile.TemporaryDirectory() as tmp:
-        every = max(1, steps // cfg["eval_points"])
-        callback = EvalEvery(every, lambda m: eval_loss(m, data["eval"], collator), curve)
-        lr = cfg["lr_lora"] if lora else cfg["lr_full"]
-        plain_trainer(model, tmp, data["train"], collator, steps, cfg["batch"], lr,
-                      seed, cfg["warmup_steps"], "constant_with_warmup", [callback]).train()
-    return {"curve": curve, "final_eval_loss": curve[-1]["eval_loss"], "steps": steps,
-            "train_seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu}
-
-
-class EvalAtBytes(TrainerCallback):
-    """Evaluates when the ledger first passes each byte mark, and records (step, bytes, server updates, loss)."""
-
-    def __init__(self, trainer: FSLSageTrainer, marks: list[float]):
-        self.trainer, self.marks, self.points = trainer, sorted(marks), []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        total = self.trainer.federation.transport.ledger.total
-        if self.marks and total >= self.marks[0]:
-            control.should_evaluate = True
-            self.marks = [m for m in self.marks if m > total]
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        ledger = self.trainer.federation.transport.ledger
-        point = {"step": state.global_step, "bytes": ledger.total, "server_updates": ledger.messages["smashed_up"],
-                 "eval_loss": metrics["eval_loss"]}
-        if not self.points or self.points[-1]["step"] != point["step"]:
-            self.points.append(point)
-
-
-def client_params(trainer: FSLSageTrainer) -> tuple[int, int]:
-    """(trained, held) parameters of one client: its half, plus the server half (FedAvg) and the aux model."""
-    client, name, algorithm = trainer.federation.clients[0], trainer.args.algorithm, trainer.algorithm
-    server_copy = [algorithm.server_copies[0].module] if name == "fedavg" else []
-    aux = [algorithm.aux[0].module] if hasattr(algorithm, "aux") else []
-    held = [client.model.module, *server_copy, *aux]
-    trained = [client.model.module, *server_copy, *(aux if name == "cse_fsl" else [])]
-
-    def count(modules, only_trainable: bool) -> int:
-        unique = {id(p): p for m in modules for p in m.parameters() if p.requires_grad or not only_trainable}
-        return sum(p.numel() for p in unique.values())
-
-    return count(trained, True), count(held, False)
-
-
-def byte_marks(budget: float, points: int) -> list[float]:
-    """``points`` marks spaced evenly on a log axis from 1 % of the budget, plus the reported fractions."""
-    grid = [budget * 10 ** (-2 + 2 * i / (points - 1)) for i in range(points)] if points > 1 else [budget]
-    return sorted(set(grid) | {budget * f for f in FRACTIONS})
-
-
-def fed_args(cfg, algorithm: str, lora: bool, partition: str, seed: int, out_dir: str, budget: float,
-             overrides: dict[str, Any]) -> FSLSageConfig:
-    per_algorithm = dict(cfg.get(algorithm, {}))
-    settings = dict(
-        output_dir=out_dir, algorithm=algorithm, num_clients=cfg["num_clients"], local_steps=cfg["local_steps"],
-        max_steps=cfg["max_steps"], max_comm_bytes=int(budget), partition=partition,
-        partition_column="customer rating", dirichlet_alpha=0.5, per_device_train_batch_size=cfg["batch"],
-        per_device_eval_batch_size=32, cut_layer=cfg["cut_layer"],
-        server_update_interval=cfg["server_update_interval"],
-        learning_rate=cfg["lr_lora"] if lora else cfg["lr_full"], warmup_steps=cfg["warmup_steps"],
-        lr_scheduler_type="constant_with_warmup", eval_strategy="steps", eval_steps=10**9,
-        logging_strategy="steps", logging_steps=cfg["local_steps"],
-        save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, **per_algorithm)
-    settings.update(overrides)
-    return FSLSageConfig(**settings)
-
-
-def federated(cfg, base, data, collator, algorithm: str, lora: bool, partition: str, seed: int, out_dir: str,
-              overrides: dict[str, Any] | None = None, inspect=None) -> dict[str, Any]:
-    """One federated run; ``overrides`` are extra FSLSageConfig fields, ``inspect(trainer)`` adds to the result."""
-    set_seed(seed)
-    budget = cfg["budget_mb"]["lora" if lora else "full"] * 1e6
-    args = fed_args(cfg, algorithm, lora, partition, seed, out_dir, budget, overrides or {})
-    trainer = FSLSageTrainer(model=copy.deepcopy(base).train(), args=args, train_dataset=data["train"],
-                             eval_dataset=data["eval"], data_collator=collator,
-                             peft_config=lora_config() if lora else None)
-    trainer.remove_callback(PrinterCallback)  # quiet: the benchmark prints its own lines
-    curve = EvalAtBytes(trainer, byte_marks(budget, cfg["eval_points"]))
-    trainer.add_callback(curve)
-    trainer.evaluate()  # step 0, recorded by the callback
-    start, cpu = time.time(), time.process_time()
-    train_metrics = trainer.train().metrics
-    seconds, cpu_seconds = time.time() - start, time.process_time() - cpu
-    ledger = trainer.federation.transport.ledger
-    if curve.points[-1]["step"] != trainer.state.global_step:
-        trainer.evaluate()
-    history = trainer.state.log_history
-
-    def mean_logged(key: str) -> float | None:
-        values = [h[key] for h in history if key in h]
-        return sum(values) / len(values) if values else None
-
-    last = curve.points[-1]
-    trained, held = client_params(trainer)
-    return {"client_trainable_params": trained, "client_total_params": held, "curve": curve.points,
-            "final_eval_loss": last["eval_loss"], "total_bytes": ledger.total,
-            "budget_bytes": budget, "stopped_by": "budget" if ledger.total >= budget else "step cap",
-            "global_steps": trainer.state.global_step, "client_steps": trainer.state.global_step * args.num_clients,
-            "server_updates": ledger.messages["smashed_up"] if algorithm != "fedavg" else None,
-            "bytes_by_kind": dict(ledger.by_kind), "train_seconds": seconds, "cpu_seconds": cpu_seconds,
-            "align_cosine_after": mean_logged("align_grad_cosine_after"),
-            "heldout_cosine": mean_logged("aux_grad_cosine_heldout"),
-            "heldout_seconds": getattr(trainer.algorithm, "heldout_seconds", None),
-            "settings": {k: getattr(args, k) for k in ("local_steps", "server_update_interval", "learning_rate",
-                                                          "aux_num_layers", "align_interval", "align_epochs",
-                                                          "align_buffer_size", "align_learning_rate", "aux_init")
-                         if hasattr(args, k)} | (overrides or {}),
-            "time_per_step": {k[5:]: v for k, v in train_metrics.items() if k.startswith("time/")},
-            **(inspect(trainer) if inspect else {})}
-
-
-def summarize(row: dict[str, Any], base_loss: float, central_loss: float) -> dict[str, Any]:
-    """Loss at each budget fraction, and bytes to each gap-closing target (None where not reached)."""
-    curve, budget = row["curve"], row["budget_bytes"]
-    at = {}
-    for f in FRACTIONS:
-        point = next((p for p in curve if p["bytes"] >= f * budget * (1 - 1e-9)), None)
-        at[str(f)] = ({"eval_loss": point["eval_loss"], "bytes": point["bytes"], "reached": True} if point else
-                      {"eval_loss": curve[-1]["eval_loss"], "bytes": curve[-1]["bytes"], "reached": False})
-    targets = {}
-    for g in GAP_TARGETS:
-        loss = base_loss - g * (base_loss - central_loss)
-        targets[str(g)] = {"eval_loss": loss,
-                           "bytes": next((p["bytes"] for p in curve if p["eval_loss"] <= loss), None)}
-    return {"loss_at_fraction": at, "targets": targets}
-
-
-# ---------------------------------------------------------------- workers
-_WORKER: dict[str, Any] = {}
-Task = tuple[str, bool, str, int, tuple]  # (algorithm or "centralized", lora, partition, seed, overrides as items)
-
-
-def _init_worker(cfg: dict[str, Any], seed: int, full_vocab: bool, path: str, threads: int, base_config,
-                 base_state) -> None:
-    """Every worker rebuilds the same data and base model; runs then depend only on their seed."""
-    torch.set_num_threads(threads)
-    hf_logging.set_verbosity_error()
-    data = load_data(cfg, offline_gpt2_tokenizer(), seed, full_vocab, Path(path))
-    base = AutoModelForCausalLM.from_config(base_config)
-    base.load_state_dict(base_state)
-    _WORKER.update(cfg=cfg, data=data, collator=PadCollator(data["pad_id"]), base=base.eval())
-
-
-def _run(task: Task) -> tuple[Task, dict[str, Any]]:
-    name, lora, partition, seed, overrides = task
-    w = _WORKER
-    if name == "centralized":
-        return task, centralized(w["cfg"], w["base"], w["data"], w["collator"], lora, seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        return task, federated(w["cfg"], w["base"], w["data"], w["collator"], name, lora, partition, seed, tmp,
-                               dict(overrides))
-
-
-def _task(raw: list) -> Task:
-    name, lora, partition, seed, overrides = raw
-    return name, lora, partition, seed, tuple(tuple(item) for item in overrides)
-
-
-def run_all(tasks: list[Task], jobs: int, init_args: tuple, partial: Path | None = None,
-            resume: bool = False) -> dict[Task, dict[str, Any]]:
-    """Run ``tasks`` in ``jobs`` worker processes (in this process when 1), printing each as it ends.
-
-    With ``partial``, each finished run is also appended to that JSON-lines file as it ends; with ``resume``,
-    the runs already in it are taken from there instead of being run again.
-    """
-    done: dict[Task, dict[str, Any]] = {}
-    if partial is not None and resume and partial.is_file():
-        kept = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
-        done = {_task(k["task"]): k["row"] for k in kept if _task(k["task"]) in tasks}
-        print(f"resuming: {len(done)} of {len(tasks)} runs taken from {partial}", flush=True)
-        tasks = [t for t in tasks if t not in done]
-    elif partial is not None:
-        partial.write_text("")
-
-    def report(task: Task, row: dict[str, Any]) -> None:
-        done[task] = row
-        if partial is not None:
-            with partial.open("a") as f:
-                f.write(json.dumps({"task": task, "row": row}) + "\n")
-        name, lora, partition, seed, overrides = task
-        extra = " ".join(f"{k}={v}" for k, v in overrides)
-        print(f"[{len(done)}/{len(tasks)}] {partition}/{'lora' if lora else 'full'} seed {seed} {name} {extra}: "
-              f"eval loss {row['final_eval_loss']:.4f} at {mb(row['curve'][-1]['bytes'])} MB, "
-              f"{row.get('global_steps', row.get('steps'))} steps, {row['train_seconds']:.0f} s", flush=True)
-
-    if not tasks:
-        return done
-    if jobs <= 1:
-        _init_worker(*init_args)
-        for task in tasks:
-            report(*_run(task))
-        return done
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=init_args) as pool:
-        for future in as_completed([pool.submit(_run, task) for task in tasks]):
-            report(*future.result())
-    return done
-
-
-def prepare(opts, cfg) -> tuple[dict[str, Any], tuple, dict[str, Any]]:
-    """Data, base model and worker arguments shared by this benchmark and the ablation."""
-    if not opts.data and not DEVSET.is_file() and not opts.quick:
-        raise SystemExit(f"the E2E development set is not at {DEVSET}: pass --data path/to/devset.csv (the figures "
-                         "in docs/benchmarks.md come from it; the sample shipped in the package is for --quick only)")
-    path = Path(opts.data) if opts.data else (DEVSET if DEVSET.is_file() else E2E_SAMPLE_PATH)
-    data = load_data(cfg, offline_gpt2_tokenizer(), opts.seed, opts.full_vocab, path)
-    base, base_info = pretrain_base(cfg, data, PadCollator(data["pad_id"]), opts.seed)
-    print(f"data {path.name} {data['sizes']}, vocabulary {data['vocab_size']}; base: eval loss "
-          f"{base_info['eval_loss_random_init']:.3f} -> {base_info['eval_loss']:.3f} after {base_info['steps']} "
-          f"central steps ({base_info['seconds']:.0f} s)", flush=True)
-    config = {**cfg, "data_file": path.name, "data": data["sizes"], "vocab_size": data["vocab_size"],
-              "partition_column": "customer rating", "dirichlet_alpha": 0.5, "jobs": opts.jobs,
-              "threads": opts.threads}
-    init_args = (cfg, opts.seed, opts.full_vocab, str(path), opts.threads, base.config, base.state_dict())
-    return {"config": config, "base": base_info}, init_args, data
-
-
-def common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="tiny budget, to check that everything runs (< 3 min)")
-    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--data", default=None, help="E2E csv; default ../shared/data/e2e/devset.csv or the sample")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the base model")
-    parser.add_argument("--budget-mb", type=float, nargs=2, default=None, metavar=("LORA", "FULL"),
-                        help="communication budget in MB (1e6 bytes) per run, with LoRA and with full fine-tuning")
-    parser.add_argument("--max-steps", type=int, default=None, help="global-step cap of every run")
-    parser.add_argument("--local-steps", type=int, default=None,
-                        help=f"local steps per round of every federated run (default: the preset's, "
-                             f"{FULL['local_steps']}; {QUICK['local_steps']} with --quick)")
-    parser.add_argument("--full-vocab", action="store_true",
-                        help="keep GPT-2's 50,257-row vocabulary instead of the tokens that occur in the data")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process; 1 is fastest here")
-    parser.add_argument("--resume", action="store_true",
-                        help="take the runs already finished from the .partial.jsonl an interrupted run left")
-
-
-def preset(opts) -> dict[str, Any]:
-    cfg = copy.deepcopy(QUICK if opts.quick else FULL)
-    if opts.budget_mb:
-        cfg["budget_mb"] = {"lora": opts.budget_mb[0], "full": opts.budget_mb[1]}
-    if opts.max_steps:
-        cfg["max_steps"] = opts.max_steps
-    if opts.local_steps:
-        cfg["local_steps"] = opts.local_steps
-    return cfg
+def goal(rows: dict[str, Any], reference: float) -> dict[str, Any]:
+    """FSL-SAGE's claim in this setting: converged within 1 % of the reference, and to the 95 % target with at
+    most 0.25x SplitFed-V2's bytes and 0.8x CSE-FSL's, seed ranges not overlapping."""
+    sage = rows["fsl_sage"]
+    out: dict[str, Any] = {"within_1_percent": sage["test_loss"]["max"] <= 1.01 * reference,
+                           "over_reference_max": sage["over_reference"]["max"]}
+    mine = sage["bytes_to_target"]["0.95"]
+    for other, limit in (("splitfed_v2", 0.25), ("cse_fsl", 0.8)):
+        theirs = rows[other]["bytes_to_target"]["0.95"]
+        if mine["missing"] or theirs["missing"]:
+            out[other] = {"ratio": None, "limit": limit, "met": False,
+                          "why": f"95 % target missed by {mine['missing']} FSL-SAGE / {theirs['missing']} "
+                                 f"{other} seeds"}
+            continue
+        ratio = mine["mean"] / theirs["mean"]
+        out[other] = {"ratio": ratio, "limit": limit, "ranges_overlap": mine["max"] >= theirs["min"],
+                      "met": ratio <= limit and mine["max"] < theirs["min"]}
+    return out
 
 
 # ---------------------------------------------------------------- report
-def mb(n: float | None) -> str:
-    return "not reached" if n is None else f"{n / 1e6:,.1f}"
+def mb(value: float | None) -> str:
+    return "—" if value is None else f"{value / 1e6:.3g}"
 
 
-def spread(values: list[float | None], fmt: str) -> str:
-    """Mean, with ± half the range over seeds when there are several; "not reached" if any seed missed."""
-    if any(v is None for v in values):
-        missed = sum(v is None for v in values)
-        return "not reached" if missed == len(values) else f"{missed}/{len(values)} missed"
-    mean = statistics.fmean(values)
-    text = format(mean, fmt)
-    return text + (f" ± {format((max(values) - min(values)) / 2, fmt)}" if len(values) > 1 else "")
+def cell(s: dict[str, Any], fmt=lambda v: f"{v:.4f}") -> str:
+    if s["mean"] is None:
+        return "not reached"
+    text = fmt(s["mean"]) if s["n"] == 1 else f"{fmt(s['mean'])} ({fmt(s['min'])}–{fmt(s['max'])})"
+    return text + (f", {s['missing']}/{s['n']} missed" if s["missing"] else "")
 
 
 def table(results: dict[str, Any]) -> str:
     lines = []
+    for mode, ref in results["references"].items():
+        grid = ", ".join(f"{lr}: {v:.4f}" for lr, v in ref["grid"].items())
+        lines.append(f"\n== reference, {mode}: validation loss by learning rate {grid}; chose {ref['learning_rate']}, "
+                     f"base test loss {ref['base_test_loss']:.4f}, converged {cell(ref['test_loss'])} after "
+                     f"{cell(ref['steps'], lambda v: f'{v:.0f}')} steps; targets "
+                     + ", ".join(f"{float(s):.0%} {v:.4f}" for s, v in ref["targets"].items()))
+        for method, tuned in results["tuning"][mode].items():
+            lines.append(f"   tuning {method}: " + ", ".join(f"{k} {v:.4f}" for k, v in tuned["grid"].items())
+                         + f" -> {tuned['chosen']}")
+    shares = [str(s) for s in GAP_SHARES]
     for key, setting in results["settings"].items():
-        t = setting["targets"]
-        lines.append(f"\n== {key}: budget {setting['budget_bytes'] / 1e6:g} MB; base {setting['base_eval_loss']:.4f}, "
-                     f"centralized {setting['centralized']['final_eval_loss']:.4f}; targets 80 % {t['0.8']:.4f}, "
-                     f"90 % {t['0.9']:.4f}")
-        head = "".join(f"{'@' + format(f, '.0%'):>16}" for f in FRACTIONS)
-        lines.append(f"{'algorithm':<12}{'seeds':>6}{head}{'MB to 80%':>16}{'MB to 90%':>16}{'server upd':>11}"
-                     f"{'client steps':>13}{'wall s':>8}{'cos held-out':>16}")
-        for name, runs in setting["algorithms"].items():
-            cells = []
-            for f in FRACTIONS:
-                values = [r["loss_at_fraction"][str(f)] for r in runs]
-                cell = spread([v["eval_loss"] for v in values], ".4f")
-                cells.append(cell + ("*" if not all(v["reached"] for v in values) else ""))
-            reach = [spread([None if r["targets"][str(g)]["bytes"] is None else r["targets"][str(g)]["bytes"] / 1e6
-                             for r in runs], ".1f") for g in GAP_TARGETS]
-            cos = [r["heldout_cosine"] for r in runs]
-            updates = "—" if runs[0]["server_updates"] is None else spread([r["server_updates"] for r in runs], ".0f")
-            lines.append(f"{name:<12}{len(runs):>6}" + "".join(f"{c:>16}" for c in cells) +
-                         "".join(f"{c:>16}" for c in reach) +
-                         f"{updates:>11}"
-                         f"{spread([r['client_steps'] for r in runs], '.0f'):>13}"
-                         f"{statistics.fmean(r['train_seconds'] for r in runs):>8.0f}"
-                         f"{spread(cos, '.3f') if cos[0] is not None else '—':>16}")
-    lines.append("\n* the run stopped at the step cap before that fraction of the budget: its loss at the cap.")
+        lines.append(f"\n| {key} | seeds | converged test loss | gap closed | MB there | server updates | "
+                     + " | ".join(f"MB to {float(s):.0%}" for s in shares) + " | stopped by | CPU s |")
+        lines.append("|---" * (8 + len(shares)) + "|")
+        for method, row in setting["methods"].items():
+            lines.append(f"| {method} | {len(row['seeds'])} | {cell(row['test_loss'])} | "
+                         f"{cell(row['gap_closed'], lambda v: f'{v:.1%}')} | {cell(row['bytes'], mb)} | "
+                         f"{cell(row['server_updates'], lambda v: f'{v:.0f}')} | "
+                         + " | ".join(cell(row["bytes_to_target"][s], mb) for s in shares)
+                         + f" | {', '.join(row['stopped_by'])} | {cell(row['cpu_seconds'], lambda v: f'{v:.0f}')} |")
+        lines.append(f"goal: {json.dumps(setting['goal'])}")
     return "\n".join(lines)
 
 
@@ -512,84 +261,95 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    settings = results["settings"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 9), squeeze=False)
-    colors = {}
-    for ax, (key, setting) in zip(axes.flat, settings.items()):
-        for name, runs in setting["algorithms"].items():
-            for i, run in enumerate(runs):
-                points = [p for p in run["curve"] if p["bytes"] > 0]
-                line, = ax.plot([p["bytes"] / 1e6 for p in points], [p["eval_loss"] for p in points], marker="o", ms=3,
-                                lw=1.5 if i == 0 else 0.8, ls="-" if i == 0 else "--", color=colors.get(name),
-                                label=name if i == 0 else None)
-                colors[name] = line.get_color()
-        ax.axhline(setting["centralized"]["final_eval_loss"], color="k", ls="--", lw=1, label="centralized (0 MB)")
-        for g, ls in zip(GAP_TARGETS, (":", "-.")):
-            ax.axhline(setting["targets"][str(g)], color="grey", ls=ls, lw=1, label=f"{g:.0%} target")
-        ax.axvline(setting["budget_bytes"] / 1e6, color="grey", lw=0.8)
+    colors: dict[str, Any] = {}
+    for ax, (key, setting) in zip(axes.flat, results["settings"].items()):
+        for method, row in setting["methods"].items():
+            for i, curve in enumerate(row["curves"]):
+                points = [p for p in curve if p["bytes"] > 0]
+                line, = ax.plot([p["bytes"] / 1e6 for p in points], [p["test_loss"] for p in points],
+                                lw=1.4 if i == 0 else 0.7, ls="-" if i == 0 else "--", color=colors.get(method),
+                                label=method if i == 0 else None)
+                colors[method] = line.get_color()
+        ax.axhline(setting["reference"], color="k", lw=1, label="centralized, converged")
+        for (share, loss), ls in zip(setting["targets"].items(), (":", "-.", "--", (0, (1, 3)))):
+            ax.axhline(loss, color="grey", ls=ls, lw=0.8, label=f"{float(share):.0%} of the gap")
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(f"{key} (budget {setting['budget_bytes'] / 1e6:g} MB)")
+        ax.set_title(key)
         ax.set_xlabel("cumulative MB on the wire (up + down), log scale")
-        ax.set_ylabel("eval loss")
+        ax.set_ylabel("test loss")
         ax.grid(alpha=0.3, which="both")
-    axes.flat[0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 # ---------------------------------------------------------------- main
+def report_line(task: Task, row: dict[str, Any]) -> None:
+    name, mode, partition, seed, items = task
+    best = best_point(row["curve"])
+    print(f"{name} {mode} {partition} seed {seed} {dict(items)}: best validation {best['validation_loss']:.4f} "
+          f"(test {best['test_loss']:.4f}) at step {best['step']}, {mb(best['bytes'])} MB; {row['stopped_by']} at "
+          f"step {row['steps']}; {row['cpu_seconds']:.0f} CPU s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common_options(parser)
-    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="seeds of the federated runs; LoRA/IID runs them all for " + ", ".join(SEEDED))
+    parser.add_argument("--quick", action="store_true", help="tiny model and budgets, to check that it all runs")
+    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--data", default=None, help="E2E csv; default ../shared/data/e2e/devset.csv")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the base model")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process; 1 is fastest here")
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
-    cfg = preset(opts)
+    cfg = copy.deepcopy(QUICK if opts.quick else FULL)
     out_dir = Path(opts.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "compare_algorithms_quick" if opts.quick else "compare_algorithms"
+    path = data_path(opts.data, opts.quick)
+    # A centralized run depends on no FSLSageConfig default; the federated ones here take the library's defaults.
+    store = RunStore(runs_file(out_dir, opts.quick), lambda t: fingerprint(cfg, path, t, t[0] != "centralized"), stem)
+    clock = Clock()
+    cache = out_dir / "cache" / f"{stem}_base"
+    data = load_data(cfg, path, opts.seed)
+    base, base_info = base_model(cfg, data, cache, opts.seed)
+    print(f"data {path.name} {data['sizes']}; base: validation loss {base_info['eval_loss_before']:.3f} -> "
+          f"{base_info['eval_loss_after']:.3f}", flush=True)
+    worker = (cfg, str(path), opts.seed, opts.threads, str(cache))
+    before = len(store.rows)  # every benchmark of this set-up adds to the same runs file
 
-    started, cpu_started = time.time(), time.process_time()
-    results, init_args, _ = prepare(opts, cfg)
-    results["config"]["seeds"] = opts.seeds
-    results["settings"] = {}
-    settings = [(partition, lora) for lora in (True, False) for partition in ("iid", "dirichlet")]
-    first = opts.seeds[0]
-    tasks = [(name, lora, partition, seed, ()) for partition, lora in settings for name in opts.algorithms
-             for seed in (opts.seeds if (partition, lora) == ("iid", True) and name in SEEDED else [first])]
-    # Longest first (FSL-SAGE and CSE-FSL with LoRA run the most steps), so that the workers finish together.
-    tasks.sort(key=lambda t: (not t[1], t[0] not in ("fsl_sage", "cse_fsl", "fedavg")))
-    tasks += [("centralized", lora, "all", first, ()) for lora in (True, False)]
-    done = run_all(tasks, opts.jobs, init_args, out_dir / f"{stem}.partial.jsonl", opts.resume)
-    base_loss = results["base"]["eval_loss"]
-    for partition, lora in settings:
-        central = done[("centralized", lora, "all", first, ())]
-        rows = {}
-        for name in opts.algorithms:
-            runs = [done[t] for t in tasks if t[:3] == (name, lora, partition)]
-            rows[name] = [run | summarize(run, base_loss, central["final_eval_loss"]) for run in runs]
-        results["settings"][f"{partition}/{'lora' if lora else 'full'}"] = {
-            "partition": partition, "lora": lora, "budget_bytes": cfg["budget_mb"]["lora" if lora else "full"] * 1e6,
-            "base_eval_loss": base_loss, "centralized": central,
-            "targets": {str(g): base_loss - g * (base_loss - central["final_eval_loss"]) for g in GAP_TARGETS},
-            "algorithms": rows}
-    results["seconds"] = time.time() - started
-    results["cpu_seconds_main"] = time.process_time() - cpu_started
-    results["cpu_seconds_runs"] = sum(r["cpu_seconds"] for r in done.values())
+    # 1 and 2a: the reference's learning rates and every method's, at the preset's round length
+    refs = reference_grid(cfg)
+    run_all(longest_first([t for m in MODES for t in refs[m]] + [t for m in MODES for method in METHODS
+                                                                  for t in lr_grid(cfg, method, m)]),
+            store, opts.jobs, worker, report_line)
+    reference_choice = {m: best_task(refs[m], store) for m in MODES}
+    # 1 and 2b: the reference's other seeds; the other round lengths at each method's chosen rate
+    rounds = {(method, m): round_grid(cfg, best_task(lr_grid(cfg, method, m), store)) for m in MODES
+              for method in METHODS}
+    run_all(longest_first([t for m in MODES for t in reference_tasks_at(cfg, reference_choice[m])]
+                          + [t for grid in rounds.values() for t in grid]), store, opts.jobs, worker, report_line)
+    chosen = {key: best_task(grid, store) for key, grid in rounds.items()}
+    # 3: final runs
+    run_all(longest_first(final_tasks(cfg, chosen)), store, opts.jobs, worker, report_line)
+
+    store.add_invocation(clock.record(len(store.rows) - before))
+    results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"], "jobs": opts.jobs,
+                          "threads": opts.threads}, "base": base_info,
+               **analyse(cfg, store, chosen, reference_choice),
+               "invocations": store.invocations,
+               "cpu_seconds_runs": sum(r["cpu_seconds"] for r in store.rows.values())}
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    (out_dir / f"{stem}.partial.jsonl").unlink(missing_ok=True)
     plot(results, out_dir / f"{stem}.png")
     print(table(results))
-    print(f"\ntotal {results['seconds'] / 60:.1f} min wall, {results['cpu_seconds_runs'] / 60:.1f} min CPU in the "
-          f"runs; wrote {out_dir / (stem + '.json')} and .png")
+    total = results["invocations"]
+    print(f"\n{sum(i['wall_seconds'] for i in total) / 60:.1f} min wall, "
+          f"{sum(i['cpu_seconds'] for i in total) / 60:.1f} CPU-min over {len(total)} invocation(s); "
+          f"wrote {out_dir / (stem + '.json')} and .png", flush=True)
     return results
 
 
