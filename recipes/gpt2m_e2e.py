@@ -51,7 +51,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,7 @@ from e2e_task.data import (
 from e2e_task.evaluation import GenerationEvalCallback, GenerationSettings, evaluate_e2e_generation
 from e2e_task.metrics import METRIC_NAMES
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
+from hf_fsl_sage.algorithms.registry import available as available_algorithms
 from hf_fsl_sage.federation.data import tokenize_text
 from hf_fsl_sage.integrations.plotting import CommBytesAtEvaluation, plot_loss_vs_comm
 from hf_fsl_sage.transport.waiting import main_process_first
@@ -119,6 +120,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_every_rounds": 4,
         "per_device_eval_batch_size": 32,
         "save_strategy": "no",
+        "aux_heldout_cosine": False,
+        "compare_algorithms": ["splitfed_v2", "cse_fsl"],
+        "compare_max_steps": 100,
     },
 }
 DEFAULT_OUTPUT_DIR = "runs/gpt2m_e2e"
@@ -191,6 +195,13 @@ class ScriptArguments:
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
     max_generation_mrs: int | None = field(default=None, metadata={
         "help": "Generate for the first N distinct test mrs only (None: all)."})
+    compare_algorithms: list[str] = field(default_factory=list, metadata={
+        "help": "Also train these algorithms (registered names) on the same base, data, clients and seed as the main "
+                "run, score them the same way and show them beside it (metrics.json 'compared', the table, the plot). "
+                "They run in the child process of the centralized reference, in parallel with the main run. "
+                "'none': no comparison."})
+    compare_max_steps: int | None = field(default=None, metadata={
+        "help": "Global steps of each compared run (default: --max_steps)."})
     metrics_file: str = field(default="metrics.json", metadata={"help": "Results file, inside output_dir."})
     plot_file: str = field(default="loss_vs_comm.png", metadata={"help": "Plot file, inside output_dir."})
 
@@ -238,6 +249,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, FSLSageC
         config.eval_strategy = IntervalStrategy.STEPS
         config.eval_steps = script.eval_every_rounds * config.local_steps
         config.do_eval = True
+    if script.compare_algorithms == ["none"]:
+        script.compare_algorithms = []
+    unknown = [a for a in script.compare_algorithms if a not in available_algorithms()]
+    if unknown:
+        parser.error(f"--compare_algorithms {' '.join(unknown)}: not a registered algorithm; choose from "
+                     f"{available_algorithms()} (or 'none')")
     if script.restrict_vocab and script.model_name_or_path:
         parser.error("--restrict_vocab applies to a model built from --model_config (a pre-trained model keeps the "
                      "vocabulary it was trained with): pass --model_name_or_path '' or --restrict_vocab false")
@@ -393,22 +410,57 @@ def run_centralized(script: ScriptArguments, args: FSLSageConfig, model, tokeniz
     return results
 
 
+def _compared_dir(args: FSLSageConfig, name: str) -> Path:
+    return Path(args.output_dir) / "compare" / name
+
+
+def run_compared(script: ScriptArguments, args: FSLSageConfig, name: str, tokenizer, raw, train,
+                 validation) -> dict[str, Any]:
+    """Algorithm ``name`` on the main run's base, data, clients and seed for ``--compare_max_steps`` global steps,
+    evaluated and scored as the main run is; its results (with its log history) go to compare/<name>/."""
+    started, cpu = time.time(), time.process_time()
+    model, _ = base_model(script, args, tokenizer, raw, validation)  # cached: a fresh copy of the same base
+    out = _compared_dir(args, name)
+    steps = script.compare_max_steps or args.max_steps
+    compared = replace(args, algorithm=name, output_dir=str(out), max_steps=steps)
+    set_seed(args.seed)
+    trainer = _federated_trainer(script, compared, model, tokenizer, train, validation)
+    _train(trainer, script)
+    results = _scores(trainer, script, raw, trainer.evaluate())
+    results.update(runtime_seconds=time.time() - started, cpu_seconds=time.process_time() - cpu, algorithm=name,
+                   log_history=trainer.state.log_history)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    return results
+
+
 def central_stage(script: ScriptArguments, args: FSLSageConfig) -> None:
-    """Pre-training and the centralized reference alone, in this (single) process: what the main process runs
-    in a child process when the federated run has several processes."""
+    """Pre-training, the centralized reference and the compared algorithms, in this (single) process: what the
+    main process runs in a child process beside the federated run (see :func:`run`)."""
     tokenizer, raw = prepare(script, args.seed)
     train, validation = _tokenized_splits(script, tokenizer, raw)
     model, _ = base_model(script, args, tokenizer, raw, validation)
     if script.reference == "centralized":
         run_centralized(script, args, model, tokenizer, raw, train, validation)
+    for name in script.compare_algorithms:
+        run_compared(script, args, name, tokenizer, raw, train, validation)
 
 
-def _central_in_child(argv: list[str]) -> None:
-    """Run :func:`central_stage` in a one-process child (a plain Trainer would otherwise join the process group)."""
+def _central_in_child(argv: list[str], threads: int | None = None) -> subprocess.Popen:
+    """Start :func:`central_stage` in a one-process child (a plain Trainer would otherwise join the process group),
+    with ``threads`` torch threads if given; returns the running process."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                         "ACCELERATE_USE_CPU") and not k.startswith(("TORCHELASTIC", "GROUP_", "ROLE_"))}
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--central_only"], env=env, check=True)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--central_only"], env=env)
+
+
+def _wait(child: subprocess.Popen) -> None:
+    if child.wait() != 0:
+        raise RuntimeError(f"the centralized reference / compared runs failed in their child process "
+                           f"(exit status {child.returncode}); its error is printed above")
 
 
 def _all_mrs(raw) -> list[str]:
@@ -446,20 +498,27 @@ def _cell(results: dict[str, Any], name: str) -> str:
 
 
 def _summary(results: dict[str, Any]) -> str:
+    """The scores, bytes and steps of the main run, of each compared run and of the centralized reference, side by
+    side, with the main run's ratio to the reference."""
     central = results.get("centralized")
+    runs = {results["algorithm"]: results, **results.get("compared", {})}
     ratios = results.get("federated_over_centralized", {})
-    lines = [f"  {'metric':<24} {'federated':>12}" + (f" {'centralized':>12} {'ratio':>8}" if central else "")]
+    width = max(12, *map(len, runs))
+    lines = [f"  {'metric':<24}" + "".join(f" {name:>{width}}" for name in runs)
+             + (f" {'centralized':>12} {'ratio':>8}" if central else "")]
     for name in SCORES:
-        line = f"  {name:<24} {_cell(results, name):>12}"
+        line = f"  {name:<24}" + "".join(f" {_cell(run, name):>{width}}" for run in runs.values())
         if central:
             ratio = ratios.get(name)
             line += f" {_cell(central, name):>12} {'' if ratio is None else f'{ratio:.3f}':>8}"
         lines.append(line)
-    up, down = results["comm_bytes_up"] / 1e6, results["comm_bytes_down"] / 1e6
-    rows = [("comm_MB (up / down)", f"{results['comm_bytes'] / 1e6:.1f} ({up:.1f} / {down:.1f})"),
-            ("rounds / global steps", f"{results['rounds']} / {results['global_steps']}"),
-            ("wall-clock seconds", f"{results['runtime_seconds']:.0f}")]
-    return "\n".join(lines + [f"  {k:<24} {v}" for k, v in rows])
+    rows = [("comm_MB (up / down)", lambda r: f"{r['comm_bytes'] / 1e6:.1f} ({r['comm_bytes_up'] / 1e6:.1f} / "
+                                              f"{r['comm_bytes_down'] / 1e6:.1f})"),
+            ("rounds / global steps", lambda r: f"{r['rounds']} / {r['global_steps']}"),
+            ("wall-clock seconds", lambda r: f"{r['runtime_seconds']:.0f}")]
+    for label, value in rows:
+        lines.append(f"  {label:<24}" + "".join(f" {value(run):>{width}}" for run in runs.values()))
+    return "\n".join(lines)
 
 
 def _ratios(federated: dict[str, Any], central: dict[str, Any]) -> dict[str, float | None]:
@@ -484,39 +543,42 @@ def run(script: ScriptArguments, args: FSLSageConfig,
     train, validation = _tokenized_splits(script, tokenizer, raw)
 
     central: dict[str, Any] | None = None
-    if args.world_size > 1 and (script.pretrain_steps or script.reference == "centralized"):
+    child_work = script.pretrain_steps or script.reference == "centralized" or script.compare_algorithms
+    command = sys.argv[1:] if argv is None else argv
+    child = None
+    if args.world_size > 1 and child_work:
         # The others wait for process 0 on the launch's store, without the deadline a barrier would have.
-        with main_process_first("central pre-training and reference"):
+        with main_process_first("central pre-training, reference and compared runs"):
             if args.process_index == 0:
-                _central_in_child(sys.argv[1:] if argv is None else argv)
+                _wait(_central_in_child(command))
             model, pretraining = base_model(script, args, tokenizer, raw, validation)  # cached by the child
-        if script.reference == "centralized" and args.process_index == 0:
-            central = json.loads((_central_dir(script, args) / "metrics.json").read_text())
     else:
         model, pretraining = base_model(script, args, tokenizer, raw, validation)
-        if script.reference == "centralized":
-            central = run_centralized(script, args, model, tokenizer, raw, train, validation)
-            set_seed(args.seed)
+        if script.reference == "centralized" or script.compare_algorithms:
+            # In parallel with the federated run, each process on half the threads.
+            threads = max(1, torch.get_num_threads() // 2)
+            child = _central_in_child(command, threads)
+            torch.set_num_threads(threads)
+        set_seed(args.seed)
 
-    trainer = FSLSageTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                             processing_class=tokenizer,
-                             peft_config=lora_config(script, model) if script.use_peft else None)
-    trainer.add_callback(CommBytesAtEvaluation(trainer.federation.transport.ledger))
+    trainer = _federated_trainer(script, args, model, tokenizer, train, validation)
     if script.generate_every_eval:
         trainer.add_callback(GenerationEvalCallback(trainer, raw["validation"], script.generation(),
                                                     max_mrs=script.max_generation_mrs))
-    initial = None
-    if script.eval_every_rounds is not None and not args.resume_from_checkpoint:
-        initial = trainer.evaluate()  # the eval curve's starting point; train() starts a fresh log_history
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    if initial is not None:
-        trainer.state.log_history.insert(0, {**initial, "comm_bytes": 0, "comm_bytes_up": 0, "comm_bytes_down": 0,
-                                             "step": 0})
+    _train(trainer, script, resume=args.resume_from_checkpoint)
+    if child is not None:
+        _wait(child)
+        torch.set_num_threads(threads * 2)
+    if args.process_index == 0 and script.reference == "centralized":
+        central = json.loads((_central_dir(script, args) / "metrics.json").read_text())
+    compared = {name: json.loads((_compared_dir(args, name) / "metrics.json").read_text())
+                for name in script.compare_algorithms} if args.process_index == 0 else {}
 
     eval_metrics = trainer.evaluate()
     results = None
     if trainer.is_world_process_zero():
-        results = _finish_on_main(trainer, script, args, raw, eval_metrics, (started, cpu), pretraining, central)
+        results = _finish_on_main(trainer, script, args, raw, eval_metrics, (started, cpu), pretraining, central,
+                                  compared)
     # With several processes every one calls these (Trainer writes and uploads from the main process only).
     base = pretraining.get("directory") or script.model_name_or_path
     card = {} if results is None else {
@@ -530,16 +592,33 @@ def run(script: ScriptArguments, args: FSLSageConfig,
     return trainer, results
 
 
-def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLSageConfig, raw, eval_metrics,
-                    started: tuple[float, float], pretraining: dict[str, Any],
-                    central: dict[str, Any] | None) -> dict[str, Any]:
-    """Generation, scores, metrics.json and the plot, on the main process (which holds the global model)."""
+def _federated_trainer(script: ScriptArguments, args: FSLSageConfig, model, tokenizer, train,
+                       validation) -> FSLSageTrainer:
+    trainer = FSLSageTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
+                             processing_class=tokenizer,
+                             peft_config=lora_config(script, model) if script.use_peft else None)
+    trainer.add_callback(CommBytesAtEvaluation(trainer.federation.transport.ledger))
+    return trainer
+
+
+def _train(trainer: FSLSageTrainer, script: ScriptArguments, resume: str | bool | None = None) -> None:
+    """Train; with --eval_every_rounds the log history starts with the evaluation of the base (0 bytes)."""
+    initial = None
+    if script.eval_every_rounds is not None and not resume:
+        initial = trainer.evaluate()  # the eval curve's starting point; train() starts a fresh log_history
+    trainer.train(resume_from_checkpoint=resume)
+    if initial is not None:
+        trainer.state.log_history.insert(0, {**initial, "comm_bytes": 0, "comm_bytes_up": 0, "comm_bytes_down": 0,
+                                             "step": 0})
+
+
+def _scores(trainer: FSLSageTrainer, script: ScriptArguments, raw, eval_metrics) -> dict[str, Any]:
+    """Eval loss and perplexity, the generation scores and records, the bytes, steps and rounds of a run."""
     generation = evaluate_e2e_generation(trainer, raw["test"], script.generation(), max_mrs=script.max_generation_mrs,
                                          lexicon=_all_mrs(raw))
-    trainer.log({f"test_{k}": v for k, v in generation.scores.items() if isinstance(v, (int, float))})
     ledger = trainer.federation.transport.ledger
     steps = trainer.state.global_step
-    results: dict[str, Any] = {
+    return {
         "eval_loss": eval_metrics["eval_loss"],
         "eval_perplexity": eval_metrics.get("eval_perplexity", math.exp(min(eval_metrics["eval_loss"], 700.0))),
         **{k: v for k, v in generation.scores.items() if k != "num_mrs"},
@@ -548,7 +627,19 @@ def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLS
         "comm_bytes_by_kind": dict(ledger.by_kind),
         "global_steps": steps,
         "rounds": trainer.schedule.position(steps - 1)[0] + 1 if steps else 0,
+        "generation_settings": asdict(generation.settings),
+        "generations": generation.records,
     }
+
+
+def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLSageConfig, raw, eval_metrics,
+                    started: tuple[float, float], pretraining: dict[str, Any], central: dict[str, Any] | None,
+                    compared: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Generation, scores, metrics.json and the plot, on the main process (which holds the global model)."""
+    results = _scores(trainer, script, raw, eval_metrics)
+    trainer.log({f"test_{k}": v for k, v in results.items() if k in (*METRIC_NAMES, "slot_error_rate")
+                 and isinstance(v, (int, float))})
+    generations = results.pop("generations")
     if central is not None:
         results["federated_over_centralized"] = _ratios(results, central)
         results["centralized"] = {k: v for k, v in central.items() if k != "generations"}
@@ -562,9 +653,11 @@ def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLS
         "placement": trainer.placement.describe(),
         "script_args": asdict(script),
         "training_args": args.to_dict(),
-        "generation_settings": asdict(generation.settings),
         "plot": script.plot_file,
-        "generations": generation.records,
+        "compared": {name: {k: v for k, v in other.items() if k not in ("generations", "log_history")}
+                     | ({"over_centralized": _ratios(other, central)} if central else {})
+                     for name, other in compared.items()},
+        "generations": generations,
     })
     if central is not None:
         results["centralized_generations"] = central["generations"]
@@ -572,7 +665,8 @@ def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLS
     out.mkdir(parents=True, exist_ok=True)
     reference = {"centralized (same examples), final eval loss": central["eval_loss"]} if central else None
     plot_loss_vs_comm(trainer.state.log_history, out / script.plot_file, references=reference,
-                      title=f"{args.algorithm}, {args.num_clients} clients, cut_layer={args.cut_layer}")
+                      title=f"{args.algorithm}, {args.num_clients} clients, cut_layer={args.cut_layer}",
+                      compared={name: other["log_history"] for name, other in compared.items()})
     (out / script.metrics_file).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print(f"\nResults ({out / script.metrics_file}):\n{_summary(results)}", flush=True)
     return results

@@ -262,10 +262,12 @@ def test_recipe_runs_unchanged_in_three_processes(tmp_path):
                                           "--max_steps", "4", "--local_steps", "2", "--eval_every_rounds", "1",
                                           "--max_generation_mrs", "2", "--max_new_tokens", "8", "--num_beams", "2",
                                           "--pretrain_steps", "0", "--pretrain_fraction", "0", "--reference", "none",
+                                          "--compare_algorithms", "splitfed_v2", "--compare_max_steps", "2",
                                           "--output_dir", str(out)], _env(), timeout=900)
     _check(done)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 3 and metrics["placement"].startswith("process 0: server; process 1: clients")
     assert metrics["global_steps"] == 4 and metrics["num_generation_mrs"] == 2 and metrics["comm_bytes"] > 0
+    assert metrics["compared"]["splitfed_v2"]["global_steps"] == 2  # run by the one-process child, read by process 0
     assert done.stdout.count("Results (") == 1  # written once, by the main process
     assert (out / "adapter_model.safetensors").is_file() and (out / "loss_vs_comm.png").is_file()

@@ -30,7 +30,7 @@ SMALL = ["--preset", "tiny", "--model_config", '{"n_layer": 4, "n_embd": 32, "n_
          "--align_epochs", "1", "--align_buffer_size", "8", "--per_device_train_batch_size", "4",
          "--max_eval_samples", "16", "--max_generation_mrs", "3", "--num_beams", "2", "--max_new_tokens", "6",
          "--warmup_steps", "0", "--learning_rate", "1e-2", "--disable_tqdm", "true", "--seed", "0",
-         "--pretrain_steps", "4", "--pretrain_batch_size", "4"]
+         "--pretrain_steps", "4", "--pretrain_batch_size", "4", "--compare_algorithms", "none"]
 
 
 def load_recipe():
@@ -164,7 +164,8 @@ def _coco_scores(records: list[dict]) -> dict[str, float]:
 @pytest.mark.slow
 def test_tiny_preset_end_to_end_as_a_script(tmp_path):
     out = tmp_path / "run"
-    argv = [*SMALL, "--eval_every_rounds", "1", "--output_dir", str(out)]
+    argv = [*SMALL, "--eval_every_rounds", "1", "--output_dir", str(out), "--compare_algorithms", "splitfed_v2",
+            "cse_fsl", "--compare_max_steps", "6"]
     proc = subprocess.run([sys.executable, str(RECIPE), *argv], cwd=ROOT, env=_offline_env(), capture_output=True,
                           text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -197,6 +198,22 @@ def test_tiny_preset_end_to_end_as_a_script(tmp_path):
     assert metrics["pretraining"]["steps"] == 4 and not metrics["pretraining"]["cached"]
     assert (out / "loss_vs_comm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "centralized" in proc.stdout and "ratio" in proc.stdout and "slot_error_rate" in proc.stdout
+
+    # The compared algorithms: same base, data and clients, their own steps, scored and shown beside the main run.
+    assert set(metrics["compared"]) == {"splitfed_v2", "cse_fsl"}
+    for name, other in metrics["compared"].items():
+        assert other["algorithm"] == name and other["global_steps"] == 6 and other["comm_bytes"] > 0
+        assert other["num_generation_mrs"] == 3 and math.isfinite(other["eval_loss"])
+        assert other["over_centralized"]["bleu"] == pytest.approx(other["bleu"] / central["bleu"], rel=1e-12)
+        saved = json.loads((out / "compare" / name / "metrics.json").read_text())
+        assert saved["eval_loss"] == other["eval_loss"] and len(saved["generations"]) == 3
+        # Its eval curve starts at the base model, at 0 bytes, like the main run's.
+        evals = [h for h in saved["log_history"] if "eval_loss" in h]
+        assert evals[0]["comm_bytes"] == 0 and evals[0]["eval_loss"] == pytest.approx(metrics["pretraining"][
+            "eval_loss_after"], rel=1e-6)
+    # SplitFed-V2 sends a gradient back for every upload: more bytes than FSL-SAGE's in fewer steps.
+    assert metrics["compared"]["splitfed_v2"]["comm_bytes"] > metrics["comm_bytes"]
+    assert "splitfed_v2" in proc.stdout and "cse_fsl" in proc.stdout
 
     # The folder: a LoRA adapter, its model card, the tokenizer, and the pre-trained base beside it.
     assert (out / "adapter_config.json").is_file() and (out / "README.md").is_file()

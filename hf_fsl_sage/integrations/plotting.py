@@ -52,10 +52,13 @@ def loss_curves(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[float
 
 
 def plot_loss_vs_comm(log_history: list[dict[str, Any]], path: str | Path, title: str | None = None,
-                      references: dict[str, float] | None = None) -> Path:
+                      references: dict[str, float] | None = None,
+                      compared: dict[str, list[dict[str, Any]]] | None = None) -> Path:
     """Write a PNG of the training losses (and eval loss, if any) against communicated MB; returns ``path``.
 
     ``references`` adds one horizontal line per entry (label -> loss), e.g. a centralized run's eval loss.
+    ``compared`` adds the eval loss of other runs (label -> their ``log_history``), e.g. other algorithms on the
+    same data; the x axis is then logarithmic, since their bytes may differ by orders of magnitude.
 
     Raises ``ValueError`` when no log entry carries ``comm_bytes`` (e.g. ``logging_steps`` larger than the run).
     """
@@ -78,6 +81,13 @@ def plot_loss_vs_comm(log_history: list[dict[str, Any]], path: str | Path, title
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, **styles[name])
+    for label, history in (compared or {}).items():
+        points = [(mb, loss) for mb, loss in loss_curves(history)["eval"] if mb > 0]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="s", markersize=3, linewidth=1.4, label=f"{label}: eval loss")
+    if compared:
+        ax.set_xscale("log")
     for (label, loss), color in zip((references or {}).items(), ("black", "grey", "brown")):
         ax.axhline(loss, color=color, linestyle="--", linewidth=1.2, label=label)
     ax.set_xlabel("communicated MB (uplink + downlink, cumulative)")
