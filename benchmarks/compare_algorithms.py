@@ -3,6 +3,8 @@ it takes to get there, beside a centralized reference trained to convergence.
 
     python benchmarks/compare_algorithms.py --jobs 2     # full run (its time: docs/benchmarks.md)
     python benchmarks/compare_algorithms.py --quick      # smoke run (CI), under 2 minutes
+    python benchmarks/compare_algorithms.py --modes lora --partitions iid --methods splitfed_v2 cse_fsl
+                                                         # a part of the grid; a later full run adds the rest
 
 Set-up (``e2e_runs``): a GPT-2 with 6 blocks of width 128 pre-trained on held-out E2E references, fine-tuned
 on the training part over 4 clients (IID, or Dirichlet(0.5) over the ``customer rating`` slot) with LoRA (r 4
@@ -58,9 +60,14 @@ FULL = {
     # every run
     "num_clients": 4, "batch": 8, "cut_layer": 1, "local_steps": 10, "warmup_steps": 10,
     "eval_client_steps": 80, "patience_client_steps": 800, "max_client_steps": 8000,
+    # an improvement of the validation loss smaller than this does not reset a federated run's patience; the
+    # reference's must only improve at all (it is the ceiling: stopping it on a noisy plateau under-trains it)
+    "min_improvement": 0.005, "reference_min_improvement": 0.0,
     # tuning grid: learning rate = base rate of the mode x factor; then the other round lengths
     "learning_rate": {"lora": 3e-3, "full": 1e-3}, "lr_factors": [0.3, 1.0, 3.0], "round_lengths": [10, 25],
     "seeds": [0, 1, 2],
+    # which runs to make (``--modes``, ``--partitions``, ``--methods`` narrow them; a later run adds the rest)
+    "modes": MODES, "partitions": PARTITIONS, "methods": METHODS + list(UNTUNED),
     # second view: test loss at these budgets (MB)
     "budgets_mb": {"lora": [2, 8, 32], "full": [8, 32, 128]},
     # each algorithm's own settings (FSLSageConfig fields); the rest are the library's defaults
@@ -86,7 +93,7 @@ def rate(cfg, mode: str, factor: float) -> float:
 
 def reference_grid(cfg) -> dict[str, list[Task]]:
     return {mode: [("centralized", mode, "all", cfg["seeds"][0], settings(rate(cfg, mode, f)))
-                   for f in cfg["lr_factors"]] for mode in MODES}
+                   for f in cfg["lr_factors"]] for mode in cfg["modes"]}
 
 
 def lr_grid(cfg, method: str, mode: str) -> list[Task]:
@@ -107,11 +114,21 @@ def round_grid(cfg, chosen_lr: Task) -> list[Task]:
                           if n != cfg["local_steps"]]
 
 
+def tuned(cfg) -> list[str]:
+    """The methods of ``cfg["methods"]`` that are tuned (an untuned one needs the method it borrows from)."""
+    return [m for m in METHODS if m in cfg["methods"]]
+
+
+def listed(cfg) -> list[str]:
+    """Every method of ``cfg["methods"]`` that can run: the tuned ones and those whose lender is tuned."""
+    return tuned(cfg) + [m for m, lender in UNTUNED.items() if m in cfg["methods"] and lender in cfg["methods"]]
+
+
 def final_tasks(cfg, chosen: dict[tuple[str, str], Task]) -> list[Task]:
     tasks = []
-    for mode in MODES:
-        for partition in PARTITIONS:
-            for method in METHODS + list(UNTUNED):
+    for mode in cfg["modes"]:
+        for partition in cfg["partitions"]:
+            for method in listed(cfg):
                 items = chosen[(UNTUNED.get(method, method), mode)][4]
                 seeds = cfg["seeds"] if method in SEEDED else cfg["seeds"][:1]
                 tasks += [(method, mode, partition, seed, items) for seed in seeds]
@@ -142,7 +159,7 @@ def summarize(row: dict[str, Any], base: float, reference: float, targets: dict[
 
 def analyse(cfg, store: RunStore, chosen: dict, reference_choice: dict) -> dict[str, Any]:
     out: dict[str, Any] = {"references": {}, "tuning": {}, "settings": {}}
-    for mode in MODES:
+    for mode in cfg["modes"]:
         grid = reference_grid(cfg)[mode]
         runs = [store.get(t) for t in reference_tasks_at(cfg, reference_choice[mode])]
         base = runs[0]["curve"][0]["test_loss"]
@@ -155,13 +172,13 @@ def analyse(cfg, store: RunStore, chosen: dict, reference_choice: dict) -> dict[
             "test_loss": ceiling, "targets": targets,
             "steps": span([best_point(r["curve"])["step"] for r in runs]), "runs": runs}
         out["tuning"][mode] = {}
-        for method in METHODS:
+        for method in tuned(cfg):
             grid = {json.dumps(dict(t[4])): best_point(store.get(t)["curve"])["validation_loss"]
                     for t in tuning_tasks(cfg, store, method, mode)}
             out["tuning"][mode][method] = {"grid": grid, "chosen": dict(chosen[(method, mode)][4])}
-        for partition in PARTITIONS:
+        for partition in cfg["partitions"]:
             rows = {}
-            for method in METHODS + list(UNTUNED):
+            for method in listed(cfg):
                 tasks = [t for t in final_tasks(cfg, chosen) if t[:3] == (method, mode, partition)]
                 runs = [store.get(t) for t in tasks]
                 per_run = [summarize(r, base, ceiling["mean"], targets, cfg["budgets_mb"][mode]) for r in runs]
@@ -206,6 +223,9 @@ def goal(rows: dict[str, Any], reference: float) -> dict[str, Any]:
                            "over_reference_max": sage["over_reference"]["max"]}
     mine = sage["bytes_to_target"]["0.95"]
     for other, limit in (("splitfed_v2", 0.25), ("cse_fsl", 0.8)):
+        if other not in rows:
+            out[other] = {"ratio": None, "limit": limit, "met": None, "why": f"{other} not run"}
+            continue
         theirs = rows[other]["bytes_to_target"]["0.95"]
         if mine["missing"] or theirs["missing"]:
             out[other] = {"ratio": None, "limit": limit, "met": False,
@@ -303,10 +323,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the base model")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process; 1 is fastest here")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES, help="fine-tuning modes to run")
+    parser.add_argument("--partitions", nargs="+", choices=PARTITIONS, default=PARTITIONS,
+                        help="client partitions to run (tuning is on IID whatever this says)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS + list(UNTUNED), default=METHODS + list(UNTUNED),
+                        help="algorithms to run (FSL-SAGE is always run)")
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
     cfg = copy.deepcopy(QUICK if opts.quick else FULL)
+    cfg.update(modes=opts.modes, partitions=opts.partitions, methods=sorted(set(opts.methods) | {"fsl_sage"}))
     out_dir = Path(opts.output_dir)
     stem = "compare_algorithms_quick" if opts.quick else "compare_algorithms"
     path = data_path(opts.data, opts.quick)
@@ -323,14 +349,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 1 and 2a: the reference's learning rates and every method's, at the preset's round length
     refs = reference_grid(cfg)
-    run_all(longest_first([t for m in MODES for t in refs[m]] + [t for m in MODES for method in METHODS
+    modes = cfg["modes"]
+    run_all(longest_first([t for m in modes for t in refs[m]] + [t for m in modes for method in tuned(cfg)
                                                                   for t in lr_grid(cfg, method, m)]),
             store, opts.jobs, worker, report_line)
-    reference_choice = {m: best_task(refs[m], store) for m in MODES}
+    reference_choice = {m: best_task(refs[m], store) for m in modes}
     # 1 and 2b: the reference's other seeds; the other round lengths at each method's chosen rate
-    rounds = {(method, m): round_grid(cfg, best_task(lr_grid(cfg, method, m), store)) for m in MODES
-              for method in METHODS}
-    run_all(longest_first([t for m in MODES for t in reference_tasks_at(cfg, reference_choice[m])]
+    rounds = {(method, m): round_grid(cfg, best_task(lr_grid(cfg, method, m), store)) for m in modes
+              for method in tuned(cfg)}
+    run_all(longest_first([t for m in modes for t in reference_tasks_at(cfg, reference_choice[m])]
                           + [t for grid in rounds.values() for t in grid]), store, opts.jobs, worker, report_line)
     chosen = {key: best_task(grid, store) for key, grid in rounds.items()}
     # 3: final runs

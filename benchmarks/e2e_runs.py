@@ -10,8 +10,9 @@ its settings): a stand-in for a checkpoint that knows the language but not the t
 Runs: :func:`centralized` (a plain ``Trainer`` on the unsplit model) and :func:`federated`
 (``FSLSageTrainer``) evaluate the validation and the test loss about every ``eval_client_steps`` client steps
 (federated runs at the end of a round, where every algorithm's global model is freshly aggregated), record the
-curve with the bytes on the wire and the server updates, and stop when the validation loss has not improved for
-``patience_client_steps`` client steps (``transformers.EarlyStoppingCallback``) or at ``max_client_steps``.
+curve with the bytes on the wire and the server updates, and stop when the validation loss has not improved on its
+best by more than ``min_improvement`` (the centralized reference: ``reference_min_improvement``) for
+``patience_client_steps`` client steps (``transformers.EarlyStoppingCallback``), or at ``max_client_steps``.
 Every run uses a constant learning rate after a short warm-up, so stopping truncates no schedule.
 
 :class:`RunStore` keeps each finished run as one JSON line, keyed by its task and what its result depends on;
@@ -204,7 +205,8 @@ def centralized(cfg: dict[str, Any], base, data: dict[str, Any], mode: str, seed
             model=model, args=args, train_dataset=data["train"].select_columns(columns),
             eval_dataset={k: data[k] for k in ("validation", "test")},
             data_collator=split_lm_collator(data["tokenizer"]),
-            callbacks=[curve, EarlyStopping(math.ceil(cfg["patience_client_steps"] / every))])
+            callbacks=[curve, EarlyStopping(math.ceil(cfg["patience_client_steps"] / every),
+                                                cfg["reference_min_improvement"])])
         trainer.remove_callback(PrinterCallback)
         trainer.evaluate()  # the base model: the curve's first point
         started = (time.time(), time.process_time())
@@ -238,7 +240,7 @@ def federated(cfg: dict[str, Any], base, data: dict[str, Any], algorithm: str, m
         ledger = trainer.federation.transport.ledger
         curve = Curve(clients, ledger)
         trainer.add_callback(curve)
-        trainer.add_callback(EarlyStopping(patience))
+        trainer.add_callback(EarlyStopping(patience, cfg["min_improvement"]))
         trainer.evaluate()
         started = (time.time(), time.process_time())
         metrics = trainer.train().metrics
@@ -256,7 +258,8 @@ def federated(cfg: dict[str, Any], base, data: dict[str, Any], algorithm: str, m
 # The preset's entries a run's result depends on (the rest choose which runs to make, or how to report them).
 RUN_KEYS = ("n_layer", "n_embd", "n_head", "max_length", "validation_share", "test_share", "pretrain_share",
             "eval_rows", "pretrain_steps", "pretrain_batch", "pretrain_lr", "num_clients", "batch", "cut_layer",
-            "local_steps", "warmup_steps", "eval_client_steps", "patience_client_steps", "max_client_steps")
+            "local_steps", "warmup_steps", "eval_client_steps", "patience_client_steps", "min_improvement",
+            "max_client_steps")
 
 
 def fingerprint(cfg: dict[str, Any], data_file: Path, task: Task, library_defaults: bool) -> str:
@@ -265,6 +268,8 @@ def fingerprint(cfg: dict[str, Any], data_file: Path, task: Task, library_defaul
     read, the defaults of the fields ``FSLSageConfig`` adds (changing one of those reruns such runs)."""
     defaults = {k: getattr(FSLSageConfig, k, None) for k in FSLSageConfig.__annotations__} if library_defaults else {}
     used = {k: cfg[k] for k in RUN_KEYS} | {"algorithm": cfg.get(task[0], {})}
+    if task[0] == "centralized":
+        used["reference_min_improvement"] = cfg["reference_min_improvement"]
     text = json.dumps([used, data_file.name, data_file.stat().st_size, defaults], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

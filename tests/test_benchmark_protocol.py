@@ -100,7 +100,8 @@ def tiny():
             "base": AutoModelForCausalLM.from_config(config)}
 
 
-CFG = {"batch": 8, "warmup_steps": 0, "eval_client_steps": 5, "patience_client_steps": 10, "max_client_steps": 60}
+CFG = {"batch": 8, "warmup_steps": 0, "eval_client_steps": 5, "patience_client_steps": 10, "min_improvement": 0.0,
+       "reference_min_improvement": 0.0, "max_client_steps": 60}
 
 
 @pytest.mark.parametrize("validation", ["train", "other"])
