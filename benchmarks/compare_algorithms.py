@@ -27,7 +27,8 @@ Protocol, in three stages (a rerun skips the runs its results file already holds
 Reported from the test curve at the point each run's validation loss was lowest: the converged test loss, the
 share of the gap it closes, and the bytes and server updates it took; the bytes to each target, interpolated in
 log-bytes between the two evaluations that bracket it (with the bracket); and, as a second view, the test loss
-at fixed byte budgets. Seeds give min-max. Writes ``compare_algorithms[_quick].json`` (with every curve and the
+at fixed byte budgets and, to see where the quality comes from, after fixed numbers of server updates. Seeds
+give min-max. Writes ``compare_algorithms[_quick].json`` (with every curve and the
 wall and CPU time of each invocation) and ``.png`` under ``--output-dir``, and each run as it ends in
 ``e2e_runs[_quick].jsonl`` there.
 """
@@ -70,13 +71,19 @@ FULL = {
     "modes": MODES, "partitions": PARTITIONS, "methods": METHODS + list(UNTUNED),
     # second view: test loss at these budgets (MB)
     "budgets_mb": {"lora": [2, 8, 32], "full": [8, 32, 128]},
+    # third view (where a method's quality comes from): test loss after this many server updates
+    "server_update_marks": [250, 500, 1000, 2000],
     # each algorithm's own settings (FSLSageConfig fields); the rest are the library's defaults
-    "cse_fsl": {"aux_num_layers": 3}, "fsl_sage": {"aux_num_layers": 3},
+    # FSL-SAGE aligns every 2 rounds, 5 epochs over the last 16 uploaded sequences (5 alignment batches per client
+    # and round); the library's defaults (every 10 rounds, 40 epochs over 64) make 32
+    "cse_fsl": {"aux_num_layers": 3},
+    "fsl_sage": {"aux_num_layers": 3, "align_interval": 2, "align_epochs": 5, "align_buffer_size": 16},
 }
 QUICK = {
     **FULL, "n_layer": 2, "n_embd": 32, "n_head": 2, "max_length": 64, "eval_rows": 16, "pretrain_steps": 10,
     "num_clients": 2, "local_steps": 2, "eval_client_steps": 4, "patience_client_steps": 8, "max_client_steps": 16,
     "lr_factors": [1.0, 3.0], "round_lengths": [2, 4], "seeds": [0, 1], "budgets_mb": {"lora": [0.1], "full": [1]},
+    "server_update_marks": [4, 8],
     "cse_fsl": {"aux_num_layers": 1}, "fsl_sage": {"aux_num_layers": 1, "align_epochs": 1, "align_buffer_size": 4,
                                                   "align_interval": 1},
 }
@@ -142,7 +149,7 @@ def longest_first(tasks: list[Task]) -> list[Task]:
 
 # ---------------------------------------------------------------- reading the runs
 def summarize(row: dict[str, Any], base: float, reference: float, targets: dict[str, float],
-              budgets: list[float]) -> dict[str, Any]:
+              budgets: list[float], marks: list[int] = ()) -> dict[str, Any]:
     """The figures of one run, from its test curve at the point its validation loss was lowest."""
     best = best_point(row["curve"])
     cross = {share: crossing(row["curve"], loss) for share, loss in targets.items()}
@@ -153,6 +160,8 @@ def summarize(row: dict[str, Any], base: float, reference: float, targets: dict[
             "bytes_to_target": {s: c["value"] if c else None for s, c in cross.items()},
             "bracket_to_target": {s: c["bracket"] if c else None for s, c in cross.items()},
             "loss_at_budget": {str(b): value_at(row["curve"], b * 1e6) for b in budgets},
+            "loss_at_server_updates": {str(n): value_at(row["curve"], n, x="server_updates")
+                                       if row["curve"][-1]["server_updates"] >= n else None for n in marks},
             "stopped_by": row["stopped_by"], "cpu_seconds": row["cpu_seconds"],
             "align_share": row.get("time_share", {}).get("align")}
 
@@ -181,7 +190,8 @@ def analyse(cfg, store: RunStore, chosen: dict, reference_choice: dict) -> dict[
             for method in listed(cfg):
                 tasks = [t for t in final_tasks(cfg, chosen) if t[:3] == (method, mode, partition)]
                 runs = [store.get(t) for t in tasks]
-                per_run = [summarize(r, base, ceiling["mean"], targets, cfg["budgets_mb"][mode]) for r in runs]
+                per_run = [summarize(r, base, ceiling["mean"], targets, cfg["budgets_mb"][mode],
+                                     cfg["server_update_marks"]) for r in runs]
                 rows[method] = {"seeds": [t[3] for t in tasks], "settings": dict(tasks[0][4]), "runs": per_run,
                                 "curves": [r["curve"] for r in runs], **aggregate(per_run)}
             out["settings"][f"{partition}/{mode}"] = {"base_test_loss": base, "reference": ceiling["mean"],
@@ -211,6 +221,8 @@ def aggregate(per_run: list[dict[str, Any]]) -> dict[str, Any]:
             "server_updates": of(lambda r: r["server_updates"]), "client_steps": of(lambda r: r["client_steps"]),
             "bytes_to_target": {s: of(lambda r, s=s: r["bytes_to_target"][s]) for s in keys},
             "loss_at_budget": {b: of(lambda r, b=b: r["loss_at_budget"][b]) for b in per_run[0]["loss_at_budget"]},
+            "loss_at_server_updates": {n: of(lambda r, n=n: r["loss_at_server_updates"][n])
+                                       for n in per_run[0]["loss_at_server_updates"]},
             "cpu_seconds": of(lambda r: r["cpu_seconds"]), "align_share": of(lambda r: r["align_share"]),
             "stopped_by": sorted({r["stopped_by"] for r in per_run})}
 
@@ -272,6 +284,9 @@ def table(results: dict[str, Any]) -> str:
                          f"{cell(row['server_updates'], lambda v: f'{v:.0f}')} | "
                          + " | ".join(cell(row["bytes_to_target"][s], mb) for s in shares)
                          + f" | {', '.join(row['stopped_by'])} | {cell(row['cpu_seconds'], lambda v: f'{v:.0f}')} |")
+        for method, row in setting["methods"].items():
+            lines.append(f"   {method}: test loss after " + ", ".join(
+                f"{n} server updates {cell(v)}" for n, v in row["loss_at_server_updates"].items()))
         lines.append(f"goal: {json.dumps(setting['goal'])}")
     return "\n".join(lines)
 
@@ -328,11 +343,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="client partitions to run (tuning is on IID whatever this says)")
     parser.add_argument("--methods", nargs="+", choices=METHODS + list(UNTUNED), default=METHODS + list(UNTUNED),
                         help="algorithms to run (FSL-SAGE is always run)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds of the reference and the final runs (the first also tunes); default 0 1 2")
+    parser.add_argument("--round-lengths", type=int, nargs="+", default=None,
+                        help="round lengths (local steps) of the tuning grid; default 10 25")
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
     cfg = copy.deepcopy(QUICK if opts.quick else FULL)
     cfg.update(modes=opts.modes, partitions=opts.partitions, methods=sorted(set(opts.methods) | {"fsl_sage"}))
+    cfg.update({k: v for k, v in (("seeds", opts.seeds), ("round_lengths", opts.round_lengths)) if v})
     out_dir = Path(opts.output_dir)
     stem = "compare_algorithms_quick" if opts.quick else "compare_algorithms"
     path = data_path(opts.data, opts.quick)
