@@ -1,7 +1,7 @@
 """What caps FSL-SAGE's quality, and what its alignment costs: controlled runs to convergence, one change at a time.
 
     python benchmarks/ablate_fsl_sage.py --jobs 2                   # every variant (see docs/benchmarks.md)
-    python benchmarks/ablate_fsl_sage.py --variants reference "server_replay=2" --seeds 0 1 2
+    python benchmarks/ablate_fsl_sage.py --variants reference "server_update_interval=1" --seeds 0 1 2
     python benchmarks/ablate_fsl_sage.py --quick                    # smoke run
 
 Same data, base model, clients and protocol as ``compare_algorithms.py`` (``e2e_runs``: validation and test
@@ -33,7 +33,7 @@ from transformers.utils import logging as hf_logging
 
 REFERENCE = {"learning_rate": 3e-3, "local_steps": 10, "server_update_interval": 5, "aux_num_layers": 3,
              "aux_init": "server_blocks", "aux_trainable": "adapters", "align_interval": 2, "align_epochs": 5,
-             "align_buffer_size": 16, "server_replay": 0}
+             "align_buffer_size": 16}
 QUICK_REFERENCE = {**REFERENCE, "local_steps": 2, "aux_num_layers": 1, "align_interval": 1, "align_epochs": 1,
                    "align_buffer_size": 4}
 
@@ -44,9 +44,6 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "server_update_interval=1": ("the server's updates per example cap the quality: uploading every step "
                                  "(5x the server updates) ends lower", "fsl_sage", {"server_update_interval": 1}),
     "server_update_interval=2": ("as above, in between", "fsl_sage", {"server_update_interval": 2}),
-    "server_replay=2": ("more server passes over the uploads it already holds buy server updates without bytes",
-                        "fsl_sage", {"server_replay": 2}),
-    "server_replay=4": ("as above, more", "fsl_sage", {"server_replay": 4}),
     "align_epochs=0": ("the auxiliary estimate's bias caps the client half: without alignment it ends higher",
                        "fsl_sage", {"align_epochs": 0}),
     "aux_num_layers=1": ("a shallower auxiliary model estimates worse and ends higher", "fsl_sage",
@@ -71,7 +68,7 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "align every 2 rounds, 2 epochs, 16 sequences": ("alignment settings", "fsl_sage", {"align_epochs": 2}),
 }
 AUX_ONLY = ("server_update_interval", "aux_num_layers", "aux_init", "aux_trainable")
-FSL_SAGE_ONLY = ("align_interval", "align_epochs", "align_buffer_size", "server_replay")
+FSL_SAGE_ONLY = ("align_interval", "align_epochs", "align_buffer_size")
 
 
 def task(name: str, seed: int, reference: dict[str, Any]):
@@ -91,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data", default=None, help="E2E csv; default ../shared/data/e2e/devset.csv")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the base model")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the runs")
+    parser.add_argument("--reference-seeds", type=int, nargs="+", default=None,
+                        help="seeds of the centralized reference; default compare_algorithms.py's")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -98,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
     cfg = copy.deepcopy(bench.QUICK if opts.quick else bench.FULL)
+    cfg["seeds"] = opts.reference_seeds or cfg["seeds"]
     reference = QUICK_REFERENCE if opts.quick else REFERENCE
     out_dir = Path(opts.output_dir)
     stem = "ablate_fsl_sage_quick" if opts.quick else "ablate_fsl_sage"

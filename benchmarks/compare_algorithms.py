@@ -108,10 +108,11 @@ def lr_grid(cfg, method: str, mode: str) -> list[Task]:
             for f in cfg["lr_factors"]]
 
 
-def best_task(tasks: list[Task], store: RunStore) -> Task:
-    """The task whose run has the lowest validation loss (``curves.select``: the test split plays no part)."""
-    by_key = {json.dumps(t): t for t in tasks}
-    return by_key[select({k: store.get(t)["curve"] for k, t in by_key.items()})]
+def best_task(tasks: list[Task], store: RunStore) -> Task | None:
+    """The task whose run has the lowest validation loss (``curves.select``: the test split plays no part), among
+    those the store holds (None if it holds none)."""
+    by_key = {json.dumps(t): t for t in tasks if store.get(t) is not None}
+    return by_key[select({k: store.get(t)["curve"] for k, t in by_key.items()})] if by_key else None
 
 
 def round_grid(cfg, chosen_lr: Task) -> list[Task]:
@@ -136,6 +137,8 @@ def final_tasks(cfg, chosen: dict[tuple[str, str], Task]) -> list[Task]:
     for mode in cfg["modes"]:
         for partition in cfg["partitions"]:
             for method in listed(cfg):
+                if (UNTUNED.get(method, method), mode) not in chosen:
+                    continue
                 items = chosen[(UNTUNED.get(method, method), mode)][4]
                 seeds = cfg["seeds"] if method in SEEDED else cfg["seeds"][:1]
                 tasks += [(method, mode, partition, seed, items) for seed in seeds]
@@ -167,10 +170,14 @@ def summarize(row: dict[str, Any], base: float, reference: float, targets: dict[
 
 
 def analyse(cfg, store: RunStore, chosen: dict, reference_choice: dict) -> dict[str, Any]:
+    """The figures of every setting from the runs the store holds (with ``--report-only`` some may be missing: a
+    choice is then made among the runs there are, and a method without runs is left out)."""
     out: dict[str, Any] = {"references": {}, "tuning": {}, "settings": {}}
     for mode in cfg["modes"]:
-        grid = reference_grid(cfg)[mode]
-        runs = [store.get(t) for t in reference_tasks_at(cfg, reference_choice[mode])]
+        if reference_choice.get(mode) is None:
+            continue
+        grid = [t for t in reference_grid(cfg)[mode] if store.get(t)]
+        runs = [r for r in map(store.get, reference_tasks_at(cfg, reference_choice[mode])) if r]
         base = runs[0]["curve"][0]["test_loss"]
         ceiling = span([best_point(r["curve"])["test_loss"] for r in runs])
         targets = gap_targets(base, ceiling["mean"])
@@ -181,14 +188,16 @@ def analyse(cfg, store: RunStore, chosen: dict, reference_choice: dict) -> dict[
             "test_loss": ceiling, "targets": targets,
             "steps": span([best_point(r["curve"])["step"] for r in runs]), "runs": runs}
         out["tuning"][mode] = {}
-        for method in tuned(cfg):
+        for method in [m for m in tuned(cfg) if (m, mode) in chosen]:
             grid = {json.dumps(dict(t[4])): best_point(store.get(t)["curve"])["validation_loss"]
-                    for t in tuning_tasks(cfg, store, method, mode)}
+                    for t in tuning_tasks(cfg, store, method, mode) if store.get(t)}
             out["tuning"][mode][method] = {"grid": grid, "chosen": dict(chosen[(method, mode)][4])}
         for partition in cfg["partitions"]:
             rows = {}
             for method in listed(cfg):
-                tasks = [t for t in final_tasks(cfg, chosen) if t[:3] == (method, mode, partition)]
+                tasks = [t for t in final_tasks(cfg, chosen) if t[:3] == (method, mode, partition) and store.get(t)]
+                if not tasks:
+                    continue
                 runs = [store.get(t) for t in tasks]
                 per_run = [summarize(r, base, ceiling["mean"], targets, cfg["budgets_mb"][mode],
                                      cfg["server_update_marks"]) for r in runs]
@@ -196,7 +205,8 @@ def analyse(cfg, store: RunStore, chosen: dict, reference_choice: dict) -> dict[
                                 "curves": [r["curve"] for r in runs], **aggregate(per_run)}
             out["settings"][f"{partition}/{mode}"] = {"base_test_loss": base, "reference": ceiling["mean"],
                                                       "targets": targets, "methods": rows,
-                                                      "goal": goal(rows, ceiling["mean"])}
+                                                      "goal": goal(rows, ceiling["mean"]) if "fsl_sage" in rows
+                                                      else None}
     return out
 
 
@@ -207,8 +217,8 @@ def reference_tasks_at(cfg, chosen: Task) -> list[Task]:
 
 def tuning_tasks(cfg, store: RunStore, method: str, mode: str) -> list[Task]:
     """Every tuning run of ``method`` in ``mode``: the learning rates, then the round lengths at the chosen one."""
-    rates = lr_grid(cfg, method, mode)
-    return list(dict.fromkeys(rates + round_grid(cfg, best_task(rates, store))))
+    rates, best = lr_grid(cfg, method, mode), best_task(lr_grid(cfg, method, mode), store)
+    return list(dict.fromkeys(rates + (round_grid(cfg, best) if best else [])))
 
 
 def aggregate(per_run: list[dict[str, Any]]) -> dict[str, Any]:
@@ -343,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="client partitions to run (tuning is on IID whatever this says)")
     parser.add_argument("--methods", nargs="+", choices=METHODS + list(UNTUNED), default=METHODS + list(UNTUNED),
                         help="algorithms to run (FSL-SAGE is always run)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="start no run: write the figures from the runs already stored (choices among those)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds of the reference and the final runs (the first also tunes); default 0 1 2")
     parser.add_argument("--round-lengths", type=int, nargs="+", default=None,
@@ -367,32 +379,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     worker = (cfg, str(path), opts.seed, opts.threads, str(cache))
     before = len(store.rows)  # every benchmark of this set-up adds to the same runs file
 
+    def run(tasks: list[Task]) -> None:
+        if not opts.report_only:
+            run_all(longest_first(tasks), store, opts.jobs, worker, report_line)
+
     # 1 and 2a: the reference's learning rates and every method's, at the preset's round length
     refs = reference_grid(cfg)
     modes = cfg["modes"]
-    run_all(longest_first([t for m in modes for t in refs[m]] + [t for m in modes for method in tuned(cfg)
-                                                                  for t in lr_grid(cfg, method, m)]),
-            store, opts.jobs, worker, report_line)
+    run([t for m in modes for t in refs[m]] + [t for m in modes for method in tuned(cfg)
+                                               for t in lr_grid(cfg, method, m)])
     reference_choice = {m: best_task(refs[m], store) for m in modes}
     # 1 and 2b: the reference's other seeds; the other round lengths at each method's chosen rate
-    rounds = {(method, m): round_grid(cfg, best_task(lr_grid(cfg, method, m), store)) for m in modes
-              for method in tuned(cfg)}
-    run_all(longest_first([t for m in modes for t in reference_tasks_at(cfg, reference_choice[m])]
-                          + [t for grid in rounds.values() for t in grid]), store, opts.jobs, worker, report_line)
+    rates = {(method, m): best_task(lr_grid(cfg, method, m), store) for m in modes for method in tuned(cfg)}
+    rounds = {key: round_grid(cfg, best) for key, best in rates.items() if best}
+    run([t for m in modes if reference_choice[m] for t in reference_tasks_at(cfg, reference_choice[m])]
+        + [t for grid in rounds.values() for t in grid])
     chosen = {key: best_task(grid, store) for key, grid in rounds.items()}
     # 3: final runs
-    run_all(longest_first(final_tasks(cfg, chosen)), store, opts.jobs, worker, report_line)
+    run(final_tasks(cfg, chosen))
+    planned = ([t for m in modes for t in refs[m]] + [t for m in modes for method in tuned(cfg)
+                                                      for t in lr_grid(cfg, method, m)]
+               + [t for m in modes if reference_choice[m] for t in reference_tasks_at(cfg, reference_choice[m])]
+               + [t for grid in rounds.values() for t in grid] + final_tasks(cfg, chosen))
+    missing = [t for t in dict.fromkeys(planned) if not store.get(t)]
 
-    store.add_invocation(clock.record(len(store.rows) - before))
+    if not opts.report_only:
+        store.add_invocation(clock.record(len(store.rows) - before))
     results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"], "jobs": opts.jobs,
                           "threads": opts.threads}, "base": base_info,
                **analyse(cfg, store, chosen, reference_choice),
+               "missing_runs": [list(t[:4]) + [dict(t[4])] for t in missing],
                "invocations": store.invocations,
                "cpu_seconds_runs": sum(r["cpu_seconds"] for r in store.rows.values())}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     plot(results, out_dir / f"{stem}.png")
     print(table(results))
+    if missing:
+        print(f"\n{len(missing)} planned runs are not in {store.path} yet (the JSON lists them under missing_runs)")
     total = results["invocations"]
     print(f"\n{sum(i['wall_seconds'] for i in total) / 60:.1f} min wall, "
           f"{sum(i['cpu_seconds'] for i in total) / 60:.1f} CPU-min over {len(total)} invocation(s); "

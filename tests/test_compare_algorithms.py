@@ -56,17 +56,29 @@ def test_compare_algorithms_quick_runs_every_stage_and_resumes(tmp_path):
     assert [i["runs"] for i in again["invocations"]] == [invocation["runs"], 0]
     assert again["settings"] == results["settings"]
 
+    # --report-only starts nothing and reports the runs there are: without FSL-SAGE's, the others as before.
+    kept = [line for line in runs_file.read_text().splitlines() if "fsl_sage" not in line]
+    runs_file.write_text("\n".join(kept) + "\n")
+    run("compare_algorithms.py", tmp_path, "--report-only")
+    partial = json.loads((tmp_path / "compare_algorithms_quick.json").read_text())
+    assert runs_file.read_text().splitlines() == kept
+    assert {m for m, *_ in partial["missing_runs"]} == {"fsl_sage"} and len(partial["invocations"]) == 2
+    for key, setting in partial["settings"].items():
+        assert "fsl_sage" not in setting["methods"] and setting["goal"] is None
+        assert setting["methods"] == {m: r for m, r in results["settings"][key]["methods"].items() if m != "fsl_sage"}
+
 
 @pytest.mark.slow
 def test_ablation_quick_runs_each_variant_from_the_reference(tmp_path):
-    variants = ["reference", "server_replay=2", "SplitFed-V2"]
+    variants = ["reference", "server_update_interval=1", "SplitFed-V2"]
     run("ablate_fsl_sage.py", tmp_path, "--jobs", "1", "--variants", *variants)
     results = json.loads((tmp_path / "ablate_fsl_sage_quick.json").read_text())
     rows = results["variants"]
     assert list(rows) == variants
-    assert rows["server_replay=2"]["changes"] == {"server_replay": 2}
-    # Replayed server steps cost no bytes: at the same step, the same bytes as the reference's run.
-    reference, replay = (rows[n]["curves"][0] for n in ("reference", "server_replay=2"))
-    common = min(len(reference), len(replay))
-    assert [p["bytes"] for p in reference[:common]] == [p["bytes"] for p in replay[:common]]
+    assert rows["server_update_interval=1"]["changes"] == {"server_update_interval": 1}
+    # Rounds of 2 local steps: the reference (an upload every 5 steps) uploads once a round, the variant twice.
+    reference, every = (rows[n]["curves"][0] for n in ("reference", "server_update_interval=1"))
+    common = min(len(reference), len(every))
+    assert common > 1 and [2 * p["server_updates"] for p in reference[1:common]] == [
+        p["server_updates"] for p in every[1:common]]
     assert rows["SplitFed-V2"]["algorithm"] == "splitfed_v2" and rows["SplitFed-V2"]["align_share"]["n"] == 1
