@@ -3,7 +3,7 @@
     python benchmarks/codecs.py                  # 2 seeds x 2 algorithms x 5 codecs + 3 timings
     python benchmarks/codecs.py --quick          # smoke scale
 
-The set-up, data, base model and helpers are those of ``compare_algorithms.py``
+The set-up, data, base model and helpers are those of ``budget_setup.py``
 (its preset, LoRA, IID), every run to the preset's step cap with no byte
 budget, so that codecs compare at equal steps. For each algorithm and each
 ``smashed_codec`` it reports the bytes of the smashed messages per token that
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from compare_algorithms import (  # beside this script: the equal-bytes set-up's helpers
+from budget_setup import (  # beside this script: the equal-budget set-up's helpers
     _WORKER,
     _init_worker,
     common_options,

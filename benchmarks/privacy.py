@@ -3,7 +3,7 @@
     python benchmarks/privacy.py            # full grid (see docs/privacy.md for its time on 2 CPU cores)
     python benchmarks/privacy.py --quick    # smoke run of every part, under 2 min
 
-Same data, base model and clients as ``compare_algorithms.py`` (its helpers and preset): the E2E dev set split by
+Same data, base model and clients as ``budget_setup.py`` (its helpers and preset): the E2E dev set split by
 ``mr`` into a pretraining part, the clients' training part and an eval part; a small GPT-2 pretrained centrally
 on the pretraining part's references. The pretraining part's rows (meaning representation and reference, as the
 clients' rows) are also the attacker's public text: no client holds their ``mr`` values. Every run fine-tunes the
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import compare_algorithms as bench
+import budget_setup as bench
 import privacy_attacks as attacks
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback, set_seed

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_codec_benchmark_quick_reports_bytes_losses_and_time(tmp_path):
-    QUICK = load_script(ROOT / "benchmarks" / "compare_algorithms.py", "compare_algorithms").QUICK
+    QUICK = load_script(ROOT / "benchmarks" / "budget_setup.py", "budget_setup").QUICK
 
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codecs.py"), "--quick", "--repeats", "1",
                     "--output-dir", str(tmp_path)], check=True, cwd=ROOT, timeout=900)
