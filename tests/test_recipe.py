@@ -305,8 +305,8 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time():
 
 
 def test_unavailable_metric_is_reported_with_its_reason():
-    results = {"eval_loss": 2.0, "eval_perplexity": 7.4, "bleu": 0.3, "nist": 4.0, "meteor": None,
-               "meteor_unavailable_reason": "java was not found on PATH", "rouge_l": 0.5, "cider": 0.6,
+    results = {"algorithm": "fsl_sage", "eval_loss": 2.0, "eval_perplexity": 7.4, "bleu": 0.3, "nist": 4.0,
+               "meteor": None, "meteor_unavailable_reason": "java was not found on PATH", "rouge_l": 0.5, "cider": 0.6,
                "comm_bytes": 3_000_000, "comm_bytes_up": 2_000_000, "comm_bytes_down": 1_000_000, "rounds": 2,
                "global_steps": 4, "runtime_seconds": 1.0, "num_generation_mrs": 3}
     assert recipe._card_metrics(results)["test_meteor"] == "unavailable: java was not found on PATH"
