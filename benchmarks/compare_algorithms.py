@@ -325,6 +325,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("cumulative MB on the wire (up + down), log scale")
         ax.set_ylabel("test loss")
         ax.grid(alpha=0.3, which="both")
+    for ax in axes.flat[len(results["settings"]):]:  # a part of the grid: no empty panels
+        ax.remove()
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
