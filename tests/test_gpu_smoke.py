@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 
-pytestmark = pytest.mark.deadlines
+pytestmark = pytest.mark.deadlines("smoke")
 
 
 ROOT = Path(__file__).resolve().parents[1]
