@@ -60,9 +60,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """List the documentation blocks that are not run (they need the network or a GPU), by name and reason."""
-    from tests.doc_blocks import pages, python_blocks
+    from tests.doc_blocks import pages, python_blocks, runs
 
-    skipped = [b for p in pages() for b in python_blocks(p) if b.skip is not None]
+    skipped = [b for p in pages() for b in python_blocks(p) if not runs(b)]
     if skipped:
         terminalreporter.write_line("documentation blocks not run: " + ", ".join(f"{b.name} ({b.skip})"
                                                                                  for b in skipped))

@@ -1,13 +1,15 @@
 """The fenced Python blocks of the README and the documentation pages, and a runner for one page's blocks.
 
 A block preceded (on its previous non-blank line) by ``<!-- skip: needs-network -->`` or
-``<!-- skip: needs-gpu -->`` is not run; any other skip marker is an error.
+``<!-- skip: needs-gpu -->`` is not run; one preceded by ``<!-- skip: needs-flower -->`` runs where the flower
+extra is installed (CI installs it) and is skipped where it is not; any other skip marker is an error.
 
     python tests/doc_blocks.py README.md docs/saving.md    # each page's blocks in order, in a folder of its own
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP_REASONS = ("needs-network", "needs-gpu")
+SKIP_REASONS = ("needs-network", "needs-gpu", "needs-flower")
 _FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 _SKIP = re.compile(r"^<!--\s*skip:\s*(.*?)\s*-->$")
 
@@ -62,11 +64,16 @@ def python_blocks(path: Path) -> list[Block]:
     return blocks
 
 
+def runs(block: Block) -> bool:
+    """Whether ``block`` runs here: not skipped, or it needs the flower extra and the extra is installed."""
+    return block.skip is None or (block.skip == "needs-flower" and importlib.util.find_spec("flwr") is not None)
+
+
 def run_page(path: Path) -> None:
     """Run the page's blocks that are not skipped, in order, in one namespace, in the current directory."""
     namespace: dict = {"__name__": "__main__"}
     for block in python_blocks(path):
-        if block.skip is None:
+        if runs(block):
             exec(compile(block.code, block.name, "exec"), namespace)  # noqa: S102 -- the documentation's own code
 
 
