@@ -379,10 +379,7 @@ class FSLSageTrainer(CheckpointingMixin, Trainer):
         elif "loss" in logs and "eval_loss" not in logs:
             names, sums = self.log_sums()
             means = dict.fromkeys(names[:-2])
-            if self._collectives:  # every process logs the same means at the same step
-                sums = self.federation.transport.all_reduce(sums)
-            else:
-                sums = sums + self.federation.transport.peer_sums("log", sums)
+            sums = self.federation.transport.sum_over_processes("log", sums)  # the same means on every process
             for i, name in enumerate(means):
                 total, count = float(sums[2 * i]), int(sums[2 * i + 1])
                 if count:
@@ -416,10 +413,7 @@ class FSLSageTrainer(CheckpointingMixin, Trainer):
         """``time/<part>`` in seconds per global step, summed over the processes (each times its parties);
         ``window``: ``"time"`` (since the last log) or ``"time_total"``."""
         values = time_vector(seconds)
-        if self._collectives:  # every process logs at the same steps
-            values = self.federation.transport.all_reduce(values)
-        else:
-            values = values + self.federation.transport.peer_sums(window, values)
+        values = self.federation.transport.sum_over_processes(window, values)  # every process logs at these steps
         return per_step(dict(zip(TIME_NAMES, values.tolist())), steps)
 
     # ------------------------------------------------------------ evaluation

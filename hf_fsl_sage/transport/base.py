@@ -264,6 +264,11 @@ class Transport(ABC):
         of the trainer) since the last call, when the trainer cannot all-reduce them itself; zeros here."""
         return torch.zeros_like(like)
 
+    def sum_over_processes(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over every process of the run (``name``: which of the trainer's sums, for a transport
+        that brings them back from its peers)."""
+        return values + self.peer_sums(name, values)
+
     def save_peers(self, directory: str) -> None:
         """Write the other processes' share of a checkpoint into ``directory``, when they cannot write it."""
 

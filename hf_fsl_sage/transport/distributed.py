@@ -232,6 +232,9 @@ class DistributedTransport(Transport):
         dist.all_reduce(out, group=self.groups.control, async_op=True).wait(self.timeout)
         return out
 
+    def sum_over_processes(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce(values)
+
     def broadcast(self, values: torch.Tensor) -> torch.Tensor:
         """The server's process's ``values`` on every process, in host memory, on the control group."""
         out = values.detach().to("cpu", copy=True)
