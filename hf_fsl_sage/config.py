@@ -88,12 +88,10 @@ class FSLSageConfig(TrainingArguments):
             PEFT every weight; `"all"`: every weight of the auxiliary blocks and final norm, with or
             without PEFT (the head stays tied to the client's embedding and never trains). What
             trains is exactly what travels after an alignment (or a CSE-FSL round), and is counted.
-            The default is `"adapters"`, from the equal-bytes ablation (`benchmarks/ablate_fsl_sage.py`, figures
-            in docs/benchmarks.md): with LoRA and auxiliary blocks copied from the server, `"all"` spends a large
-            share of a byte budget on auxiliary weights after every alignment, so fewer global steps fit in the
-            budget and the run ends at a higher eval loss, for about the same held-out cosine. With
-            `aux_init="random"` use `"all"` (as the paper's reference implementation does): adapters on random
-            frozen blocks estimate little.
+            The default is `"adapters"`: with LoRA and auxiliary blocks copied from the server, `"all"`
+            sends every auxiliary weight after every alignment instead of the adapters alone, so a byte
+            budget buys fewer global steps. With `aux_init="random"` use `"all"` (as the paper's reference
+            implementation does): adapters on random frozen blocks estimate little.
         aux_heldout_cosine (`bool`, defaults to `True`):
             On every upload, before it joins the alignment buffer, the server measures the cosine
             between its true gradient w.r.t. the uploaded activations and the gradient of the
