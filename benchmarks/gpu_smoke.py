@@ -91,16 +91,19 @@ def _env(one_gpu: bool = False) -> dict[str, str]:
     return env
 
 
-def _launch(setup: Setup, processes: int, script_and_args: list[str], timeout: float = 900):
-    return accelerate_launch(setup.config(), ["--num_processes", str(processes), *script_and_args], _env(), timeout)
+def _launch(setup: Setup, processes: int, script_and_args: list[str], timeout: float = 900,
+            monitor_interval: float = 0.5):
+    """``monitor_interval=5`` where a process dies: see :func:`tests.processes.accelerate_launch`."""
+    return accelerate_launch(setup.config(), ["--num_processes", str(processes), *script_and_args], _env(), timeout,
+                             monitor_interval=monitor_interval)
 
 
-def _train(setup: Setup, out: Path, *extra: str, processes: int | None = None):
+def _train(setup: Setup, out: Path, *extra: str, processes: int | None = None, monitor_interval: float = 0.5):
     args = [str(RUN), "--output_dir", str(out), "--num_clients", str(setup.clients), "--max_steps",
             str(setup.max_steps), *extra]
     if processes == 1:
         return run([sys.executable, *args], _env(one_gpu=True), timeout=900)
-    return _launch(setup, processes or setup.processes, args)
+    return _launch(setup, processes or setup.processes, args, monitor_interval=monitor_interval)
 
 
 def _result(out: Path) -> dict:
@@ -264,7 +267,7 @@ def killed_process(setup: Setup, processes: int) -> list[Check]:
     """Launch 6: "raise", the last process killed."""
     out, last = setup.work / "killed", processes - 1
     done = _train(setup, out, "--kill_rank", str(last), "--kill_step", "3", "--ddp_timeout", str(setup.timeout),
-                  processes=processes)
+                  processes=processes, monitor_interval=5)
     pattern = rf"FederationCommError: the server's process could not (receive|send) the \w+ message of client \d+ " \
               rf"(from|to) process {last} "
     named = re.search(pattern, done.stderr) is not None

@@ -41,6 +41,15 @@ def _freeze_survivors():
     gc.freeze()
 
 
+@pytest.fixture(scope="session")
+def equal_runs(tmp_path_factory: pytest.TempPathFactory):
+    """The runs several tests compare between one process and three (:data:`tests.launches.EQUAL_RUNS`), made
+    once: in one process, then in one launch of three. Its tests share the xdist group ``EQUAL_GROUP``."""
+    from tests.launches import launch_equal_runs
+
+    return launch_equal_runs(tmp_path_factory.mktemp("equal_runs"))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

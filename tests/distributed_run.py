@@ -3,6 +3,10 @@
     PYTHONPATH=. python tests/distributed_run.py --output_dir D [--algorithm fsl_sage]
     PYTHONPATH=. accelerate launch --config_file accelerate_configs/cpu_3_processes.yaml tests/distributed_run.py \
         --output_dir D
+    PYTHONPATH=. python tests/distributed_run.py --output_dir D1 --algorithm fedavg --and --output_dir D2 ...
+
+Runs joined by ``--and`` train one after the other in the same processes (and process group), each as if
+launched alone: starting Python, torch and PEFT costs several times what one of these runs does.
 
 from the repository root (``tests.helpers`` is imported from there).
 
@@ -27,6 +31,7 @@ import gc
 import json
 import os
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -104,7 +109,25 @@ def holdings(trainer: FSLSageTrainer) -> dict:
     return {"model": named, "bytes": sum(unique.values()), "dtypes": dtypes, "trainable_dtypes": trainable}
 
 
-def main() -> None:
+PROCESS_WIDE = ("kill_rank", "stall_rank", "data_backend", "stall_payload_rank")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    runs: list[list[str]] = [[]]
+    for arg in argv:
+        runs.append([]) if arg == "--and" else runs[-1].append(arg)
+    parser = _parser()
+    clis = [parser.parse_args(run) for run in runs]
+    if len(clis) > 1:
+        wide = sorted({name for cli in clis for name in PROCESS_WIDE if getattr(cli, name) is not None})
+        if wide:
+            parser.error(f"--{', --'.join(wide)} change the whole process: launch such a run alone, not with --and")
+    for cli in clis:
+        train(cli)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--algorithm", default="fsl_sage")
@@ -142,7 +165,10 @@ def main() -> None:
     parser.add_argument("--private_labels", action="store_true")
     parser.add_argument("--smashed_clip_norm", type=float, default=None)
     parser.add_argument("--smashed_noise_multiplier", type=float, default=0.0)
-    cli = parser.parse_args()
+    return parser
+
+
+def train(cli: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     if cli.data_backend is not None:
         import tests.nccl_like  # noqa: F401 -- registers the backend

@@ -21,6 +21,7 @@ from hf_fsl_sage.transport.base import conforms, flatten, payload_nbytes, unflat
 from hf_fsl_sage.transport.codecs import ActivationCoder, MalformedUpload
 from hf_fsl_sage.transport.distributed import MalformedMessage, decode_header, encode_header, pack, unpack
 from hf_fsl_sage.transport.local import LocalTransport
+from tests.launches import EQUAL_GROUP, adapter, result
 from tests.tiny_models import tiny_causal_lm
 
 
@@ -221,17 +222,14 @@ def test_a_checkpoint_keeps_the_carried_inputs(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_three_processes_carry_the_router_state_exactly_like_one(tmp_path) -> None:
+@pytest.mark.xdist_group(EQUAL_GROUP)
+def test_three_processes_carry_the_router_state_exactly_like_one(equal_runs) -> None:
     """Server on process 0, clients on 1 and 2: the router state crosses processes in the upload and its gradient
-    in the reply (SplitFed-V2); the run equals the one-process run (adapters, bytes, losses)."""
-    from tests.test_distributed import _adapter, _check, _result, _single, _three
-
-    run = ("--family", "zaya", "--algorithm", "splitfed_v2", "--max_steps", "4")
-    _check(_single(tmp_path / "one", *run))
-    _check(_three(tmp_path / "three", *run))
-    one, three = _result(tmp_path / "one"), _result(tmp_path / "three")
+    in the reply (SplitFed-V2, a tiny zaya, 4 global steps); the run equals the one-process run (adapters, bytes,
+    losses)."""
+    one, three = result(equal_runs / "one" / "router_state"), result(equal_runs / "three" / "router_state")
     assert three["world_size"] == 3
-    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "three")
+    a, b = adapter(equal_runs / "one" / "router_state"), adapter(equal_runs / "three" / "router_state")
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
     assert any(float(t.abs().max()) > 1e-4 for k, t in a.items() if "lora_B" in k and ".layers.0." in k)
     assert three["ledger"] == one["ledger"] and one["ledger"]["by_kind"]["gradient_down"] > 0

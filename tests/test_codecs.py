@@ -16,6 +16,7 @@ from hf_fsl_sage.transport.codecs import (
     label_dtype,
 )
 from hf_fsl_sage.transport.local import LocalTransport
+from tests.launches import CODEC_RUNS, EQUAL_GROUP, adapter, result
 from tests.tiny_models import tiny_causal_lm
 
 
@@ -281,16 +282,12 @@ def test_dropping_padding_changes_neither_the_server_loss_nor_its_gradient(model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm, codec", [("splitfed_v2", name) for name in sorted(CODECS) if name != "none"]
-                         + [("fsl_sage", "int8")])
-def test_three_processes_decode_exactly_like_one(tmp_path, algorithm, codec):
+@pytest.mark.xdist_group(EQUAL_GROUP)
+@pytest.mark.parametrize("algorithm, codec", CODEC_RUNS)
+def test_three_processes_decode_exactly_like_one(equal_runs, algorithm, codec):
     """Encoded on the client's process, decoded on the server's (and back): the same run as in one process."""
-    from tests.test_distributed import _adapter, _check, _result, _single, _three
-
-    _check(_single(tmp_path / "one", "--algorithm", algorithm, "--smashed_codec", codec))
-    _check(_three(tmp_path / "three", "--algorithm", algorithm, "--smashed_codec", codec))
-    one, three = _result(tmp_path / "one"), _result(tmp_path / "three")
-    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "three")
+    one, three = (equal_runs / side / f"{algorithm}-{codec}" for side in ("one", "three"))
+    a, b = adapter(one), adapter(three)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
-    assert three["ledger"] == one["ledger"]
-    assert three["eval"]["eval_loss"] == pytest.approx(one["eval"]["eval_loss"], abs=1e-5)
+    assert result(three)["ledger"] == result(one)["ledger"]
+    assert result(three)["eval"]["eval_loss"] == pytest.approx(result(one)["eval"]["eval_loss"], abs=1e-5)

@@ -7,7 +7,7 @@ from transformers import TrainerCallback
 
 from hf_fsl_sage import FSLSageConfig
 from tests.helpers import lora, make_trainer
-from tests.test_distributed import _check, _result, _single, _three
+from tests.launches import EQUAL_GROUP, check, result, run_one, run_three
 
 
 class LedgerPerStep(TrainerCallback):
@@ -52,15 +52,15 @@ def test_budget_must_be_positive(tmp_path):
 
 
 @pytest.mark.slow
-def test_three_processes_stop_at_the_same_step_with_the_same_bytes(tmp_path):
+@pytest.mark.xdist_group(EQUAL_GROUP)
+def test_three_processes_stop_at_the_same_step_with_the_same_bytes(tmp_path, equal_runs):
     """Only the server's process counts bytes; the stop is still taken at the same step everywhere."""
-    _check(_single(tmp_path / "free", "--algorithm", "fsl_sage"))
-    free = _result(tmp_path / "free")
+    free = result(equal_runs / "one" / "fsl_sage")  # the same run without a budget
     per_step = {h["step"]: h["comm_bytes"] for h in free["log_history"] if "comm_bytes" in h and "loss" in h}
     budget = per_step[4] - 1  # logged every 2 steps: steps 2 and 4 are known; the stop must be step 4
     assert per_step[2] < budget and free["global_step"] == 8
-    _check(_single(tmp_path / "one", "--algorithm", "fsl_sage", "--max_comm_bytes", str(budget)))
-    _check(_three(tmp_path / "three", "--algorithm", "fsl_sage", "--max_comm_bytes", str(budget)))
-    one, three = _result(tmp_path / "one"), _result(tmp_path / "three")
+    check(run_one(tmp_path / "one", "--algorithm", "fsl_sage", "--max_comm_bytes", str(budget)))
+    check(run_three(tmp_path / "three", "--algorithm", "fsl_sage", "--max_comm_bytes", str(budget)))
+    one, three = result(tmp_path / "one"), result(tmp_path / "three")
     assert one["global_step"] == three["global_step"] == 4
     assert one["ledger"] == three["ledger"] and one["ledger"]["up"] + one["ledger"]["down"] == per_step[4]

@@ -19,8 +19,8 @@ from hf_fsl_sage.transport.base import FederationCommError
 from hf_fsl_sage.transport.groups import ProcessGroups
 from hf_fsl_sage.transport.membership import Membership
 from hf_fsl_sage.transport.waiting import ProcessZero
+from tests.launches import check, detection_seconds, result, run_one, run_three
 from tests.processes import free_port
-from tests.test_distributed import _check, _detection_seconds, _result, _single, _three
 
 
 pytestmark = pytest.mark.deadlines
@@ -133,12 +133,12 @@ def test_nccl_semantics_a_stall_between_header_and_payload_is_reported_before_th
     """Payloads on a backend whose ``wait()`` returns at once and whose watchdog stops the process at the group's
     timeout: process 2 stops after the header of its upload at global step 3. The server's process reports it
     after ddp_timeout (10 s), by name, and the watchdog never acts."""
-    done = _three(tmp_path / "raise", *NCCL_LIKE, "--stall_seconds", "3600", timeout=300)
+    done = run_three(tmp_path / "raise", *NCCL_LIKE, "--stall_seconds", "3600", timeout=300)
     assert done.returncode != 0
     assert "FederationCommError: the server's process could not receive the smashed message of client 1 from " \
            "process 2 (client 1) at round 1, global step 3: that process stopped, died, or did not answer within " \
            "the 10 s timeout (ddp_timeout)" in done.stderr
-    assert 10 <= _detection_seconds(tmp_path / "raise") < 40 and "watchdog" not in done.stderr
+    assert 10 <= detection_seconds(tmp_path / "raise") < 40 and "watchdog" not in done.stderr
 
 
 @pytest.mark.slow
@@ -147,12 +147,12 @@ def test_nccl_semantics_a_stalled_process_is_dropped_and_the_rest_trains_exactly
     that still holds the transfer when the group is formed again, and the run equals the one-process run in which
     clients 1 and 3 fail from global step 3 on. Every payload before and after crossed on the mocked backend, read
     only once complete (relying on ``wait()`` would read stale bytes)."""
-    _check(_single(tmp_path / "one", "--client_failures", "drop", "--fail_clients", "1", "3", "--fail_from_step", "3"))
-    done = _three(tmp_path / "three", *NCCL_LIKE, "--client_failures", "drop", "--stall_seconds", "25", timeout=600)
-    _check(done)
+    check(run_one(tmp_path / "one", "--client_failures", "drop", "--fail_clients", "1", "3", "--fail_from_step", "3"))
+    done = run_three(tmp_path / "three", *NCCL_LIKE, "--client_failures", "drop", "--stall_seconds", "25", timeout=600)
+    check(done)
     assert "process 2 is out of the run: the smashed message of client 1 could not be received from it at round 1, " \
            "global step 3" in done.stderr
     assert "[rank 0] nccl_like: aborted with 1 pending transfer(s)" in done.stderr and "watchdog" not in done.stderr
     a, b = (load_file(str(tmp_path / d / "final" / "adapter_model.safetensors")) for d in ("one", "three"))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
-    assert _result(tmp_path / "three")["ledger"]["up"] == _result(tmp_path / "one")["ledger"]["up"] > 0
+    assert result(tmp_path / "three")["ledger"]["up"] == result(tmp_path / "one")["ledger"]["up"] > 0

@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from hf_fsl_sage.splitting.split import Smashed
 from hf_fsl_sage.transport.base import payload_nbytes
 from hf_fsl_sage.transport.distributed import flatten, pack, unflatten, unpack
 from hf_fsl_sage.transport.placement import Placement, party_seed
-from tests.processes import accelerate_launch, free_port, run, run_together
+from tests.launches import (
+    ALGORITHMS,
+    CPU_CONFIG,
+    EQUAL_GROUP,
+    ROOT,
+    RUN,
+    adapter,
+    check,
+    detection_seconds,
+    env,
+    result,
+    run_one,
+    run_three,
+)
+from tests.processes import accelerate_launch, free_port, run_together
 
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = ROOT / "tests" / "distributed_run.py"
-CPU_CONFIG = ROOT / "accelerate_configs" / "cpu_3_processes.yaml"
 TWO_MACHINES = ROOT / "accelerate_configs" / "two_machines.yaml"
-ALGORITHMS = ["fsl_sage", "splitfed_v1", "splitfed_v2", "cse_fsl", "fedavg"]
 
 
 # ---------------------------------------------------------------- placement and wire format (no processes)
@@ -75,46 +81,14 @@ def test_wire_format_round_trips_every_payload_exactly():
 
 
 # ---------------------------------------------------------------- real processes
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _single(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, str(RUN), "--output_dir", str(out), *extra], _env(), timeout=600)
-
-
-def _three(out: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return accelerate_launch(CPU_CONFIG, [str(RUN), "--output_dir", str(out), *extra], _env(), timeout)
-
-
-def _detection_seconds(out: Path) -> float:
-    """Seconds from the moment a process was killed or stalled to the server's error, both inside the run."""
-    return float((out / "failed_at").read_text()) - float((out / "killed_at").read_text())
-
-
-def _check(done: subprocess.CompletedProcess) -> None:
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
-def _adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "final" / "adapter_model.safetensors"))
-
-
-def _result(out: Path) -> dict:
-    return json.loads((out / "result.json").read_text())
-
-
 @pytest.mark.slow
+@pytest.mark.xdist_group(EQUAL_GROUP)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_three_processes_train_exactly_like_one(tmp_path, algorithm):
+def test_three_processes_train_exactly_like_one(equal_runs, algorithm):
     """Server on process 0, clients round-robin on 1 and 2: same adapters, same bytes, same losses."""
-    _check(_single(tmp_path / "one", "--algorithm", algorithm))
-    _check(_three(tmp_path / "three", "--algorithm", algorithm))
-    one, three = _result(tmp_path / "one"), _result(tmp_path / "three")
+    one, three = result(equal_runs / "one" / algorithm), result(equal_runs / "three" / algorithm)
     assert three["world_size"] == 3 and three["placement"].startswith("process 0: server; process 1: clients [0, 2]")
-    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "three")
+    a, b = adapter(equal_runs / "one" / algorithm), adapter(equal_runs / "three" / algorithm)
     assert a.keys() == b.keys() and len(a) == 6
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
     assert any(float(t.abs().max()) > 1e-3 for k, t in a.items() if "lora_B" in k)  # the adapters did train
@@ -126,15 +100,12 @@ def test_three_processes_train_exactly_like_one(tmp_path, algorithm):
 
 
 @pytest.mark.slow
-def test_three_processes_keep_labels_on_the_clients_exactly_like_one(tmp_path):
+@pytest.mark.xdist_group(EQUAL_GROUP)
+def test_three_processes_keep_labels_on_the_clients_exactly_like_one(equal_runs):
     """FSL-SAGE with private labels and noised activations: the round trip of every upload, the cut gradients
     sent down and the clients' own alignment cross real process boundaries; same adapters, bytes and losses."""
-    extra = ["--private_labels", "--smashed_clip_norm", "0.5", "--smashed_noise_multiplier", "0.1",
-             "--smashed_codec", "bf16"]
-    _check(_single(tmp_path / "one", *extra))
-    _check(_three(tmp_path / "three", *extra))
-    one, three = _result(tmp_path / "one"), _result(tmp_path / "three")
-    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "three")
+    one, three = result(equal_runs / "one" / "private_labels"), result(equal_runs / "three" / "private_labels")
+    a, b = adapter(equal_runs / "one" / "private_labels"), adapter(equal_runs / "three" / "private_labels")
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
     assert three["ledger"] == one["ledger"]
     kinds = one["ledger"]["messages"]
@@ -151,10 +122,10 @@ def test_three_processes_keep_labels_on_the_clients_exactly_like_one(tmp_path):
 def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoint_resumes(tmp_path):
     """Process 2 dies (SIGKILL) in round 1: the job exits non-zero well within the timeout, the server names
     the process and the round, and resuming the last checkpoint in three processes gives the uninterrupted result."""
-    died = _three(tmp_path / "killed", "--save_steps", "2", "--kill_rank", "2", "--kill_step", "3",
-                  "--ddp_timeout", "60")
+    died = run_three(tmp_path / "killed", "--save_steps", "2", "--kill_rank", "2", "--kill_step", "3",
+                     "--ddp_timeout", "60", monitor_interval=5)
     assert died.returncode != 0, died.stderr[-3000:]
-    assert _detection_seconds(tmp_path / "killed") < 30  # a dead peer is seen at once, not after the 60 s timeout
+    assert detection_seconds(tmp_path / "killed") < 30  # a dead peer is seen at once, not after the 60 s timeout
     assert "FederationCommError: the server's process could not receive the smashed message of client 1 from " \
            "process 2 (client 1) at round 1, global step 3" in died.stderr
     checkpoint = tmp_path / "killed" / "checkpoint-2"
@@ -166,14 +137,14 @@ def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoi
     assert not [n for n in written if n.endswith((".pt", ".pth", ".bin"))]  # no pickle, Trainer's files included
     assert not (tmp_path / "killed" / "checkpoint-4").exists()
 
-    _check(_three(tmp_path / "killed", "--save_steps", "2", "--resume", str(checkpoint)))
-    _check(_three(tmp_path / "whole"))
-    a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "killed")
+    check(run_three(tmp_path / "killed", "--save_steps", "2", "--resume", str(checkpoint)))
+    check(run_three(tmp_path / "whole"))
+    a, b = adapter(tmp_path / "whole"), adapter(tmp_path / "killed")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-    assert _result(tmp_path / "killed")["ledger"] == _result(tmp_path / "whole")["ledger"]
+    assert result(tmp_path / "killed")["ledger"] == result(tmp_path / "whole")["ledger"]
 
     # A checkpoint written by three processes cannot silently resume in one.
-    wrong = _single(tmp_path / "one", "--resume", str(checkpoint))
+    wrong = run_one(tmp_path / "one", "--resume", str(checkpoint))
     assert wrong.returncode != 0
     assert "has no federation.safetensors (it holds ['federation-rank0-of-3.safetensors'" in wrong.stderr
     assert "resume with the number of processes that wrote it" in wrong.stderr
@@ -183,9 +154,9 @@ def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoi
 @pytest.mark.slow
 def test_silent_client_process_times_out_with_a_clear_error(tmp_path):
     """Process 2 hangs in round 1: the server gives up after ddp_timeout and the job exits non-zero."""
-    hung = _three(tmp_path / "hung", "--stall_rank", "2", "--kill_step", "3", "--ddp_timeout", "10", timeout=300)
+    hung = run_three(tmp_path / "hung", "--stall_rank", "2", "--kill_step", "3", "--ddp_timeout", "10", timeout=300)
     assert hung.returncode != 0, hung.stderr[-3000:]
-    assert 10 <= _detection_seconds(tmp_path / "hung") < 40  # the timeout, plus the rest of a step on 2 shared cores
+    assert 10 <= detection_seconds(tmp_path / "hung") < 40  # the timeout, plus the rest of a step on 2 shared cores
     assert "could not receive the smashed message of client 1 from process 2 (client 1) at round 1, global step 3: " \
            "that process stopped, died, or did not answer within the 10 s timeout (ddp_timeout)" in hung.stderr
 
@@ -199,21 +170,20 @@ def test_a_stalled_client_process_is_dropped_and_the_others_train_on(tmp_path):
     which clients 1 and 3 fail at every step from global step index 3 on; only the client models no longer sent
     to them (rounds 2 and 3) are missing from the bytes. Restarted from a checkpoint written without it, process 2
     rejoins and its clients train again from the next round."""
-    _check(_single(tmp_path / "one", "--client_failures", "drop", "--fail_clients", "1", "3",
-                   "--fail_from_step", "3"))
-    done = _three(tmp_path / "three", "--client_failures", "drop", "--stall_rank", "2", "--kill_step", "3",
-                  "--stall_seconds", "30", "--ddp_timeout", "10", "--save_steps", "2", timeout=600)
-    _check(done)
+    check(run_one(tmp_path / "one", "--client_failures", "drop", "--fail_clients", "1", "3", "--fail_from_step", "3"))
+    done = run_three(tmp_path / "three", "--client_failures", "drop", "--stall_rank", "2", "--kill_step", "3",
+                     "--stall_seconds", "30", "--ddp_timeout", "10", "--save_steps", "2", timeout=600)
+    check(done)
     assert "process 2 is out of the run: the smashed message of client 1 could not be received from it at " \
            "round 1, global step 3: it stopped, died, or did not answer within the 10 s timeout" in done.stderr
     assert "Going on without process 2 and its clients [1, 3] from round 1, global step 3" in done.stderr
     assert "process 2 was dropped from the run at" in done.stderr and "exits with status 0" in done.stderr
-    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "three")
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "three")
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
-    one, three = _result(tmp_path / "one")["ledger"], _result(tmp_path / "three")["ledger"]
+    one, three = result(tmp_path / "one")["ledger"], result(tmp_path / "three")["ledger"]
     model_bytes = one["by_kind"]["client_model_down"] // one["messages"]["client_model_down"]
     assert three["up"] == one["up"] > 0 and three["down"] == one["down"] - 2 * 2 * model_bytes
-    logged = [h["dropped_clients"] for h in _result(tmp_path / "three")["log_history"] if "dropped_clients" in h]
+    logged = [h["dropped_clients"] for h in result(tmp_path / "three")["log_history"] if "dropped_clients" in h]
     assert logged == [0, 2, 2, 2]
 
     checkpoint = tmp_path / "three" / "checkpoint-6"  # written without process 2, at the end of round 2
@@ -221,11 +191,11 @@ def test_a_stalled_client_process_is_dropped_and_the_others_train_on(tmp_path):
                                                                      for r in (0, 1)]
     lost = json.loads((checkpoint / "lost_processes.json").read_text())
     assert list(lost) == ["2"] and "could not be received from it at round 1, global step 3" in lost["2"]
-    resumed = _three(tmp_path / "resumed", "--client_failures", "drop", "--resume", str(checkpoint))
-    _check(resumed)
+    resumed = run_three(tmp_path / "resumed", "--client_failures", "drop", "--resume", str(checkpoint))
+    check(resumed)
     assert "Process 2 had left the run before this checkpoint" in resumed.stderr
-    back = _result(tmp_path / "resumed")["ledger"]["messages"]
-    gone = _result(tmp_path / "three")["ledger"]["messages"]
+    back = result(tmp_path / "resumed")["ledger"]["messages"]
+    gone = result(tmp_path / "three")["ledger"]["messages"]
     # Round 3 (two local steps) with clients 1 and 3 back: their uploads, models sent and received.
     assert back["smashed_up"] - gone["smashed_up"] == 4
     assert back["client_model_down"] - gone["client_model_down"] == 2
@@ -233,23 +203,23 @@ def test_a_stalled_client_process_is_dropped_and_the_others_train_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_machines_on_one_host_train_exactly_like_one(tmp_path):
+@pytest.mark.xdist_group(EQUAL_GROUP)
+def test_two_machines_on_one_host_train_exactly_like_one(tmp_path, equal_runs):
     """The shipped two-machine config, as two launches on this host (machine ranks 0 and 1, two processes each):
     the server and client 0's process on "machine" 0, the other clients on "machine" 1; same result as one process."""
-    _check(_single(tmp_path / "one"))
     for attempt in range(3):  # another port if the chosen one was taken before machine 0's launcher bound it
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_MACHINES),
                   "--num_processes", "4", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
         script = [str(RUN), "--output_dir", str(tmp_path / "two")]
-        done = run_together([[*launch, "--machine_rank", str(r), *script] for r in (0, 1)], _env(), timeout=900)
+        done = run_together([[*launch, "--machine_rank", str(r), *script] for r in (0, 1)], env(), timeout=900)
         if all(d.returncode == 0 for d in done) or "already in use" not in done[0].stderr + done[1].stderr:
             break
     for machine in done:
-        _check(machine)
-    one, two = _result(tmp_path / "one"), _result(tmp_path / "two")
+        check(machine)
+    one, two = result(equal_runs / "one" / "fsl_sage"), result(tmp_path / "two")
     assert two["world_size"] == 4 and two["placement"] == "process 0: server; process 1: clients [0, 3]; " \
                                                           "process 2: clients [1]; process 3: clients [2]"
-    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    a, b = adapter(equal_runs / "one" / "fsl_sage"), adapter(tmp_path / "two")
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
     assert two["ledger"] == one["ledger"] and one["ledger"]["up"] > 0
 
@@ -263,8 +233,8 @@ def test_recipe_runs_unchanged_in_three_processes(tmp_path):
                                           "--max_generation_mrs", "2", "--max_new_tokens", "8", "--num_beams", "2",
                                           "--pretrain_steps", "0", "--pretrain_fraction", "0", "--reference", "none",
                                           "--compare_algorithms", "splitfed_v2", "--compare_max_steps", "2",
-                                          "--output_dir", str(out)], _env(), timeout=900)
-    _check(done)
+                                          "--output_dir", str(out)], env(), timeout=900, monitor_interval=0.5)
+    check(done)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 3 and metrics["placement"].startswith("process 0: server; process 1: clients")
     assert metrics["global_steps"] == 4 and metrics["num_generation_mrs"] == 2 and metrics["comm_bytes"] > 0

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tests.distributed_run import tiny_config
 from tests.helpers import PadCollator, compact_e2e
-from tests.test_distributed import _adapter, _check, _result, _single, _three
+from tests.launches import adapter, check, result, run_one, run_three
 
 
 # The module's runs (three processes and one) are made once: under pytest-xdist its tests stay on one worker.
@@ -43,8 +43,8 @@ def runs(tmp_path_factory):
     AutoModelForCausalLM.from_config(tiny_config(BLOCKS, E, vocab, tie_word_embeddings=False)).save_pretrained(
         root / "base")
     common = ("--model_path", str(root / "base"), "--holdings")
-    _check(_three(root / "three", *common))
-    _check(_single(root / "one", *common))
+    check(run_three(root / "three", *common))
+    check(run_one(root / "one", *common))
     return root, vocab
 
 
@@ -76,10 +76,10 @@ def test_client_processes_hold_no_server_weights_and_the_server_no_client_copies
 @pytest.mark.slow
 def test_loaded_by_path_three_processes_train_exactly_like_one(runs):
     root, _ = runs
-    a, b = _adapter(root / "one"), _adapter(root / "three")
+    a, b = adapter(root / "one"), adapter(root / "three")
     assert a.keys() == b.keys() and len(a) == 2 * BLOCKS
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
-    one, three = _result(root / "one"), _result(root / "three")
+    one, three = result(root / "one"), result(root / "three")
     assert one["ledger"] == three["ledger"]
     assert three["eval"]["eval_loss"] == pytest.approx(one["eval"]["eval_loss"], abs=1e-5)
 
@@ -100,19 +100,19 @@ def test_the_server_saves_the_whole_global_model(runs):
         for start in (0, 16):  # the run's evaluation batches (per_device_eval_batch_size=16)
             batch = collate([rows[i] for i in range(start, start + 16)])
             losses.append(float(model(**batch).loss))
-    assert sum(losses) / 2 == pytest.approx(_result(root / "three")["eval"]["eval_loss"], abs=1e-5)
+    assert sum(losses) / 2 == pytest.approx(result(root / "three")["eval"]["eval_loss"], abs=1e-5)
 
 
 @pytest.mark.slow
 def test_bf16_base_keeps_adapters_fp32_and_sends_bf16_activations(runs, tmp_path):
     root, _ = runs
-    _check(_three(tmp_path / "bf16", "--model_path", str(root / "base"), "--holdings", "--dtype", "bfloat16"))
+    check(run_three(tmp_path / "bf16", "--model_path", str(root / "base"), "--holdings", "--dtype", "bfloat16"))
     for rank in (0, 1, 2):
         held = _holdings(tmp_path / "bf16", rank)
         assert held["trainable_dtypes"] == ["torch.float32"] and "torch.bfloat16" in held["dtypes"]
     assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "final" / "adapter_model.safetensors")).values()} == {
         torch.float32}
-    fp32, bf16 = _result(root / "three")["ledger"]["by_kind"], _result(tmp_path / "bf16")["ledger"]["by_kind"]
+    fp32, bf16 = result(root / "three")["ledger"]["by_kind"], result(tmp_path / "bf16")["ledger"]["by_kind"]
     # An upload carries, per kept token, the hidden state (E values in the base's dtype) and a 2-byte label (the
     # vocabulary is below 65,536), plus one length per row: the same tokens and side bytes S in both runs, so
     # fp32 = 4 E T + S and bf16 = 2 E T + S with 2 T <= S <= 4 T (a row holds at least one token).
