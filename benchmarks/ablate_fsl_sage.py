@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
                        "fsl_sage", {"align_epochs": 0}),
     "aux_num_layers=1": ("a shallower auxiliary model estimates worse and ends higher", "fsl_sage",
                          {"aux_num_layers": 1}),
+    "aux_num_layers=5": ("an auxiliary model as deep as the server half (all 5 of its blocks) estimates better and "
+                         "ends lower, for 5/3 of the auxiliary compute", "fsl_sage", {"aux_num_layers": 5}),
     "aux_init=random, aux_trainable=all": ("the paper's auxiliary model (random blocks, all weights aligned)",
                                            "fsl_sage", {"aux_init": "random", "aux_trainable": "all"}),
     "num_clients=1": ("averaging client halves (FedAvg) costs quality: one client with all the data ends lower",

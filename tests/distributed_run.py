@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(clis) > 1:
         wide = sorted({name for cli in clis for name in PROCESS_WIDE if getattr(cli, name) is not None})
         if wide:
-            parser.error(f"--{', --'.join(wide)} change the whole process: launch such a run alone, not with --and")
+            parser.error(f"--{', --'.join(wide)} act on the whole process: launch such a run alone, not with --and")
     for cli in clis:
         train(cli)
 

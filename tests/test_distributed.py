@@ -138,13 +138,12 @@ def test_killed_client_process_stops_the_job_with_a_clear_error_and_the_checkpoi
     assert not (tmp_path / "killed" / "checkpoint-4").exists()
 
     check(run_three(tmp_path / "killed", "--save_steps", "2", "--resume", str(checkpoint)))
-    check(run_three(tmp_path / "whole"))
+    # The uninterrupted run (in one process, equal to three), then a checkpoint written by three processes, which
+    # cannot silently resume in one: both in one launch.
+    wrong = run_one(tmp_path / "whole", "--and", "--output_dir", str(tmp_path / "one"), "--resume", str(checkpoint))
     a, b = adapter(tmp_path / "whole"), adapter(tmp_path / "killed")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     assert result(tmp_path / "killed")["ledger"] == result(tmp_path / "whole")["ledger"]
-
-    # A checkpoint written by three processes cannot silently resume in one.
-    wrong = run_one(tmp_path / "one", "--resume", str(checkpoint))
     assert wrong.returncode != 0
     assert "has no federation.safetensors (it holds ['federation-rank0-of-3.safetensors'" in wrong.stderr
     assert "resume with the number of processes that wrote it" in wrong.stderr
