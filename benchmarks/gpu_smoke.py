@@ -9,8 +9,8 @@ Launches (tests/distributed_run.py, and the E2E recipe), all with the same seed 
 2. N processes, the same settings, a checkpoint at global step 4, and process 0 spending longer than
    ``ddp_timeout`` in its first evaluation;
 3. N processes resuming from that checkpoint;
-4. the recipe's tiny preset with ``--bf16 true``: central pre-training and reference on process 0, then the
-   federated run, evaluation and generation;
+4. the recipe's tiny preset with ``--bf16 true``: central pre-training, reference and a compared SplitFed-V2 run
+   on process 0, then the federated run, evaluation and generation, every result written once;
 5. N processes with ``"drop"``, the last process stopping between the header and the payload of an upload;
 6. N processes with ``"raise"``, the last process killed.
 
@@ -231,7 +231,8 @@ def recipe(setup: Setup, quick: bool) -> list[Check]:
             "--local_steps", "2", "--eval_every_rounds", "1", "--num_clients", str(max(10, setup.processes - 1)),
             "--pretrain_steps", "10" if quick else "50", "--pretrain_fraction", "0.3", "--reference", "centralized",
             "--max_generation_mrs", mrs, "--max_new_tokens", "8" if quick else "24", "--num_beams", "2" if quick
-            else "4", "--ddp_timeout", str(setup.timeout), "--disable_tqdm", "true"]
+            else "4", "--ddp_timeout", str(setup.timeout), "--disable_tqdm", "true", "--compare_algorithms",
+            "splitfed_v2", "--compare_max_steps", "2"]
     if setup.device == "cpu":  # bf16 on CPU needs it said (the central stage runs in a process of its own)
         args += ["--use_cpu", "true"]
     started = time.monotonic()
@@ -239,16 +240,21 @@ def recipe(setup: Setup, quick: bool) -> list[Check]:
     seconds = time.monotonic() - started
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
     central = metrics.get("centralized", {}).get("runtime_seconds", float("nan"))
+    compared = metrics.get("compared", {}).get("splitfed_v2", {})
     ok = (done.returncode == 0 and metrics.get("processes") == setup.processes
-          and metrics.get("training_args", {}).get("bf16") is True
+          and metrics.get("placement", "").startswith("process 0: server; process 1: clients")
+          and metrics.get("training_args", {}).get("bf16") is True and metrics.get("global_steps") == int(steps)
           and math.isfinite(metrics.get("eval_loss", math.nan)) and metrics.get("num_generation_mrs") == int(mrs)
-          and metrics.get("bleu") is not None)
+          and metrics.get("bleu") is not None and metrics.get("comm_bytes", 0) > 0
+          and compared.get("global_steps") == 2 and done.stdout.count("Results (") == 1
+          and (out / "adapter_model.safetensors").is_file() and (out / "loss_vs_comm.png").is_file())
     return [Check("recipe_bf16_generation", ok,
                   f"recipe --preset tiny --bf16 true on {setup.processes} processes: exit {done.returncode}, eval "
                   f"loss {metrics.get('eval_loss', float('nan')):.3f}, BLEU {metrics.get('bleu') or math.nan:.4f}, "
                   f"{metrics.get('num_generation_mrs')} of {mrs} mrs generated, centralized reference "
-                  f"{central:.0f} s on process 0 (ddp_timeout {setup.timeout} s), {seconds:.0f} s in all "
-                  f"{_tail(done)}",
+                  f"{central:.0f} s on process 0 (ddp_timeout {setup.timeout} s), SplitFed-V2 beside it "
+                  f"{compared.get('global_steps')} of 2 steps, results written {done.stdout.count('Results (')} "
+                  f"time(s), {seconds:.0f} s in all {_tail(done)}",
                   "bf16 autocast on every GPU, generation on GPU 0 while the other processes finish, and no "
                   "watchdog during the central stage")]
 

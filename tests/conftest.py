@@ -50,6 +50,18 @@ def equal_runs(tmp_path_factory: pytest.TempPathFactory):
     return launch_equal_runs(tmp_path_factory.mktemp("equal_runs"))
 
 
+@pytest.fixture(scope="session")
+def dropped_in_one_process(tmp_path_factory: pytest.TempPathFactory):
+    """The one-process run that stands for losing process 2 of three at global step 3 (its clients 1 and 3 fail
+    from then on, client_failures="drop"), made once for the tests that compare a stalled process with it (all of
+    the ``deadlines`` group, so on one worker)."""
+    from tests.launches import check, run_one
+
+    out = tmp_path_factory.mktemp("dropped") / "one"
+    check(run_one(out, "--client_failures", "drop", "--fail_clients", "1", "3", "--fail_from_step", "3"))
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -13,13 +13,12 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from hf_fsl_sage.transport.base import FederationCommError
 from hf_fsl_sage.transport.groups import ProcessGroups
 from hf_fsl_sage.transport.membership import Membership
 from hf_fsl_sage.transport.waiting import ProcessZero
-from tests.launches import check, detection_seconds, result, run_one, run_three
+from tests.launches import adapter, check, detection_seconds, result, run_three
 from tests.processes import free_port
 
 
@@ -142,17 +141,17 @@ def test_nccl_semantics_a_stall_between_header_and_payload_is_reported_before_th
 
 
 @pytest.mark.slow
-def test_nccl_semantics_a_stalled_process_is_dropped_and_the_rest_trains_exactly_like_one_process(tmp_path):
+def test_nccl_semantics_a_stalled_process_is_dropped_and_the_rest_trains_exactly_like_one_process(tmp_path,
+                                                                                               dropped_in_one_process):
     """The same stall with client_failures="drop": the server's process gives up on the payload, aborts the data group
     that still holds the transfer when the group is formed again, and the run equals the one-process run in which
     clients 1 and 3 fail from global step 3 on. Every payload before and after crossed on the mocked backend, read
     only once complete (relying on ``wait()`` would read stale bytes)."""
-    check(run_one(tmp_path / "one", "--client_failures", "drop", "--fail_clients", "1", "3", "--fail_from_step", "3"))
     done = run_three(tmp_path / "three", *NCCL_LIKE, "--client_failures", "drop", "--stall_seconds", "25", timeout=600)
     check(done)
     assert "process 2 is out of the run: the smashed message of client 1 could not be received from it at round 1, " \
            "global step 3" in done.stderr
     assert "[rank 0] nccl_like: aborted with 1 pending transfer(s)" in done.stderr and "watchdog" not in done.stderr
-    a, b = (load_file(str(tmp_path / d / "final" / "adapter_model.safetensors")) for d in ("one", "three"))
+    a, b = adapter(dropped_in_one_process), adapter(tmp_path / "three")
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
-    assert result(tmp_path / "three")["ledger"]["up"] == result(tmp_path / "one")["ledger"]["up"] > 0
+    assert result(tmp_path / "three")["ledger"]["up"] == result(dropped_in_one_process)["ledger"]["up"] > 0

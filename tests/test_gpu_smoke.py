@@ -1,4 +1,7 @@
-"""The GPU smoke script's CPU pass (gloo, 3 processes): every check runs and passes, so the script cannot rot."""
+"""The GPU smoke script's CPU pass (gloo, 3 processes): every check runs and passes, so the script cannot rot.
+
+Its ``recipe_bf16_generation`` check is also the test of the E2E recipe under ``accelerate launch``: three
+processes, the central stage and a compared run in process 0's child, every result written once."""
 
 from __future__ import annotations
 
