@@ -121,6 +121,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "per_device_eval_batch_size": 32,
         "save_strategy": "no",
         "aux_heldout_cosine": False,
+        "compare_algorithms": ["splitfed_v2"],
     },
 }
 DEFAULT_OUTPUT_DIR = "runs/gpt2m_e2e"

@@ -60,6 +60,7 @@ def test_presets_and_paper_defaults(tmp_path):
     assert lora == (4, 32, 0.1, ["c_attn"])
     assert script.pretrain_steps > 0 and 0 < script.pretrain_fraction < 1 and script.reference == "centralized"
     assert (args.algorithm, args.num_clients, args.cut_layer, args.aux_num_layers) == ("fsl_sage", 10, 1, 3)
+    assert script.compare_algorithms == ["splitfed_v2"]  # the trade-off: SplitFed-V2 beside FSL-SAGE
     assert args.learning_rate == 1e-3  # an explicit flag wins over the preset
     assert args.output_dir == recipe.PRESETS["tiny"]["output_dir"]
     with pytest.raises(SystemExit):  # pre-training needs held-out rows
