@@ -17,7 +17,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``deadlines`` check what happens when a process or node stops answering, against deadlines of
-    a few seconds: under pytest-xdist (``-n 2 --dist loadgroup``, the CI command) those of one kind (the mark's
+    a few seconds: under pytest-xdist (``-n 3 --dist loadgroup``, the CI command) those of one kind (the mark's
     argument: process groups by default, ``"flower"`` for Flower nodes, ``"smoke"`` for the smoke script) share
     an xdist group, so two of a kind never run at once."""
     for item in items:
