@@ -20,7 +20,9 @@ settings), then fine-tuned with FSL-SAGE and LoRA (r 4 / alpha 32 / dropout 0.1
 on attention) for 100 global steps (20 rounds of 5 local steps, 10 clients).
 A centralized reference (`--reference centralized`, on in the preset) trains
 the same base with the same LoRA config, data, batch size, number of examples
-and schedule with a plain `transformers.Trainer`; both are scored.
+and schedule with a plain `transformers.Trainer`, and SplitFed-V2
+(`--compare_algorithms splitfed_v2`, on in the preset) the same federation for
+the same steps; all three are scored.
 `--use_peft false` fine-tunes every weight instead.
 
     accelerate launch recipes/gpt2m_e2e.py --preset tiny --output_dir out/tiny
