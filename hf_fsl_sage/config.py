@@ -110,7 +110,10 @@ class FSLSageConfig(TrainingArguments):
         align_buffer_size (`int`, defaults to `64`):
             Sequences kept per client for alignment (most recent uploads) (>= 1).
         align_epochs (`int`, defaults to `40`):
-            Passes over the buffer per alignment (>= 0).
+            Passes over the buffer per alignment (>= 0). The defaults of `align_interval`,
+            `align_buffer_size` and `align_epochs` are the paper's. With auxiliary blocks copied from
+            the server (`aux_init="server_blocks"`) they cost most of FSL-SAGE's time for no measured
+            gain over `align_epochs=5, align_buffer_size=16`: see "Alignment cost" in docs/benchmarks.md.
         align_learning_rate (`float` or `None`, defaults to `None`):
             Learning rate of the alignment optimizer; `None` uses `learning_rate`.
 
