@@ -142,19 +142,19 @@ SHARED = ["--client_failures", "drop", "--simulate_client_failures", "0.15", "--
 STALL_STEP = 3
 
 
-def _stall(setup: Setup, last: int) -> list[str]:
+def _stall(setup: Setup, last: int, seconds: int) -> list[str]:
     return ["--stall_payload_rank", str(last), "--stall_payload_step", str(STALL_STEP), "--stall_seconds",
-            str(3 * setup.timeout), "--ddp_timeout", str(setup.timeout)]
+            str(seconds), "--ddp_timeout", str(setup.timeout)]
 
 
-def _stall_check(setup: Setup, done, result: dict, last: int) -> Check:
+def _stall_check(setup: Setup, done, result: dict, last: int, seconds: int) -> Check:
     named = f"process {last} is out of the run: the smashed message of client" in done.stderr
     left = f"process {last} was dropped from the run at" in done.stderr
     dropped = _logged(result, "dropped_clients")
     ok = done.returncode == 0 and named and left and bool(dropped) and dropped[-1] > 0 and \
         "watchdog" not in done.stderr.lower()
     return Check("stalled_process_drop", ok,
-                 f"process {last} stops {3 * setup.timeout} s after an upload's header at global step {STALL_STEP}, "
+                 f"process {last} stops {seconds} s after an upload's header at global step {STALL_STEP}, "
                  f"ddp_timeout {setup.timeout} s: exit {done.returncode}, named lost: {named}, left with status 0: "
                  f"{left}, dropped_clients {dropped}, {result.get('global_step')} global steps {_tail(done)}",
                  "the server gives up on the posted NCCL receive, aborts the data group at the end of the step and "
@@ -169,14 +169,17 @@ def reference_and_processes(setup: Setup, with_stall: bool) -> list[Check]:
     slow, last, checkpoint = setup.timeout + 5, setup.processes - 1, 2 if with_stall else 4
     clients = [c for c in range(setup.clients) if 1 + c % (setup.processes - 1) == last]
     reference, stall = [], []
+    # The stalled process wakes (timeout + 5 s after the header) while process 0 is still in its slow first
+    # evaluation (which ends at least timeout + slow after the header), never while process 0 is exiting.
+    stalled = setup.timeout + 5
     if with_stall:
         reference = ["--fail_clients", *map(str, clients), "--fail_from_step", str(STALL_STEP)]
-        stall = _stall(setup, last)
+        stall = _stall(setup, last, stalled)
     done_one = _train(setup, one, *SHARED, *reference, processes=1)
     done_many = _train(setup, many, *SHARED, *stall, "--save_steps", str(checkpoint), "--ddp_timeout",
                        str(setup.timeout), "--slow_eval_seconds", str(slow))
     done_resumed = _train(setup, resumed, *SHARED, *stall, "--save_steps", str(checkpoint), "--resume",
-                          str(many / f"checkpoint-{checkpoint}"))
+                          str(many / f"checkpoint-{checkpoint}"), "--slow_eval_seconds", str(slow))
     a, b, c = _result(one), _result(many), _result(resumed)
     diff, diff_resumed = _adapter_diff(one, many), _adapter_diff(many, resumed)
     ledgers = [r.get("ledger", {}) for r in (a, b, c)]
@@ -220,7 +223,7 @@ def reference_and_processes(setup: Setup, with_stall: bool) -> list[Check]:
               f"{done_many.returncode} (the others waited on the store, without a collective deadline)",
               "no NCCL watchdog timeout on the waiting processes while process 0 evaluates"),
     ]
-    return checks + ([_stall_check(setup, done_many, b, last)] if with_stall else [])
+    return checks + ([_stall_check(setup, done_many, b, last, stalled)] if with_stall else [])
 
 
 def recipe(setup: Setup, quick: bool) -> list[Check]:
@@ -265,8 +268,8 @@ def stalled_process(setup: Setup) -> list[Check]:
     extra = []
     if setup.processes == 2:  # the run goes on only with clients left: put half of them on the server's process
         extra = ["--client_ranks", *[str(c % 2) for c in range(setup.clients)]]
-    done = _train(setup, out, "--client_failures", "drop", *_stall(setup, last), *extra)
-    return [_stall_check(setup, done, _result(out), last)]
+    done = _train(setup, out, "--client_failures", "drop", *_stall(setup, last, 3 * setup.timeout), *extra)
+    return [_stall_check(setup, done, _result(out), last, 3 * setup.timeout)]
 
 
 def killed_process(setup: Setup, processes: int) -> list[Check]:
