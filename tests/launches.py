@@ -18,12 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from hf_fsl_sage.transport.codecs import CODECS
-from tests.processes import accelerate_launch, run
+from tests.processes import preloaded_launch, run
 
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "distributed_run.py"
-CPU_CONFIG = ROOT / "accelerate_configs" / "cpu_3_processes.yaml"
 ALGORITHMS = ["fsl_sage", "splitfed_v1", "splitfed_v2", "cse_fsl", "fedavg"]
 CODEC_RUNS = [("splitfed_v2", name) for name in sorted(CODECS) if name != "none"] + [("fsl_sage", "int8")]
 PRIVATE_LABELS = ["--private_labels", "--smashed_clip_norm", "0.5", "--smashed_noise_multiplier", "0.1",
@@ -53,8 +52,9 @@ def run_one(out: Path, *extra: str, timeout: float = 600) -> subprocess.Complete
 
 def run_three(out: Path, *extra: str, timeout: float = 600,
               monitor_interval: float = 0.5) -> subprocess.CompletedProcess:
-    """``distributed_run.py`` launched on three processes (server on 0, clients on 1 and 2). A run in which a
-    process dies needs ``monitor_interval=5``: see :func:`tests.processes.accelerate_launch`."""
+    """``distributed_run.py`` on three processes (server on 0, clients on 1 and 2), as ``accelerate launch`` starts
+    them (:func:`tests.processes.preloaded_launch`). A run in which a process dies needs ``monitor_interval=5``:
+    see :func:`tests.processes.accelerate_launch`."""
     return _three(["--output_dir", str(out), *extra], timeout, monitor_interval)
 
 
@@ -75,7 +75,7 @@ def _one(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 
 def _three(argv: list[str], timeout: float, monitor_interval: float) -> subprocess.CompletedProcess:
-    return accelerate_launch(CPU_CONFIG, [str(RUN), *argv], env(), timeout, monitor_interval=monitor_interval)
+    return preloaded_launch([str(RUN), *argv], env(), timeout, monitor_interval=monitor_interval)
 
 
 def detection_seconds(out: Path) -> float:

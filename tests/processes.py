@@ -1,7 +1,7 @@
-""":func:`run`, :func:`run_together` and :func:`accelerate_launch` start test processes so that none outlives
-its test: each command runs in its own session (process group), and on a timeout, an error or a finished
-test the whole group is killed, so the workers ``accelerate launch`` or torchrun started go with it. Output
-goes to files, not pipes, so a chatty process never blocks while the test waits on another.
+""":func:`run`, :func:`run_together`, :func:`accelerate_launch` and :func:`preloaded_launch` start test
+processes so that none outlives its test: each command runs in its own session (process group), and on a timeout,
+an error or a finished test the whole group is killed, so the workers a launcher started go with it. Output goes
+to files, not pipes, so a chatty process never blocks while the test waits on another.
 """
 
 from __future__ import annotations
@@ -89,6 +89,20 @@ def accelerate_launch(config: str | Path, script_and_args: Sequence[str], env: d
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                    "--main_process_port", str(free_port()), "--monitor_interval", str(monitor_interval),
                    *script_and_args]
+        done = run(command, env, timeout)
+        if done.returncode == 0 or not _PORT_TAKEN.search(done.stderr) or attempt == attempts - 1:
+            return done
+    raise AssertionError("unreachable")
+
+
+def preloaded_launch(script_and_args: Sequence[str], env: dict[str, str], timeout: float, processes: int = 3,
+                     attempts: int = 3, monitor_interval: float = 0.5) -> subprocess.CompletedProcess:
+    """``tests/preloaded_launch.py``: the processes of :func:`accelerate_launch` with the CPU config, forked from
+    one that imported the script (a third of the CPU time); for tests that are not about the launcher."""
+    launcher = Path(__file__).with_name("preloaded_launch.py")
+    for attempt in range(attempts):
+        command = [sys.executable, str(launcher), "--num_processes", str(processes), "--main_process_port",
+                   str(free_port()), "--monitor_interval", str(monitor_interval), *script_and_args]
         done = run(command, env, timeout)
         if done.returncode == 0 or not _PORT_TAKEN.search(done.stderr) or attempt == attempts - 1:
             return done
