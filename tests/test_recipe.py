@@ -365,7 +365,11 @@ def test_centralized_reference_sees_the_federated_runs_examples_and_schedule(tmp
     lora = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True,
                       task_type="CAUSAL_LM")
     base = _tiny_lm(tokenizer)
+    torch.manual_seed(1)  # what the process drew before (a base built here, or none for a cached one) is no input
     trainer, result = centralized_reference(base, args, rows, rows.select(range(8)), tokenizer, lora)
+    torch.manual_seed(2)
+    assert centralized_reference(base, args, rows, rows.select(range(8)), tokenizer, lora)[1]["eval_loss"] == \
+        result["eval_loss"]
     # 2 global steps x 3 clients = 6 steps of 4 examples; warm-up 1 global step = 3 steps; same label smoothing.
     assert result["steps"] == trainer.state.global_step == 6
     assert trainer.args.per_device_train_batch_size == 4 and trainer.args.warmup_steps == 3

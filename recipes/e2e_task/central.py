@@ -23,7 +23,7 @@ from typing import Any
 
 import datasets
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments, set_seed
 
 from hf_fsl_sage.config import FSLSageConfig
 from hf_fsl_sage.federation.data import split_lm_collator
@@ -107,8 +107,10 @@ def centralized_reference(
     clipping as ``args``; ``args.max_steps * args.participants_per_round`` steps, so as many examples as the
     clients process together; warm-up steps scaled by ``args.participants_per_round``. Returns the trainer
     (its model is the trained one) and ``eval_loss``/``eval_perplexity`` (plain cross-entropy), ``steps``,
-    ``train_seconds``, ``train_cpu_seconds``.
+    ``train_seconds``, ``train_cpu_seconds``. Seeded with ``args.seed`` from the start: the adapters' initial
+    values do not depend on what the process drew before (a process that loads a cached base draws nothing).
     """
+    set_seed(args.seed)
     model = copy.deepcopy(base).train()
     if peft_config is not None:
         from peft import get_peft_model
