@@ -269,6 +269,33 @@ def test_e2e_metrics_match_official_pipeline() -> None:
     assert scores["nist"] == pytest.approx(E2E_NIST, abs=1e-10)
 
 
+@pytest.mark.slow
+@needs_java
+@needs_coco
+def test_one_meteor_server_scores_every_evaluation_of_a_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """METEOR's JVM starts once per process (about 8 CPU-seconds each time); a reused server answers each request
+    as it answered the same request before, and one that has exited is replaced."""
+    from e2e_task.metrics import _meteor
+
+    _meteor._stop_server()
+    started = []
+
+    def counted() -> _meteor._MeteorProcess:
+        started.append(1)
+        return real()
+
+    real = _meteor._MeteorProcess
+    monkeypatch.setattr(_meteor, "_MeteorProcess", counted)
+    a = ([p.lower() for p in PREDICTIONS[:2]], [[r.lower() for r in refs] for refs in REFERENCES[:2]])
+    b = ([PREDICTIONS[3].lower()], [[REFERENCES[3][0].lower()]])
+    first, other, again = _meteor.meteor_scores(*a), _meteor.meteor_scores(*b), _meteor.meteor_scores(*a)
+    assert len(started) == 1 and again == first and first != other and 0 < first[0] < 1
+    _meteor._SERVER._proc.kill()
+    _meteor._SERVER._proc.wait()
+    assert _meteor.meteor_scores(*b) == other and len(started) == 2
+    _meteor._stop_server()
+
+
 def test_without_java_meteor_is_none_with_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH
     result = load_metric("meteor").compute(predictions=PREDICTIONS, references=REFERENCES)

@@ -8,12 +8,20 @@ answer is one score per caption followed by the corpus score, which METEOR compu
 from the summed statistics (not the mean of caption scores). This module speaks the
 same protocol but owns the process, so that failures surface as exceptions and the
 JVM is always stopped.
+
+Starting METEOR (the JVM and its paraphrase table) costs about 8 CPU-seconds, far more
+than scoring an evaluation's captions, so each Python process keeps one server for all
+its evaluations (each answer depends only on the lines of its own request), stopped at
+exit, or at once if it fails.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import subprocess
 import tempfile
+import threading
 from collections.abc import Sequence
 from typing import IO
 
@@ -88,6 +96,9 @@ class _MeteorProcess:
             f"METEOR exited with {code}: {stderr_tail(self._stderr.read())}"
         )
 
+    def exited(self) -> bool:
+        return self._proc.poll() is not None
+
     def close(self) -> None:
         if self._proc.stdin is not None:
             try:
@@ -102,6 +113,32 @@ class _MeteorProcess:
         self._stderr.close()
 
 
+_SERVER: _MeteorProcess | None = None
+_SERVER_PID: int | None = None
+_LOCK = threading.Lock()
+
+
+def _server() -> _MeteorProcess:
+    """This process's METEOR server, started on first use, again if it has exited (a forked child starts its
+    own)."""
+    global _SERVER, _SERVER_PID
+    if _SERVER is not None and _SERVER_PID == os.getpid() and _SERVER.exited():
+        _stop_server()
+    if _SERVER is None or _SERVER_PID != os.getpid():
+        _SERVER, _SERVER_PID = _MeteorProcess(), os.getpid()
+    return _SERVER
+
+
+def _stop_server() -> None:
+    global _SERVER
+    if _SERVER is not None and _SERVER_PID == os.getpid():
+        _SERVER.close()
+    _SERVER = None
+
+
+atexit.register(_stop_server)
+
+
 def meteor_scores(
     predictions: Sequence[str], references: Sequence[Sequence[str]]
 ) -> tuple[float, list[float]]:
@@ -113,15 +150,17 @@ def meteor_scores(
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
     if not predictions:
         raise ValueError("METEOR needs at least one prediction")
-    server = _MeteorProcess()
-    try:
-        stats = []
-        for hyp, refs in zip(predictions, references, strict=True):
-            server.send(" ||| ".join(["SCORE", *map(_one_line, refs), _clean_hypothesis(_one_line(hyp))]))
-            stats.append(server.receive())
-        server.send(" ||| ".join(["EVAL", *stats]))
-        per_prediction = [float(server.receive()) for _ in predictions]
-        corpus = float(server.receive())
-    finally:
-        server.close()
+    with _LOCK:
+        server = _server()
+        try:
+            stats = []
+            for hyp, refs in zip(predictions, references, strict=True):
+                server.send(" ||| ".join(["SCORE", *map(_one_line, refs), _clean_hypothesis(_one_line(hyp))]))
+                stats.append(server.receive())
+            server.send(" ||| ".join(["EVAL", *stats]))
+            per_prediction = [float(server.receive()) for _ in predictions]
+            corpus = float(server.receive())
+        except BaseException:
+            _stop_server()  # a server out of step with the protocol, or gone, is not reused
+            raise
     return corpus, per_prediction
