@@ -56,7 +56,7 @@ FULL = {**bench.FULL, "max_steps": 40, "public_rows": 256, "attack_uploads": 4, 
         "deeper_algorithms": ALGORITHMS}
 QUICK = {**bench.QUICK, "n_layer": 4, "max_steps": 4, "public_rows": 256, "attack_uploads": 2, "search_rows": 1,
          "search_tokens": 16,
-         "inverter_steps": 300, "noise_multipliers": [1.0], "dx_scales": [1.0], "cuts": [1, 2], "gap_target": 0.5,
+         "inverter_steps": 100, "noise_multipliers": [1.0], "dx_scales": [1.0], "cuts": [1, 2], "gap_target": 0.5,
          "fsl_sage": {**bench.QUICK["fsl_sage"], "align_interval": 1}, "defended_algorithms": ["fsl_sage"],
          "deeper_algorithms": ["fsl_sage"]}
 
