@@ -68,6 +68,17 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "align every 5 rounds, 5 epochs, 32 sequences": ("alignment settings", "fsl_sage",
                                                      {"align_interval": 5, "align_buffer_size": 32}),
     "align every 2 rounds, 2 epochs, 16 sequences": ("alignment settings", "fsl_sage", {"align_epochs": 2}),
+    # alignment with the paper's auxiliary model, which starts far from the server's blocks
+    "aux_init=random, aux_trainable=all, align_epochs=0": (
+        "with random auxiliary blocks, alignment is what makes the estimate: without it the client half ends "
+        "higher", "fsl_sage", {"aux_init": "random", "aux_trainable": "all", "align_epochs": 0}),
+    "aux_init=random, aux_trainable=all, align every 10 rounds, 5 epochs, 16 sequences": (
+        "alignment settings, random auxiliary blocks", "fsl_sage",
+        {"aux_init": "random", "aux_trainable": "all", "align_interval": 10}),
+    "aux_init=random, aux_trainable=all, align every 10 rounds, 40 epochs, 64 sequences (paper)": (
+        "alignment settings, random auxiliary blocks", "fsl_sage",
+        {"aux_init": "random", "aux_trainable": "all", "align_interval": 10, "align_epochs": 40,
+         "align_buffer_size": 64}),
 }
 AUX_ONLY = ("server_update_interval", "aux_num_layers", "aux_init", "aux_trainable")
 FSL_SAGE_ONLY = ("align_interval", "align_epochs", "align_buffer_size")
