@@ -18,7 +18,9 @@ Each check prints one line: PASS or FAIL, its name, what it compared (with the f
 show. The results, with wall and CPU time, go to ``benchmarks/results/gpu_smoke.json`` (``gpu_smoke_quick.json``
 with ``--quick``; ``--output``).
 ``--quick`` is the same checks on CPU with fewer steps (3 processes; 2 for the killed process, whose run needs no
-survivor). Exits 1 if any check failed.
+survivor). Exits 1 if any check failed. ``--launcher preloaded`` (CPU only; what the test suite uses) starts the
+processes of each launch from one that has imported the script (``tests/preloaded_launch.py``, torchrun's
+environment) instead of ``accelerate launch``: the same checks for a third of the start-up time.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository root, for the tests/ helpers
-from tests.processes import accelerate_launch, run  # noqa: E402
+from tests.processes import accelerate_launch, preloaded_launch, run  # noqa: E402
 
 
 RUN = ROOT / "tests" / "distributed_run.py"
@@ -69,6 +71,7 @@ class Setup:
     timeout: int  # ddp_timeout, seconds
     max_steps: int
     work: Path
+    launcher: str = "accelerate"  # or "preloaded" (CPU)
 
     @property
     def tolerance(self) -> float:
@@ -94,6 +97,9 @@ def _env(one_gpu: bool = False) -> dict[str, str]:
 def _launch(setup: Setup, processes: int, script_and_args: list[str], timeout: float = 900,
             monitor_interval: float = 0.5):
     """``monitor_interval=5`` where a process dies: see :func:`tests.processes.accelerate_launch`."""
+    if setup.launcher == "preloaded":
+        return preloaded_launch(script_and_args, _env(), timeout, processes=processes,
+                                monitor_interval=monitor_interval)
     return accelerate_launch(setup.config(), ["--num_processes", str(processes), *script_and_args], _env(), timeout,
                              monitor_interval=monitor_interval)
 
@@ -299,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: cuda with 2 or more GPUs (CPU with --quick)")
     parser.add_argument("--processes", type=int, default=None, help="default: every GPU (at most 8); 3 on CPU")
     parser.add_argument("--ddp_timeout", type=int, default=None, help="seconds; default 30 on GPUs, 10 on CPU")
+    parser.add_argument("--launcher", choices=["accelerate", "preloaded"], default="accelerate",
+                        help="accelerate launch, or (CPU only) processes forked from one that imported the script")
     parser.add_argument("--output", default=None,
                         help="default: benchmarks/results/gpu_smoke.json (gpu_smoke_quick.json with --quick)")
     cli = parser.parse_args(argv)
@@ -306,12 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     device = cli.device or ("cpu" if cli.quick or gpus < 2 else "cuda")
     if device == "cuda" and gpus < 2:
         parser.error(f"--device cuda needs 2 or more GPUs, this machine has {gpus}; use --quick for the CPU pass")
+    if cli.launcher == "preloaded" and device != "cpu":
+        parser.error("--launcher preloaded starts CPU processes only; launch on GPUs with accelerate (the default)")
     processes = cli.processes or (min(gpus, 8) if device == "cuda" else 3)
     timeout = cli.ddp_timeout or (30 if device == "cuda" else 10)
     started, cpu = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     checks: list[Check] = []
     with tempfile.TemporaryDirectory(prefix="gpu_smoke-") as work:
-        setup = Setup(device, processes, timeout, 8, Path(work))
+        setup = Setup(device, processes, timeout, 8, Path(work), cli.launcher)
         print(f"gpu_smoke: {processes} processes on {device} ({'quick' if cli.quick else 'full'} pass), "
               f"ddp_timeout {timeout} s", flush=True)
         stages = [lambda: reference_and_processes(setup, with_stall=cli.quick), lambda: recipe(setup, cli.quick),
@@ -324,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(check.line(), flush=True)
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
     summary = {"device": device, "processes": processes, "quick": cli.quick, "ddp_timeout": timeout,
+               "launcher": cli.launcher,
                "passed": sum(c.passed for c in checks), "checks": [asdict(c) for c in checks],
                "wall_seconds": round(time.time() - started, 1),
                "cpu_seconds": round(used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime, 1),

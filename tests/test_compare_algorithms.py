@@ -3,6 +3,7 @@ follow the validation curves, and a second invocation reruns nothing."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -16,9 +17,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import curves  # noqa: E402
 
 
-def run(script: str, tmp_path: Path, *extra: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--output-dir", str(tmp_path),
-                    *extra], check=True, cwd=ROOT, timeout=900)
+def run(script: str, tmp_path: Path, *extra: str, in_process: bool = False) -> None:
+    """``script --quick``, as a command or (``in_process``: no start-up, and no worker pool with ``--jobs 1``) by
+    calling its ``main`` here."""
+    argv = ["--quick", "--output-dir", str(tmp_path), *extra]
+    if in_process:
+        importlib.import_module(script.removesuffix(".py")).main(argv)
+    else:
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *argv], check=True, cwd=ROOT, timeout=900)
 
 
 @pytest.mark.slow
@@ -51,7 +57,7 @@ def test_compare_algorithms_quick_runs_every_stage_and_resumes(tmp_path):
     assert invocation["runs"] == len(runs_file.read_text().splitlines()) - 1 > 0
     assert invocation["cpu_seconds"] > 0 and invocation["wall_seconds"] > 0
 
-    run("compare_algorithms.py", tmp_path)  # everything is in the runs file: nothing runs again
+    run("compare_algorithms.py", tmp_path, in_process=True)  # everything is in the runs file: nothing runs again
     again = json.loads((tmp_path / "compare_algorithms_quick.json").read_text())
     assert [i["runs"] for i in again["invocations"]] == [invocation["runs"], 0]
     assert again["settings"] == results["settings"]
@@ -59,7 +65,7 @@ def test_compare_algorithms_quick_runs_every_stage_and_resumes(tmp_path):
     # --report-only starts nothing and reports the runs there are: without FSL-SAGE's, the others as before.
     kept = [line for line in runs_file.read_text().splitlines() if "fsl_sage" not in line]
     runs_file.write_text("\n".join(kept) + "\n")
-    run("compare_algorithms.py", tmp_path, "--report-only")
+    run("compare_algorithms.py", tmp_path, "--report-only", in_process=True)
     partial = json.loads((tmp_path / "compare_algorithms_quick.json").read_text())
     assert runs_file.read_text().splitlines() == kept
     assert {m for m, *_ in partial["missing_runs"]} == {"fsl_sage"} and len(partial["invocations"]) == 2
@@ -71,7 +77,7 @@ def test_compare_algorithms_quick_runs_every_stage_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_ablation_quick_runs_each_variant_from_the_reference(tmp_path):
     variants = ["reference", "server_update_interval=1", "SplitFed-V2"]
-    run("ablate_fsl_sage.py", tmp_path, "--jobs", "1", "--variants", *variants)
+    run("ablate_fsl_sage.py", tmp_path, "--jobs", "1", "--variants", *variants, in_process=True)
     results = json.loads((tmp_path / "ablate_fsl_sage_quick.json").read_text())
     rows = results["variants"]
     assert list(rows) == variants

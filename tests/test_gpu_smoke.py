@@ -1,7 +1,9 @@
 """The GPU smoke script's CPU pass (gloo, 3 processes): every check runs and passes, so the script cannot rot.
 
-Its ``recipe_bf16_generation`` check is also the test of the E2E recipe under ``accelerate launch``: three
-processes, the central stage and a compared run in process 0's child, every result written once."""
+Its ``recipe_bf16_generation`` check is also the test of the E2E recipe on three processes: the central stage and
+a compared run in process 0's child, every result written once. The processes are forked from one preloaded
+process (``--launcher preloaded``, torchrun's environment): ``accelerate launch`` itself is run by the two-machine
+test in tests/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ CHECKS = ["one_process", "processes_equal", "resume", "codec", "dropped_client",
 def test_the_gpu_smoke_script_passes_every_check_on_cpu(tmp_path):
     out = tmp_path / "gpu_smoke.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_smoke.sh"), "--quick", "--output", str(out)],
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_smoke.sh"), "--quick", "--launcher", "preloaded",
+                           "--output", str(out)],
                           capture_output=True, text=True, timeout=1500, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(("PASS ", "FAIL "))]
     assert done.returncode == 0, "\n".join(lines) + done.stderr[-2000:]
@@ -33,3 +36,4 @@ def test_the_gpu_smoke_script_passes_every_check_on_cpu(tmp_path):
     assert all(" | a GPU run must show: " in line for line in lines)
     summary = json.loads(out.read_text())
     assert (summary["device"], summary["processes"], summary["passed"]) == ("cpu", 3, len(CHECKS))
+    assert summary["launcher"] == "preloaded"

@@ -281,18 +281,35 @@ def test_one_meteor_server_scores_every_evaluation_of_a_process(monkeypatch: pyt
     started = []
 
     def counted() -> _meteor._MeteorProcess:
-        started.append(1)
+        started.append("jvm")
         return real()
+
+    class StandIn:  # answers every request with 0.5, without a JVM
+        def __init__(self):
+            started.append("stand-in")
+
+        def exited(self) -> bool:
+            return False
+
+        def send(self, line: str) -> None:
+            pass
+
+        def receive(self) -> str:
+            return "0.5"
+
+        def close(self) -> None:
+            pass
 
     real = _meteor._MeteorProcess
     monkeypatch.setattr(_meteor, "_MeteorProcess", counted)
     a = ([p.lower() for p in PREDICTIONS[:2]], [[r.lower() for r in refs] for refs in REFERENCES[:2]])
     b = ([PREDICTIONS[3].lower()], [[REFERENCES[3][0].lower()]])
     first, other, again = _meteor.meteor_scores(*a), _meteor.meteor_scores(*b), _meteor.meteor_scores(*a)
-    assert len(started) == 1 and again == first and first != other and 0 < first[0] < 1
+    assert started == ["jvm"] and again == first and first != other and 0 < first[0] < 1
     _meteor._SERVER._proc.kill()
     _meteor._SERVER._proc.wait()
-    assert _meteor.meteor_scores(*b) == other and len(started) == 2
+    monkeypatch.setattr(_meteor, "_MeteorProcess", StandIn)
+    assert _meteor.meteor_scores(*b) == (0.5, [0.5]) and started == ["jvm", "stand-in"]
     _meteor._stop_server()
 
 
