@@ -63,6 +63,7 @@ from e2e_task.data import (
     with_mr_slot_column,
 )
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
+from hf_fsl_sage.algorithms.registry import fields_read_by
 from hf_fsl_sage.federation.data import split_lm_collator, tokenize_text
 
 
@@ -266,8 +267,13 @@ RUN_KEYS = ("n_layer", "n_embd", "n_head", "max_length", "validation_share", "te
 def fingerprint(cfg: dict[str, Any], data_file: Path, task: Task, library_defaults: bool) -> str:
     """What the result of ``task`` depends on besides its key: the preset's :data:`RUN_KEYS` and its own settings
     for the task's algorithm, the data file (name and size) and, for runs that do not give every setting they
-    read, the defaults of the fields ``FSLSageConfig`` adds (changing one of those reruns such runs)."""
-    defaults = {k: getattr(FSLSageConfig, k, None) for k in FSLSageConfig.__annotations__} if library_defaults else {}
+    read, the defaults of the fields ``FSLSageConfig`` adds that the algorithm reads and neither the preset nor the
+    task sets (changing one of those reruns such runs, changing another does not)."""
+    defaults = {}
+    if library_defaults:
+        given = set(cfg.get(task[0], {})) | {name for name, _ in task[4]}
+        defaults = {k: getattr(FSLSageConfig, k, None) for k in fields_read_by(task[0], FSLSageConfig.__annotations__)
+                    if k not in given}
     used = {k: cfg[k] for k in RUN_KEYS} | {"algorithm": cfg.get(task[0], {})}
     if task[0] == "centralized":
         used["reference_min_improvement"] = cfg["reference_min_improvement"]

@@ -5,7 +5,9 @@ dataset from the Hugging Face Hub, 10 clients, the model cut after block 0
 (`cut_layer=1`), 3 auxiliary blocks, LoRA r=4 / alpha=32 / dropout=0.1 on the
 attention projection (`c_attn`), AdamW at 2e-4 with 500 warm-up steps, batch 8
 per client, label smoothing 0.1, an upload every 5 local steps and an alignment
-every 10 rounds:
+every 10 rounds (of 5 passes over each client's last 16 uploads, the library's
+measured default; the paper's 40 passes over 64: `--align_epochs 40
+--align_buffer_size 64`):
 
     accelerate launch recipes/gpt2m_e2e.py --output_dir gpt2m-e2e-fsl-sage
 

@@ -123,3 +123,25 @@ def test_the_reference_stops_when_its_validation_loss_stops_improving(tiny, vali
         assert best["validation_loss"] == min(losses) < losses[0]
         assert all(v >= best["validation_loss"] for v in losses[losses.index(min(losses)) + 1:])
     assert all(math.isfinite(p["test_loss"]) for p in row["curve"])
+
+
+# ---------------------------------------------------------------- what a stored run depends on
+def test_a_runs_fingerprint_follows_the_defaults_its_algorithm_reads_and_does_not_set(monkeypatch):
+    """A library default reruns the runs that read it without setting it, and only those."""
+    cfg, data = compare_algorithms.QUICK, Path(e2e_runs.E2E_SAMPLE_PATH)
+    fsl_sage = ("fsl_sage", "lora", "iid", 0, (("learning_rate", 3e-3),))
+    splitfed = ("splitfed_v2", "lora", "iid", 0, (("learning_rate", 3e-3),))
+    before = {t[0]: e2e_runs.fingerprint(cfg, data, t, True) for t in (fsl_sage, splitfed)}
+    assert "align_epochs" in cfg["fsl_sage"] and "align_learning_rate" not in cfg["fsl_sage"]
+    monkeypatch.setattr(e2e_runs.FSLSageConfig, "align_epochs", 99)  # set by the preset: no rerun
+    assert {t[0]: e2e_runs.fingerprint(cfg, data, t, True) for t in (fsl_sage, splitfed)} == before
+    monkeypatch.setattr(e2e_runs.FSLSageConfig, "align_learning_rate", 1.0)  # read by FSL-SAGE only
+    assert e2e_runs.fingerprint(cfg, data, fsl_sage, True) != before["fsl_sage"]
+    assert e2e_runs.fingerprint(cfg, data, splitfed, True) == before["splitfed_v2"]
+    monkeypatch.setattr(e2e_runs.FSLSageConfig, "loss_chunk_tokens", 7)  # read by every algorithm
+    assert e2e_runs.fingerprint(cfg, data, splitfed, True) != before["splitfed_v2"]
+    # Set by the task itself: not a default it depends on.
+    local = ("fsl_sage", "lora", "iid", 0, (("learning_rate", 3e-3), ("align_learning_rate", 1e-3)))
+    reference = e2e_runs.fingerprint(cfg, data, local, True)
+    monkeypatch.setattr(e2e_runs.FSLSageConfig, "align_learning_rate", 2.0)
+    assert e2e_runs.fingerprint(cfg, data, local, True) == reference

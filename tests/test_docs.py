@@ -117,6 +117,24 @@ def test_configuration_table_lists_every_field_with_its_default() -> None:
         assert rows[name][3], f"{name}: which algorithms read it?"
 
 
+def test_the_algorithms_own_settings_are_the_ones_the_table_says_they_read() -> None:
+    """A field some algorithm declares in ``own_settings`` is read by exactly the algorithms that declare it (the
+    "read by" column), and nothing else; a field none declares is read by every algorithm ("all ...")."""
+    from hf_fsl_sage.algorithms import ALGORITHMS
+    from hf_fsl_sage.algorithms.registry import fields_read_by
+
+    rows = _table_rows(ROOT / "docs" / "configuration.md")
+    for field, cells in rows.items():
+        declared = sorted(name for name, cls in ALGORITHMS.items() if field in cls.own_settings)
+        readers = sorted(name for name in ALGORITHMS if field in fields_read_by(name, [field]))
+        if declared:
+            assert sorted(re.findall(r"`(\w+)`", cells[3])) == declared == readers, (field, cells[3])
+        else:
+            assert readers == sorted(ALGORITHMS), field
+    assert fields_read_by("splitfed_v2", ["align_epochs", "cut_layer"]) == ["cut_layer"]
+    assert fields_read_by("fsl_sage", ["align_epochs", "cut_layer"]) == ["align_epochs", "cut_layer"]
+
+
 def test_readme_test_command_is_the_one_ci_runs() -> None:
     readme = (ROOT / "README.md").read_text()
     command = next(line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line)

@@ -161,12 +161,12 @@ class AuxiliaryLossAlgorithm(Algorithm):
             # Each copy has weights of its own: the server blocks they were shaped after are not needed here.
             release_unneeded(federation.split.model, federation.split.cut_layer, 0, federation.private_labels)
 
+    own_settings = ("server_update_interval", "aux_num_layers", "aux_init", "aux_trainable", "aux_heldout_cosine")
+
     @staticmethod
     def aux_settings(args: Any) -> dict[str, Any]:
         """The keyword arguments of :meth:`__init__` read from an ``FSLSageConfig``."""
-        return {"server_update_interval": args.server_update_interval, "aux_num_layers": args.aux_num_layers,
-                "aux_init": args.aux_init, "aux_trainable": args.aux_trainable,
-                "aux_heldout_cosine": args.aux_heldout_cosine}
+        return {name: getattr(args, name) for name in AuxiliaryLossAlgorithm.own_settings}
 
     @classmethod
     def from_config(cls, args: Any, federation: Federation) -> AuxiliaryLossAlgorithm:

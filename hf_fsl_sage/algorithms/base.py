@@ -58,6 +58,9 @@ class Algorithm:
     reply_kind: ClassVar[str | None] = None
     #: Whether activations cross the wire during a round (False: private labels and defences do not apply).
     sends_activations: ClassVar[bool] = True
+    #: The ``FSLSageConfig`` fields it reads that not every algorithm reads (see
+    #: :func:`~hf_fsl_sage.algorithms.registry.fields_read_by`).
+    own_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, federation: Federation):
         self.fed = federation

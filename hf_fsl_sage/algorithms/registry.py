@@ -11,7 +11,7 @@ registered once its module is imported (before ``FSLSageConfig(algorithm="my_alg
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -45,3 +45,11 @@ def get(name: str) -> Any:
         raise ValueError(f"algorithm={name!r} is unknown; choose one of {available()} or register yours with "
                          "hf_fsl_sage.algorithms.register(name).")
     return ALGORITHMS[name]
+
+
+def fields_read_by(name: str, fields: Iterable[str]) -> list[str]:
+    """Of ``fields`` (``FSLSageConfig``'s), those algorithm ``name`` reads: the fields no registered algorithm claims
+    as one of its ``own_settings``, and its own."""
+    claimed = {field for cls in ALGORITHMS.values() for field in getattr(cls, "own_settings", ())}
+    own = set(getattr(get(name), "own_settings", ()))
+    return [field for field in fields if field not in claimed or field in own]

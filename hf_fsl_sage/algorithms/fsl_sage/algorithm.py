@@ -46,9 +46,11 @@ class FSLSage(AuxiliaryLossAlgorithm):
 
     display_name = "FSL-SAGE (federated split learning with smashed-activation gradient estimation)"
     reply_kind = "aux_model"
+    own_settings = AuxiliaryLossAlgorithm.own_settings + (
+        "align_interval", "align_buffer_size", "align_epochs", "align_learning_rate")
 
-    def __init__(self, federation: Federation, *, align_interval: int = 10, align_buffer_size: int = 64,
-                 align_epochs: int = 40, align_learning_rate: float = 2e-4, **aux_settings: Any):
+    def __init__(self, federation: Federation, *, align_interval: int = 10, align_buffer_size: int = 16,
+                 align_epochs: int = 5, align_learning_rate: float = 2e-4, **aux_settings: Any):
         super().__init__(federation, **aux_settings)
         self.align_interval, self.align_buffer_size = align_interval, align_buffer_size
         self.align_epochs, self.align_learning_rate = align_epochs, align_learning_rate
