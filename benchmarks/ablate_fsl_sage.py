@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reference-seeds", type=int, nargs="+", default=None,
                         help="seeds of the centralized reference; default compare_algorithms.py's")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    parser.add_argument("--name", default=None,
+                        help="name of the JSON written under --output-dir (default ablate_fsl_sage[_quick]); the "
+                             "runs go to the shared runs file whatever the name")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     opts = parser.parse_args(argv)
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"]}, "reference_settings": reference,
                "ceiling": ceiling, "base_test_loss": base, "targets": targets, "variants": rows,
                "invocations": store.invocations}
-    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out_dir / f"{opts.name or stem}.json").write_text(json.dumps(results, indent=1))
     print(table(results))
     return results
 
