@@ -30,6 +30,8 @@ from curves import best_point, gap_targets, span
 from e2e_runs import Clock, RunStore, base_model, data_path, fingerprint, load_data, run_all, runs_file
 from transformers.utils import logging as hf_logging
 
+from hf_fsl_sage.algorithms.registry import fields_read_by
+
 
 REFERENCE = {"learning_rate": 3e-3, "local_steps": 10, "server_update_interval": 5, "aux_num_layers": 3,
              "aux_init": "server_blocks", "aux_trainable": "adapters", "align_interval": 2, "align_epochs": 5,
@@ -80,17 +82,13 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
         {"aux_init": "random", "aux_trainable": "all", "align_interval": 10, "align_epochs": 40,
          "align_buffer_size": 64}),
 }
-AUX_ONLY = ("server_update_interval", "aux_num_layers", "aux_init", "aux_trainable")
-FSL_SAGE_ONLY = ("align_interval", "align_epochs", "align_buffer_size")
 
 
 def task(name: str, seed: int, reference: dict[str, Any]):
     """The run of variant ``name``: its algorithm, with the reference's settings that algorithm reads."""
     _, algorithm, changes = VARIANTS[name]
     settings = {**reference, **changes}
-    dropped = (AUX_ONLY + FSL_SAGE_ONLY if algorithm == "splitfed_v2" else
-               FSL_SAGE_ONLY if algorithm == "cse_fsl" else ())
-    items = tuple(sorted((k, v) for k, v in settings.items() if k not in dropped))
+    items = tuple(sorted((k, settings[k]) for k in fields_read_by(algorithm, settings)))
     return algorithm, "lora", "iid", seed, items
 
 
