@@ -20,6 +20,7 @@ pass, which launches with ``accelerate launch``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import runpy
@@ -61,23 +62,18 @@ def _run_rank(script: str, argv: list[str], rank: int, world_size: int, port: in
 
 def _stop(children: dict[int, int], grace: float) -> None:
     for pid in children:
-        with _gone():
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while children and time.monotonic() < deadline:
         pid, _ = os.waitpid(-1, os.WNOHANG)
-        children.pop(pid, None) if pid else time.sleep(0.1)
+        if pid:
+            children.pop(pid, None)
+        else:
+            time.sleep(0.1)
     for pid in children:
-        with _gone():
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-
-class _gone:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is ProcessLookupError
 
 
 def _describe(status: int) -> str:

@@ -85,24 +85,25 @@ def accelerate_launch(config: str | Path, script_and_args: Sequence[str], env: d
     dead peer), which a loaded machine otherwise loses to the race. The launcher also notices that every worker
     has finished at its next check only, so a launch where no process dies is shorter with 0.5.
     """
-    for attempt in range(attempts):
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                   "--main_process_port", str(free_port()), "--monitor_interval", str(monitor_interval),
-                   *script_and_args]
-        done = run(command, env, timeout)
-        if done.returncode == 0 or not _PORT_TAKEN.search(done.stderr) or attempt == attempts - 1:
-            return done
-    raise AssertionError("unreachable")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    return _on_a_free_port(launcher, monitor_interval, script_and_args, env, timeout, attempts)
 
 
 def preloaded_launch(script_and_args: Sequence[str], env: dict[str, str], timeout: float, processes: int = 3,
                      attempts: int = 3, monitor_interval: float = 0.5) -> subprocess.CompletedProcess:
     """``tests/preloaded_launch.py``: the processes of :func:`accelerate_launch` with the CPU config, forked from
     one that imported the script (a third of the CPU time); for tests that are not about the launcher."""
-    launcher = Path(__file__).with_name("preloaded_launch.py")
+    launcher = [sys.executable, str(Path(__file__).with_name("preloaded_launch.py")), "--num_processes",
+                str(processes)]
+    return _on_a_free_port(launcher, monitor_interval, script_and_args, env, timeout, attempts)
+
+
+def _on_a_free_port(launcher: list[str], monitor_interval: float, script_and_args: Sequence[str],
+                    env: dict[str, str], timeout: float, attempts: int) -> subprocess.CompletedProcess:
+    """Run ``launcher`` on a free port, again on another if the chosen one was taken before it could bind it."""
     for attempt in range(attempts):
-        command = [sys.executable, str(launcher), "--num_processes", str(processes), "--main_process_port",
-                   str(free_port()), "--monitor_interval", str(monitor_interval), *script_and_args]
+        command = [*launcher, "--main_process_port", str(free_port()), "--monitor_interval", str(monitor_interval),
+                   *script_and_args]
         done = run(command, env, timeout)
         if done.returncode == 0 or not _PORT_TAKEN.search(done.stderr) or attempt == attempts - 1:
             return done
