@@ -54,16 +54,6 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
                          "ends lower, for 5/3 of the auxiliary compute", "fsl_sage", {"aux_num_layers": 5}),
     "aux_init=random, aux_trainable=all": ("the paper's auxiliary model (random blocks, all weights aligned)",
                                            "fsl_sage", {"aux_init": "random", "aux_trainable": "all"}),
-    "align_from_server": ("the estimate's staleness caps the client half: starting each alignment from the "
-                          "server's current blocks ends lower", "fsl_sage", {"align_from_server": True}),
-    "align_from_server, align_epochs=0": ("the same, the server's blocks copied and not aligned", "fsl_sage",
-                                          {"align_from_server": True, "align_epochs": 0}),
-    "aux_num_layers=5, align_from_server, align_epochs=0, align_interval=1": (
-        "close to an exact estimate: the auxiliary model is the whole server half as it was at the start of the "
-        "round", "fsl_sage", {"aux_num_layers": 5, "align_from_server": True, "align_epochs": 0, "align_interval": 1}),
-    "aux_num_layers=4, align_from_server, align_epochs=0, align_interval=1": (
-        "the same, one server block short: how much of the estimate's bias comes from the blocks it lacks",
-        "fsl_sage", {"aux_num_layers": 4, "align_from_server": True, "align_epochs": 0, "align_interval": 1}),
     "num_clients=1": ("averaging client halves (FedAvg) costs quality: one client with all the data ends lower",
                       "fsl_sage", {"num_clients": 1}),
     "local_steps=25": ("longer rounds: fewer averagings of the client halves", "fsl_sage", {"local_steps": 25}),

@@ -118,12 +118,6 @@ class FSLSageConfig(TrainingArguments):
             (`align_epochs=40, align_buffer_size=64`), which spend most of the time aligning.
         align_learning_rate (`float` or `None`, defaults to `None`):
             Learning rate of the alignment optimizer; `None` uses `learning_rate`.
-        align_from_server (`bool`, defaults to `False`):
-            At each alignment the server first loads its current weights into its copy of the
-            client's auxiliary model (the trainable weights of the blocks and final norm copied
-            from it, see `aux_init="server_blocks"`), then aligns it for `align_epochs` (0: the copy
-            alone). The message down is the same as without it. Needs `aux_init="server_blocks"`
-            and the labels on the server (not `private_labels`).
 
         > Communication budget
 
@@ -248,10 +242,6 @@ class FSLSageConfig(TrainingArguments):
     align_learning_rate: float | None = field(
         default=None, metadata={"help": "Alignment learning rate; None = learning_rate."}
     )
-    align_from_server: bool = field(
-        default=False, metadata={"help": "At each alignment, first load the server's current weights into the "
-                                         "auxiliary blocks copied from it (aux_init='server_blocks')."}
-    )
     # Communication budget
     max_comm_bytes: int | None = field(
         default=None, metadata={"help": "Stop at the end of the global step in which the ledger reaches this many "
@@ -337,13 +327,6 @@ class FSLSageConfig(TrainingArguments):
             need(self.partition_column is not None,
                  "partition='dirichlet' needs partition_column (the column whose values define the groups, "
                  "e.g. a label column; for E2E, e2e_task.data.with_mr_slot_column(ds, 'food') adds one).")
-        if self.align_from_server:
-            need(self.aux_init == "server_blocks",
-                 "align_from_server=True copies the server's blocks into the auxiliary model, which needs "
-                 f"aux_init='server_blocks' (got {self.aux_init!r}).")
-            need(not self.private_labels,
-                 "align_from_server=True needs the server's copies of the auxiliary models, which private_labels "
-                 "moves to the clients; set one of them to False.")
         if self.align_learning_rate is not None:
             need(self.align_learning_rate > 0, f"align_learning_rate={self.align_learning_rate!r} must be > 0.")
         need(self.nonfinite in ("raise", "skip"), f"nonfinite={self.nonfinite!r} must be 'raise' or 'skip'.")

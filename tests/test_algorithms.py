@@ -12,7 +12,6 @@ import torch
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.algorithms import ALGORITHMS, Algorithm, StepResult, register
 from hf_fsl_sage.algorithms.auxiliary import AuxiliaryLossAlgorithm
-from hf_fsl_sage.algorithms.gradients import gradient_wrt_hidden
 from hf_fsl_sage.federation.federation import trainable_parameters
 from tests.helpers import PadCollator, compact_e2e, lora, snapshot, tiny_gpt2, trainable_bytes
 
@@ -318,33 +317,24 @@ def test_fsl_sage_aligns_under_warmup(tmp_path):
     assert all(h["align_grad_cosine_after"] != h["align_grad_cosine_before"] for h in aligned)
 
 
-@pytest.mark.parametrize("epochs", [0, 2])
-def test_fsl_sage_align_from_server_starts_from_the_servers_blocks(tmp_path, epochs):
-    """With every server block in the auxiliary model and no alignment epochs, the copy sent down is the server as it
-    is after serving the upload: its gradient at the cut is the server's, exactly (no dropout). With alignment
-    epochs the copy starts there and moves away, and no cosine is logged when there is nothing to align."""
+def test_fsl_sage_without_alignment_epochs_sends_the_copy_and_computes_nothing(tmp_path):
+    """``align_epochs=0``: at each alignment round the server sends its copy of the auxiliary model unchanged (the
+    initial state) and computes no true gradients for it (no alignment time, no cosine logged)."""
     trainer = make_trainer(tmp_path, "fsl_sage", use_lora=True, clients_per_round=None, max_steps=8,
-                           aux_num_layers=N_LAYER - 1, align_interval=1, align_epochs=epochs, align_from_server=True)
-    algorithm, fed = trainer.algorithm, trainer.algorithm.fed
-    receive, checked = algorithm.client_receive, []
+                           align_interval=1, align_epochs=0)
+    algorithm = trainer.algorithm
+    initial = {c: snapshot(held.aux.module) for c, held in algorithm.server_aux.items()}
+    receive, replies = algorithm.client_receive, []
 
-    def checking_receive(client, reply, round_index, local_step):
-        server = dict(trainable_parameters(fed.server.module))
-        same = [torch.equal(value, server[name]) for name, value in reply.items()]
-        smashed, labels = list(algorithm.server_aux[client.index].buffer)[-1]
-        estimate = gradient_wrt_hidden(algorithm.server_aux[client.index].aux.loss, smashed, labels, 0.1)
-        true = gradient_wrt_hidden(fed.server_loss, smashed, labels, 0.1)
-        checked.append((len(reply), all(same), torch.allclose(estimate, true, rtol=1e-4, atol=1e-7)))
+    def recording_receive(client, reply, round_index, local_step):
+        replies.append(all(torch.equal(v, initial[client.index][n]) for n, v in reply.items()))
         return receive(client, reply, round_index, local_step)
 
-    algorithm.client_receive = checking_receive
+    algorithm.client_receive = recording_receive
     trainer.train()
-    rounds = trainer.state.global_step // trainer.args.local_steps
-    assert len(checked) == 3 * rounds and all(n == 2 * (N_LAYER - 1) for n, *_ in checked)  # A and B per block
-    assert all(same and exact for _, same, exact in checked) if epochs == 0 else \
-        not any(same or exact for _, same, exact in checked)
-    logged = [h for h in trainer.state.log_history if "align_grad_cosine_before" in h]
-    assert bool(logged) == (epochs > 0)
+    assert replies == [True] * 6  # 3 clients x 2 rounds, each aligning once
+    assert not [h for h in trainer.state.log_history if "align_grad_cosine_before" in h]
+    assert algorithm.fed.timer.totals().get("align", 0.0) == 0.0
 
 
 def pickled_files(folder: Path) -> list[str]:

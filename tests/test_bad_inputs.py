@@ -83,10 +83,6 @@ CONFIG_CASES = {
     "unknown_algorithm": ({"algorithm": "fedprox"}, "algorithm='fedprox' is unknown; choose one of"),
     "unknown_partition": ({"partition": "shards"}, "partition='shards' must be one of"),
     "unknown_aux_init": ({"aux_init": "zeros"}, "aux_init='zeros' must be one of"),
-    "align_from_server_random_aux": ({"align_from_server": True, "aux_init": "random"},
-                                     "align_from_server=True copies the server's blocks"),
-    "align_from_server_private_labels": ({"align_from_server": True, "private_labels": True},
-                                         "private_labels moves to the clients"),
     "dirichlet_alpha_zero": ({"dirichlet_alpha": 0.0}, "dirichlet_alpha=0.0 must be > 0"),
     "dirichlet_without_column": ({"partition": "dirichlet"}, "partition='dirichlet' needs partition_column"),
     "client_ranks_too_short": ({"client_ranks": [0]}, ("client_ranks=[0] must give one process index (>= 0) to each "

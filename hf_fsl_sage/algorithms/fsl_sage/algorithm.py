@@ -37,8 +37,6 @@ class FSLSage(AuxiliaryLossAlgorithm):
     right after a client's first upload, the server aligns its copy of that
     client's auxiliary model on the buffer (gradient matching) and sends it
     down; the client loads it. The auxiliary model is never trained by the client itself.
-    With ``align_from_server`` the server first loads its current weights into the copy (the blocks and final norm
-    it was copied from), so the alignment starts from the server as it is now rather than from the last aligned copy.
 
     With private labels the server cannot compute a gradient, so the alignment moves to the client: the server
     keeps, per client, the true gradient at the cut of each upload (from the gradient the client returned, with the
@@ -49,13 +47,11 @@ class FSLSage(AuxiliaryLossAlgorithm):
     display_name = "FSL-SAGE (federated split learning with smashed-activation gradient estimation)"
     reply_kind = "aux_model"
     own_settings = AuxiliaryLossAlgorithm.own_settings + (
-        "align_interval", "align_buffer_size", "align_epochs", "align_learning_rate", "align_from_server")
+        "align_interval", "align_buffer_size", "align_epochs", "align_learning_rate")
 
     def __init__(self, federation: Federation, *, align_interval: int = 10, align_buffer_size: int = 16,
-                 align_epochs: int = 5, align_learning_rate: float = 2e-4, align_from_server: bool = False,
-                 **aux_settings: Any):
+                 align_epochs: int = 5, align_learning_rate: float = 2e-4, **aux_settings: Any):
         super().__init__(federation, **aux_settings)
-        self.align_from_server = align_from_server
         self.align_interval, self.align_buffer_size = align_interval, align_buffer_size
         self.align_epochs, self.align_learning_rate = align_epochs, align_learning_rate
         self.server_aux: dict[int, ServerAux] = {}
@@ -84,7 +80,6 @@ class FSLSage(AuxiliaryLossAlgorithm):
     def from_config(cls, args: Any, federation: Federation) -> FSLSage:
         return cls(federation, align_interval=args.align_interval, align_buffer_size=args.align_buffer_size,
                    align_epochs=args.align_epochs, align_learning_rate=args.align_learning_rate or args.learning_rate,
-                   align_from_server=args.align_from_server,
                    **cls.aux_settings(args))
 
     def begin_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
@@ -115,8 +110,6 @@ class FSLSage(AuxiliaryLossAlgorithm):
         if not self.replies_at(round_index, local_step):
             return result, None
         buffer = list(held.buffer)
-        if self.align_from_server:
-            _copy_server_weights(held.aux.module, fed.server.module)
         if self.align_epochs == 0:  # nothing to match: no true gradients to compute
             return result, trainable_state(held.aux.module)
         with fed.timer("align"):
@@ -210,16 +203,6 @@ class FSLSage(AuxiliaryLossAlgorithm):
         return [*super().model_card_rows(), ("alignment interval (rounds)", self.align_interval),
                 ("alignment buffer / epochs / lr",
                  f"{self.align_buffer_size} sequences / {self.align_epochs} / {self.align_learning_rate}")]
-
-
-@torch.no_grad()
-def _copy_server_weights(aux: torch.nn.Module, server: torch.nn.Module) -> None:
-    """Load the server's current weights into the trainable weights of ``aux`` (its blocks and final norm are named
-    as the server's they were copied from)."""
-    weights = dict(server.named_parameters())
-    for name, p in aux.named_parameters():
-        if p.requires_grad:
-            p.copy_(weights[name])
 
 
 def _gradients_as_upload(leaves: Smashed) -> Smashed:
