@@ -111,11 +111,12 @@ class FSLSageConfig(TrainingArguments):
         align_buffer_size (`int`, defaults to `16`):
             Sequences kept per client for alignment (most recent uploads) (>= 1).
         align_epochs (`int`, defaults to `5`):
-            Passes over the buffer per alignment (>= 0). The defaults of `align_interval`,
-            `align_buffer_size` and `align_epochs` come from the FSL-SAGE ablation ("Alignment cost" in
-            docs/benchmarks.md, which gives the figures): with them alignment is a small share of
-            FSL-SAGE's time, and the converged loss is within the seed spread of the paper's settings
-            (`align_epochs=40, align_buffer_size=64`), which spend most of the time aligning.
+            Passes over the buffer per alignment (>= 0; 0: no alignment, nothing sent down). The
+            defaults of `align_interval`, `align_buffer_size` and `align_epochs` come from the
+            FSL-SAGE ablation ("Alignment cost" in docs/benchmarks.md, which gives the figures): with
+            them alignment is a small share of FSL-SAGE's time, and the converged loss is within the
+            seed spread of the paper's settings (`align_epochs=40, align_buffer_size=64`), which spend
+            most of the time aligning.
         align_learning_rate (`float` or `None`, defaults to `None`):
             Learning rate of the alignment optimizer; `None` uses `learning_rate`.
 

@@ -317,24 +317,26 @@ def test_fsl_sage_aligns_under_warmup(tmp_path):
     assert all(h["align_grad_cosine_after"] != h["align_grad_cosine_before"] for h in aligned)
 
 
-def test_fsl_sage_without_alignment_epochs_sends_the_copy_and_computes_nothing(tmp_path):
-    """``align_epochs=0``: at each alignment round the server sends its copy of the auxiliary model unchanged (the
-    initial state) and computes no true gradients for it (no alignment time, no cosine logged)."""
-    trainer = make_trainer(tmp_path, "fsl_sage", use_lora=True, clients_per_round=None, max_steps=8,
-                           align_interval=1, align_epochs=0)
-    algorithm = trainer.algorithm
-    initial = {c: snapshot(held.aux.module) for c, held in algorithm.server_aux.items()}
-    receive, replies = algorithm.client_receive, []
+def test_fsl_sage_without_alignment_epochs_sends_and_computes_nothing_for_it(tmp_path):
+    """``align_epochs=0``: no alignment, so no auxiliary model goes down (the clients keep their initial copies, 0
+    bytes of ``aux_model``), no true gradients are computed for it (no alignment time) and no cosine is logged;
+    with one epoch the same run sends 3 clients x 2 alignment rounds of adapters."""
+    def run(epochs: int, folder: str):
+        trainer = make_trainer(tmp_path / folder, "fsl_sage", use_lora=True, clients_per_round=None, max_steps=8,
+                               align_interval=1, align_epochs=epochs)
+        initial = {c: snapshot(aux.module) for c, aux in trainer.algorithm.aux.items()}
+        trainer.train()
+        kept = all(torch.equal(p, initial[c][n]) for c, aux in trainer.algorithm.aux.items()
+                   for n, p in trainable_parameters(aux.module).items())
+        cosines = [h for h in trainer.state.log_history if "align_grad_cosine_before" in h]
+        fed = trainer.algorithm.fed
+        return fed.transport.ledger.by_kind.get("aux_model_down", 0), kept, cosines, fed.timer.totals()["align"]
 
-    def recording_receive(client, reply, round_index, local_step):
-        replies.append(all(torch.equal(v, initial[client.index][n]) for n, v in reply.items()))
-        return receive(client, reply, round_index, local_step)
-
-    algorithm.client_receive = recording_receive
-    trainer.train()
-    assert replies == [True] * 6  # 3 clients x 2 rounds, each aligning once
-    assert not [h for h in trainer.state.log_history if "align_grad_cosine_before" in h]
-    assert algorithm.fed.timer.totals().get("align", 0.0) == 0.0
+    sent, kept, cosines, seconds = run(0, "none")
+    assert (sent, kept, cosines, seconds) == (0, True, [], 0.0)
+    sent, kept, cosines, seconds = run(1, "one")
+    adapters = trainable_bytes(make_trainer(tmp_path / "size", "fsl_sage", use_lora=True).algorithm.aux[0].module)
+    assert sent == 6 * adapters and not kept and len(cosines) == 2 and seconds > 0
 
 
 def pickled_files(folder: Path) -> list[str]:

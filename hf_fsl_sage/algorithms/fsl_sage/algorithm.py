@@ -87,7 +87,8 @@ class FSLSage(AuxiliaryLossAlgorithm):
         return super().begin_round(round_index, participants)
 
     def replies_at(self, round_index: int, local_step: int) -> bool:
-        return round_index % self.align_interval == 0 and local_step == 0
+        # align_epochs=0: no alignment, so the copy the client holds stays right and nothing goes down
+        return self.align_epochs > 0 and round_index % self.align_interval == 0 and local_step == 0
 
     def client_compute(self, client: Client, batch, round_index: int, local_step: int):
         smashed, loss = self.aux_forward(client, batch)
@@ -110,8 +111,6 @@ class FSLSage(AuxiliaryLossAlgorithm):
         if not self.replies_at(round_index, local_step):
             return result, None
         buffer = list(held.buffer)
-        if self.align_epochs == 0:  # nothing to match: no true gradients to compute
-            return result, trainable_state(held.aux.module)
         with fed.timer("align"):
             targets = true_gradients(fed.server_loss, fed.server.module, buffer, fed.label_smoothing)
             before, after = align(held.aux.module, held.aux.loss, buffer, targets, self.align_epochs,
