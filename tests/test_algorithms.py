@@ -329,13 +329,13 @@ def test_fsl_sage_without_alignment_epochs_sends_and_computes_nothing_for_it(tmp
         kept = all(torch.equal(p, initial[c][n]) for c, aux in trainer.algorithm.aux.items()
                    for n, p in trainable_parameters(aux.module).items())
         cosines = [h for h in trainer.state.log_history if "align_grad_cosine_before" in h]
-        fed = trainer.algorithm.fed
-        return fed.transport.ledger.by_kind.get("aux_model_down", 0), kept, cosines, fed.timer.totals()["align"]
+        fed, adapters = trainer.algorithm.fed, trainable_bytes(trainer.algorithm.aux[0].module)
+        sent = fed.transport.ledger.by_kind.get("aux_model_down", 0)
+        return sent, adapters, kept, cosines, fed.timer.totals()["align"]
 
-    sent, kept, cosines, seconds = run(0, "none")
+    sent, _, kept, cosines, seconds = run(0, "none")
     assert (sent, kept, cosines, seconds) == (0, True, [], 0.0)
-    sent, kept, cosines, seconds = run(1, "one")
-    adapters = trainable_bytes(make_trainer(tmp_path / "size", "fsl_sage", use_lora=True).algorithm.aux[0].module)
+    sent, adapters, kept, cosines, seconds = run(1, "one")
     assert sent == 6 * adapters and not kept and len(cosines) == 2 and seconds > 0
 
 
