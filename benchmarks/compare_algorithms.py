@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +335,25 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 # ---------------------------------------------------------------- main
+def choose(cfg, store: RunStore, run: Callable[[list[Task]], None]) -> tuple[dict, dict, list[Task]]:
+    """Stages 1 and 2: ``run`` the reference's and the tuning's runs (it may start none), then choose among the
+    stored ones. Returns the reference's chosen task per mode, the chosen task per (method, mode), and every task
+    of the two stages."""
+    # 1 and 2a: the reference's learning rates and every method's, at the preset's round length
+    refs, modes = reference_grid(cfg), cfg["modes"]
+    rates = [t for m in modes for method in tuned(cfg) for t in lr_grid(cfg, method, m)]
+    run([t for m in modes for t in refs[m]] + rates)
+    reference_choice = {m: best_task(refs[m], store) for m in modes}
+    # 1 and 2b: the reference's other seeds; the other round lengths at each method's chosen rate
+    best_rates = {(method, m): best_task(lr_grid(cfg, method, m), store) for m in modes for method in tuned(cfg)}
+    rounds = {key: round_grid(cfg, best) for key, best in best_rates.items() if best}
+    seeds = [t for m in modes if reference_choice[m] for t in reference_tasks_at(cfg, reference_choice[m])]
+    run(seeds + [t for grid in rounds.values() for t in grid])
+    chosen = {key: best_task(grid, store) for key, grid in rounds.items()}
+    planned = [t for m in modes for t in refs[m]] + rates + seeds + [t for grid in rounds.values() for t in grid]
+    return reference_choice, chosen, planned
+
+
 def report_line(task: Task, row: dict[str, Any]) -> None:
     name, mode, partition, seed, items = task
     best = best_point(row["curve"])
@@ -385,25 +405,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not opts.report_only:
             run_all(longest_first(tasks), store, opts.jobs, worker, report_line)
 
-    # 1 and 2a: the reference's learning rates and every method's, at the preset's round length
-    refs = reference_grid(cfg)
-    modes = cfg["modes"]
-    run([t for m in modes for t in refs[m]] + [t for m in modes for method in tuned(cfg)
-                                               for t in lr_grid(cfg, method, m)])
-    reference_choice = {m: best_task(refs[m], store) for m in modes}
-    # 1 and 2b: the reference's other seeds; the other round lengths at each method's chosen rate
-    rates = {(method, m): best_task(lr_grid(cfg, method, m), store) for m in modes for method in tuned(cfg)}
-    rounds = {key: round_grid(cfg, best) for key, best in rates.items() if best}
-    run([t for m in modes if reference_choice[m] for t in reference_tasks_at(cfg, reference_choice[m])]
-        + [t for grid in rounds.values() for t in grid])
-    chosen = {key: best_task(grid, store) for key, grid in rounds.items()}
+    reference_choice, chosen, planned = choose(cfg, store, run)
     # 3: final runs
     run(final_tasks(cfg, chosen))
-    planned = ([t for m in modes for t in refs[m]] + [t for m in modes for method in tuned(cfg)
-                                                      for t in lr_grid(cfg, method, m)]
-               + [t for m in modes if reference_choice[m] for t in reference_tasks_at(cfg, reference_choice[m])]
-               + [t for grid in rounds.values() for t in grid] + final_tasks(cfg, chosen))
-    missing = [t for t in dict.fromkeys(planned) if not store.get(t)]
+    missing = [t for t in dict.fromkeys(planned + final_tasks(cfg, chosen)) if not store.get(t)]
 
     if not opts.report_only:
         store.add_invocation(clock.record(len(store.rows) - before))

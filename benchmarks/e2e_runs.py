@@ -13,7 +13,9 @@ Runs: :func:`centralized` (a plain ``Trainer`` on the unsplit model) and :func:`
 curve with the bytes on the wire and the server updates, and stop when the validation loss has not improved on its
 best by more than ``min_improvement`` (the centralized reference: ``reference_min_improvement``) for
 ``patience_client_steps`` client steps (``transformers.EarlyStoppingCallback``), or at ``max_client_steps``.
-Every run uses a constant learning rate after a short warm-up, so stopping truncates no schedule.
+Every run uses a constant learning rate after a short warm-up, so stopping truncates no schedule; a run whose
+settings give ``decay_client_steps`` instead trains that many client steps, the rate decaying linearly to zero,
+and does not stop early (``schedule.py``).
 
 :class:`RunStore` keeps each finished run as one JSON line, keyed by its task and what its result depends on;
 :func:`run_all` runs only what the store lacks, in worker processes, so an interrupted benchmark resumes where
@@ -172,8 +174,13 @@ def stopping_args(eval_steps: int) -> dict[str, Any]:
     validation loss, no logging or saving of its own."""
     return dict(eval_strategy="steps", eval_steps=eval_steps, metric_for_best_model="validation_loss",
                 greater_is_better=False, save_strategy="no", report_to="none", disable_tqdm=True,
-                per_device_eval_batch_size=64, lr_scheduler_type="constant_with_warmup", weight_decay=0.01,
+                per_device_eval_batch_size=64, weight_decay=0.01,
                 adam_epsilon=1e-6, label_smoothing_factor=0.1, max_grad_norm=1.0, remove_unused_columns=False)
+
+
+def schedule_args(decay_client_steps: int | None) -> dict[str, Any]:
+    """The learning-rate schedule: constant after the warm-up, or decaying linearly to zero at the last step."""
+    return {"lr_scheduler_type": "linear" if decay_client_steps else "constant_with_warmup"}
 
 
 def _finish(trainer: Trainer, curve: Curve, cap: int, started: tuple[float, float]) -> dict[str, Any]:
@@ -181,6 +188,7 @@ def _finish(trainer: Trainer, curve: Curve, cap: int, started: tuple[float, floa
     best = best_point(points)
     return {"curve": points, "best": best, "steps": trainer.state.global_step,
             "stopped_by": "early stopping" if trainer.state.global_step < cap else "step cap",
+            "last_learning_rate": trainer.lr_scheduler.get_last_lr()[0],
             "train_seconds": time.time() - started[0], "cpu_seconds": time.process_time() - started[1]}
 
 
@@ -188,27 +196,29 @@ def _finish(trainer: Trainer, curve: Curve, cap: int, started: tuple[float, floa
 def centralized(cfg: dict[str, Any], base, data: dict[str, Any], mode: str, seed: int,
                 settings: dict[str, Any]) -> dict[str, Any]:
     """The unsplit model with a plain Trainer, same PEFT config, data, batch and optimizer, until the validation
-    loss stops improving (or ``cfg["max_client_steps"]`` steps)."""
+    loss stops improving (or ``cfg["max_client_steps"]`` steps; with ``settings["decay_client_steps"]``, that many
+    steps of a decaying rate)."""
     set_seed(seed)
     model = copy.deepcopy(base).train()
     if mode == "lora":
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config())
-    every = cfg["eval_client_steps"]
-    cap = every * math.ceil(cfg["max_client_steps"] / every)
+    every, decay = cfg["eval_client_steps"], settings.get("decay_client_steps")
+    cap = every * math.ceil((decay or cfg["max_client_steps"]) / every)
     curve = Curve()
+    stopping = [] if decay else [EarlyStopping(math.ceil(cfg["patience_client_steps"] / every),
+                                               cfg["reference_min_improvement"])]
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, max_steps=cap, per_device_train_batch_size=cfg["batch"],
                                  learning_rate=settings["learning_rate"], warmup_steps=cfg["warmup_steps"],
-                                 logging_strategy="no", seed=seed, data_seed=seed, **stopping_args(every))
+                                 logging_strategy="no", seed=seed, data_seed=seed, **stopping_args(every),
+                                 **schedule_args(decay))
         columns = ["input_ids", "attention_mask", "labels"]
         trainer = CentralTrainer(
             model=model, args=args, train_dataset=data["train"].select_columns(columns),
             eval_dataset={k: data[k] for k in ("validation", "test")},
-            data_collator=split_lm_collator(data["tokenizer"]),
-            callbacks=[curve, EarlyStopping(math.ceil(cfg["patience_client_steps"] / every),
-                                                cfg["reference_min_improvement"])])
+            data_collator=split_lm_collator(data["tokenizer"]), callbacks=[curve, *stopping])
         trainer.remove_callback(PrinterCallback)
         trainer.evaluate()  # the base model: the curve's first point
         started = (time.time(), time.process_time())
@@ -219,13 +229,15 @@ def centralized(cfg: dict[str, Any], base, data: dict[str, Any], mode: str, seed
 def federated(cfg: dict[str, Any], base, data: dict[str, Any], algorithm: str, mode: str, partition: str,
               seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     """One federated run until the validation loss (of the global model, at the end of each round) stops
-    improving, or ``cfg["max_client_steps"]`` client steps; ``settings`` are FSLSageConfig fields."""
+    improving, or ``cfg["max_client_steps"]`` client steps; ``settings`` are FSLSageConfig fields and, optionally,
+    ``decay_client_steps`` (that many client steps of a decaying rate, no early stop)."""
     set_seed(seed)
     settings = {"num_clients": cfg["num_clients"], "local_steps": cfg["local_steps"], **cfg.get(algorithm, {}),
                 **settings}
+    decay = settings.pop("decay_client_steps", None)
     clients, local_steps = settings["num_clients"], settings["local_steps"]
     every = local_steps * max(1, round(cfg["eval_client_steps"] / (clients * local_steps)))  # whole rounds
-    cap = every * math.ceil(cfg["max_client_steps"] / (clients * every))  # global steps, evaluated at the last
+    cap = every * math.ceil((decay or cfg["max_client_steps"]) / (clients * every))  # global steps, evaluated last
     patience = math.ceil(cfg["patience_client_steps"] / (clients * every))
     with tempfile.TemporaryDirectory() as tmp:
         args = FSLSageConfig(
@@ -233,7 +245,7 @@ def federated(cfg: dict[str, Any], base, data: dict[str, Any], algorithm: str, m
             partition_column=PARTITION_COLUMN, dirichlet_alpha=0.5, per_device_train_batch_size=cfg["batch"],
             cut_layer=cfg["cut_layer"], warmup_steps=cfg["warmup_steps"], logging_strategy="steps",
             logging_steps=local_steps, aux_heldout_cosine=False, seed=seed, **stopping_args(every),
-            **settings)
+            **schedule_args(decay), **settings)
         trainer = FSLSageTrainer(model=copy.deepcopy(base).train(), args=args, train_dataset=data["train"],
                                  eval_dataset={k: data[k] for k in ("validation", "test")},
                                  processing_class=data["tokenizer"],
@@ -242,7 +254,8 @@ def federated(cfg: dict[str, Any], base, data: dict[str, Any], algorithm: str, m
         ledger = trainer.federation.transport.ledger
         curve = Curve(clients, ledger)
         trainer.add_callback(curve)
-        trainer.add_callback(EarlyStopping(patience, cfg["min_improvement"]))
+        if not decay:
+            trainer.add_callback(EarlyStopping(patience, cfg["min_improvement"]))
         trainer.evaluate()
         started = (time.time(), time.process_time())
         metrics = trainer.train().metrics

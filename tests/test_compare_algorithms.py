@@ -88,3 +88,32 @@ def test_ablation_quick_runs_each_variant_from_the_reference(tmp_path):
     assert common > 1 and [2 * p["server_updates"] for p in reference[1:common]] == [
         p["server_updates"] for p in every[1:common]]
     assert rows["SplitFed-V2"]["algorithm"] == "splitfed_v2" and rows["SplitFed-V2"]["align_share"]["n"] == 1
+
+
+@pytest.mark.slow
+def test_schedule_quick_decays_the_rate_to_zero_over_the_horizon_without_stopping(tmp_path):
+    run("schedule.py", tmp_path, "--jobs", "1", "--methods", "fsl_sage", "--seeds", "0", "--client-steps", "40",
+        in_process=True)
+    out = json.loads((tmp_path / "schedule_quick.json").read_text())["modes"]["lora"]
+    stored = {e["key"]: e["row"] for e in map(json.loads, (tmp_path / "e2e_runs_quick.jsonl").read_text().splitlines())
+              if "key" in e}
+
+    def row(name: str, partition: str, decay: int | None, **chosen) -> dict:
+        items = sorted(dict(chosen, **({"decay_client_steps": decay} if decay else {})).items())
+        return stored[json.dumps([name, "lora", partition, 0, [list(i) for i in items]])]
+
+    reference_lr = out["reference_learning_rate"]
+    chosen = out["methods"]["fsl_sage"]["settings"]
+    # 40 client steps: 40 steps of the unsplit model, 20 global steps of 2 clients; the rate is 0 after the last,
+    # and no early stop (the quick preset's patience is 8 client steps) cuts the horizon short.
+    for decayed, steps in ((row("centralized", "all", 40, learning_rate=reference_lr), 40),
+                           (row("fsl_sage", "iid", 40, **chosen), 20)):
+        assert (decayed["steps"], decayed["stopped_by"], decayed["last_learning_rate"]) == (steps, "step cap", 0.0)
+        assert decayed["curve"][-1]["client_steps"] == 40
+    assert row("fsl_sage", "iid", None, **chosen)["last_learning_rate"] > 0
+    for label, decay in (("constant", None), ("decaying", 40)):
+        ref = curves.best_point(row("centralized", "all", decay, learning_rate=reference_lr)["curve"])["test_loss"]
+        mine = curves.best_point(row("fsl_sage", "iid", decay, **chosen)["curve"])["test_loss"]
+        assert out[f"reference_{label}"]["test_loss"]["mean"] == ref
+        assert out["methods"]["fsl_sage"][label]["test_loss"]["mean"] == mine
+        assert out["methods"]["fsl_sage"][label]["over_reference"]["mean"] == pytest.approx(mine / ref - 1)

@@ -1,0 +1,151 @@
+"""Noise floor or bias floor: the runs of ``compare_algorithms.py`` again, with the learning rate decaying to zero.
+
+    python benchmarks/schedule.py --jobs 2                  # LoRA, IID clients, seeds 0 1 2 (docs/benchmarks.md)
+    python benchmarks/schedule.py --methods fsl_sage --seeds 0
+    python benchmarks/schedule.py --quick                   # smoke run
+
+``compare_algorithms.py`` trains every method at a constant learning rate until its validation loss stops
+improving, so its converged loss is where two things leave it: the noise of its updates at that rate, and the
+bias of its gradient (FSL-SAGE's and CSE-FSL's client halves step on an auxiliary model's estimate). A decaying
+rate removes the first: here the centralized reference and each method, with the settings ``compare_algorithms.py``
+chose (it runs its tuning stages first if they are not stored yet) and on the same seeds and IID clients, train a
+fixed number of client steps (``--client-steps``, the same for all) while the rate falls linearly from the chosen
+one to zero after the warm-up, with no early stop. A gap to the reference that was noise closes; one that stays
+is the method's own.
+
+Reported per method (mean and min-max over ``--seeds``), beside the same figures of its constant-rate runs: the
+test loss at the point of lowest validation loss, its excess over the reference trained the same way, the bytes
+and server updates to get there. Writes ``schedule[_quick].json`` under ``--output-dir``, and each run as it ends
+in the runs file ``compare_algorithms.py`` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import compare_algorithms as bench
+import torch
+from curves import best_point, span
+from e2e_runs import Clock, RunStore, Task, base_model, data_path, fingerprint, load_data, run_all, runs_file
+from transformers.utils import logging as hf_logging
+
+
+CLIENT_STEPS = {"full": 4000, "quick": 16}  # default --client-steps
+
+
+def decayed(task: Task, client_steps: int) -> Task:
+    """``task`` with its rate decaying to zero over ``client_steps`` client steps instead of stopping early."""
+    name, mode, partition, seed, items = task
+    return name, mode, partition, seed, tuple(sorted(dict(items, decay_client_steps=client_steps).items()))
+
+
+def figures(runs: list[dict[str, Any]], reference: float) -> dict[str, Any]:
+    """Mean and min-max over ``runs`` of the test loss where the validation loss was lowest, its excess over
+    ``reference``, and the bytes and server updates to that point."""
+    best = [best_point(r["curve"]) for r in runs]
+    return {"test_loss": span([b["test_loss"] for b in best]),
+            "over_reference": span([b["test_loss"] / reference - 1 for b in best]),
+            "bytes": span([b["bytes"] for b in best]), "server_updates": span([b["server_updates"] for b in best]),
+            "client_steps": span([b["client_steps"] for b in best]),
+            "cpu_seconds": span([r["cpu_seconds"] for r in runs])}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, to check that it all runs")
+    parser.add_argument("--output-dir", default=str(bench.ROOT / "benchmarks" / "results"))
+    parser.add_argument("--data", default=None, help="E2E csv; default ../shared/data/e2e/devset.csv")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the base model")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the runs; default 0 1 2")
+    parser.add_argument("--modes", nargs="+", choices=bench.MODES, default=["lora"], help="fine-tuning modes")
+    parser.add_argument("--methods", nargs="+", choices=bench.SEEDED, default=bench.SEEDED,
+                        help="methods to rerun beside the reference")
+    parser.add_argument("--client-steps", type=int, default=None,
+                        help="client steps of every decaying run (the rate reaches zero at the last); default "
+                             f"{CLIENT_STEPS['full']} ({CLIENT_STEPS['quick']} with --quick)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    hf_logging.set_verbosity_error()
+    cfg = copy.deepcopy(bench.QUICK if opts.quick else bench.FULL)
+    cfg.update(modes=opts.modes, partitions=["iid"], methods=opts.methods)
+    if opts.seeds:
+        cfg["seeds"] = opts.seeds
+    steps = opts.client_steps or CLIENT_STEPS["quick" if opts.quick else "full"]
+    if steps < cfg["eval_client_steps"]:
+        parser.error(f"--client-steps {steps} is below one evaluation interval ({cfg['eval_client_steps']} client "
+                     "steps): give at least that many")
+    out_dir = Path(opts.output_dir)
+    stem = "schedule_quick" if opts.quick else "schedule"
+    path = data_path(opts.data, opts.quick)
+    # compare_algorithms.py's fingerprints: its stored runs are this benchmark's constant-rate runs.
+    store = RunStore(runs_file(out_dir, opts.quick), lambda t: fingerprint(cfg, path, t, t[0] != "centralized"), stem)
+    clock = Clock()
+    cache = out_dir / "cache" / f"{'compare_algorithms_quick' if opts.quick else 'compare_algorithms'}_base"
+    data = load_data(cfg, path, opts.seed)
+    base_model(cfg, data, cache, opts.seed)
+    worker = (cfg, str(path), opts.seed, opts.threads, str(cache))
+    before = len(store.rows)
+
+    def run(tasks: list[Task]) -> None:
+        run_all(bench.longest_first(tasks), store, opts.jobs, worker, bench.report_line)
+
+    reference_choice, chosen, _ = bench.choose(cfg, store, run)
+    constant = {(mode, "centralized"): bench.reference_tasks_at(cfg, reference_choice[mode]) for mode in opts.modes}
+    constant |= {(mode, method): [t for t in bench.final_tasks(cfg, chosen) if t[:2] == (method, mode)]
+                 for mode in opts.modes for method in opts.methods}
+    decaying = {key: [decayed(t, steps) for t in tasks] for key, tasks in constant.items()}
+    run([t for tasks in constant.values() for t in tasks] + [t for tasks in decaying.values() for t in tasks])
+    store.add_invocation(clock.record(len(store.rows) - before))
+
+    modes: dict[str, Any] = {}
+    for mode in opts.modes:
+        out = modes[mode] = {"methods": {}}
+        for label, runs_of in (("constant", constant), ("decaying", decaying)):
+            ref_runs = [store.get(t) for t in runs_of[(mode, "centralized")]]
+            ref = span([best_point(r["curve"])["test_loss"] for r in ref_runs])["mean"]
+            out[f"reference_{label}"] = figures(ref_runs, ref)
+            for method in opts.methods:
+                runs = [store.get(t) for t in runs_of[(mode, method)]]
+                out["methods"].setdefault(method, {"settings": dict(runs_of[(mode, method)][0][4])})
+                out["methods"][method][label] = {**figures(runs, ref), "curves": [r["curve"] for r in runs]}
+        out["base_test_loss"] = store.get(constant[(mode, "centralized")][0])["curve"][0]["test_loss"]
+        out["reference_learning_rate"] = dict(reference_choice[mode][4])["learning_rate"]
+    results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"], "client_steps": steps,
+                          "seeds": cfg["seeds"]}, "modes": modes, "invocations": store.invocations}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    steps = results["config"]["client_steps"]
+    lines = []
+    for mode, out in results["modes"].items():
+        lines += [f"\n== {mode}, IID clients: constant rate until the validation loss stops improving, or the rate "
+                  f"decaying linearly to zero over {steps} client steps",
+                  "| method | schedule | test loss | over its reference | MB there | server updates | CPU s |",
+                  "|---" * 7 + "|"]
+        for label in ("constant", "decaying"):
+            ref = out[f"reference_{label}"]
+            lines.append(f"| centralized | {label} | {bench.cell(ref['test_loss'])} | — | — | — | "
+                         f"{bench.cell(ref['cpu_seconds'], lambda v: f'{v:.0f}')} |")
+        for method, row in out["methods"].items():
+            for label in ("constant", "decaying"):
+                r = row[label]
+                lines.append(f"| {method} | {label} | {bench.cell(r['test_loss'])} | "
+                             f"{bench.cell(r['over_reference'], lambda v: f'{v:+.2%}')} | "
+                             f"{bench.cell(r['bytes'], bench.mb)} | "
+                             f"{bench.cell(r['server_updates'], lambda v: f'{v:.0f}')} | "
+                             f"{bench.cell(r['cpu_seconds'], lambda v: f'{v:.0f}')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
