@@ -1,6 +1,6 @@
 """Noise floor or bias floor: the runs of ``compare_algorithms.py`` again, with the learning rate decaying to zero.
 
-    python benchmarks/schedule.py --jobs 2                  # LoRA, IID clients, seeds 0 1 2 (docs/benchmarks.md)
+    python benchmarks/schedule.py --jobs 2 --round-lengths 10   # LoRA, IID clients, seeds 0 1 2 (docs/benchmarks.md)
     python benchmarks/schedule.py --methods fsl_sage --seeds 0
     python benchmarks/schedule.py --quick                   # smoke run
 
@@ -43,10 +43,11 @@ def decayed(task: Task, client_steps: int) -> Task:
     return name, mode, partition, seed, tuple(sorted(dict(items, decay_client_steps=client_steps).items()))
 
 
-def figures(runs: list[dict[str, Any]], reference: float) -> dict[str, Any]:
-    """Mean and min-max over ``runs`` of the test loss where the validation loss was lowest, its excess over
-    ``reference``, and the bytes and server updates to that point."""
-    best = [best_point(r["curve"]) for r in runs]
+def figures(runs: list[dict[str, Any]], reference: float, client_steps: int | None = None) -> dict[str, Any]:
+    """Mean and min-max over ``runs`` of the test loss where the validation loss was lowest (among the evaluations
+    up to ``client_steps`` if given), its excess over ``reference``, and the bytes and server updates to that point."""
+    best = [best_point([p for p in r["curve"] if client_steps is None or p["client_steps"] <= client_steps])
+            for r in runs]
     return {"test_loss": span([b["test_loss"] for b in best]),
             "over_reference": span([b["test_loss"] / reference - 1 for b in best]),
             "bytes": span([b["bytes"] for b in best]), "server_updates": span([b["server_updates"] for b in best]),
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--modes", nargs="+", choices=bench.MODES, default=["lora"], help="fine-tuning modes")
     parser.add_argument("--methods", nargs="+", choices=bench.SEEDED, default=bench.SEEDED,
                         help="methods to rerun beside the reference")
+    parser.add_argument("--round-lengths", type=int, nargs="+", default=None,
+                        help="round lengths of compare_algorithms.py's tuning grid to choose among; default 10 25")
     parser.add_argument("--client-steps", type=int, default=None,
                         help="client steps of every decaying run (the rate reaches zero at the last); default "
                              f"{CLIENT_STEPS['full']} ({CLIENT_STEPS['quick']} with --quick)")
@@ -74,8 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hf_logging.set_verbosity_error()
     cfg = copy.deepcopy(bench.QUICK if opts.quick else bench.FULL)
     cfg.update(modes=opts.modes, partitions=["iid"], methods=opts.methods)
-    if opts.seeds:
-        cfg["seeds"] = opts.seeds
+    cfg.update({k: v for k, v in (("seeds", opts.seeds), ("round_lengths", opts.round_lengths)) if v})
     steps = opts.client_steps or CLIENT_STEPS["quick" if opts.quick else "full"]
     if steps < cfg["eval_client_steps"]:
         parser.error(f"--client-steps {steps} is below one evaluation interval ({cfg['eval_client_steps']} client "
@@ -114,6 +116,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs = [store.get(t) for t in runs_of[(mode, method)]]
                 out["methods"].setdefault(method, {"settings": dict(runs_of[(mode, method)][0][4])})
                 out["methods"][method][label] = {**figures(runs, ref), "curves": [r["curve"] for r in runs]}
+        # The same horizon: the constant-rate runs (reference included) read up to the decaying runs' last step.
+        ref_runs = [store.get(t) for t in constant[(mode, "centralized")]]
+        ref = figures(ref_runs, 1.0, steps)["test_loss"]["mean"]
+        out["reference_constant_at_horizon"] = figures(ref_runs, ref, steps)
+        for method in opts.methods:
+            runs = [store.get(t) for t in constant[(mode, method)]]
+            out["methods"][method]["constant_at_horizon"] = figures(runs, ref, steps)
         out["base_test_loss"] = store.get(constant[(mode, "centralized")][0])["curve"][0]["test_loss"]
         out["reference_learning_rate"] = dict(reference_choice[mode][4])["learning_rate"]
     results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"], "client_steps": steps,
@@ -126,20 +135,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     steps = results["config"]["client_steps"]
+    labels = {"constant": "constant", "constant_at_horizon": f"constant, first {steps} client steps",
+              "decaying": "decaying"}
     lines = []
     for mode, out in results["modes"].items():
         lines += [f"\n== {mode}, IID clients: constant rate until the validation loss stops improving, or the rate "
                   f"decaying linearly to zero over {steps} client steps",
                   "| method | schedule | test loss | over its reference | MB there | server updates | CPU s |",
                   "|---" * 7 + "|"]
-        for label in ("constant", "decaying"):
+        for label in labels:
             ref = out[f"reference_{label}"]
-            lines.append(f"| centralized | {label} | {bench.cell(ref['test_loss'])} | — | — | — | "
+            lines.append(f"| centralized | {labels[label]} | {bench.cell(ref['test_loss'])} | — | — | — | "
                          f"{bench.cell(ref['cpu_seconds'], lambda v: f'{v:.0f}')} |")
         for method, row in out["methods"].items():
-            for label in ("constant", "decaying"):
+            for label in labels:
                 r = row[label]
-                lines.append(f"| {method} | {label} | {bench.cell(r['test_loss'])} | "
+                lines.append(f"| {method} | {labels[label]} | {bench.cell(r['test_loss'])} | "
                              f"{bench.cell(r['over_reference'], lambda v: f'{v:+.2%}')} | "
                              f"{bench.cell(r['bytes'], bench.mb)} | "
                              f"{bench.cell(r['server_updates'], lambda v: f'{v:.0f}')} | "

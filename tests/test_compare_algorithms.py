@@ -117,3 +117,19 @@ def test_schedule_quick_decays_the_rate_to_zero_over_the_horizon_without_stoppin
         assert out[f"reference_{label}"]["test_loss"]["mean"] == ref
         assert out["methods"]["fsl_sage"][label]["test_loss"]["mean"] == mine
         assert out["methods"]["fsl_sage"][label]["over_reference"]["mean"] == pytest.approx(mine / ref - 1)
+
+
+def test_schedule_reads_constant_runs_up_to_the_horizon_by_their_validation_loss():
+    import schedule
+
+    def point(client_steps, validation, test):
+        return {"client_steps": client_steps, "validation_loss": validation, "test_loss": test, "bytes": client_steps,
+                "server_updates": client_steps // 10}
+
+    # Lowest validation loss: 2.0 at 80 client steps up to 100, 1.5 at 160 over the whole run.
+    run_ = {"curve": [point(0, 3.0, 3.1), point(80, 2.0, 2.2), point(160, 1.5, 1.6)], "cpu_seconds": 7.0}
+    whole, upto = schedule.figures([run_], 2.0), schedule.figures([run_], 2.0, client_steps=100)
+    assert (whole["test_loss"]["mean"], whole["bytes"]["mean"]) == (1.6, 160)
+    assert whole["over_reference"]["mean"] == pytest.approx(-0.2)
+    assert (upto["test_loss"]["mean"], upto["bytes"]["mean"], upto["server_updates"]["mean"]) == (2.2, 80, 8)
+    assert upto["over_reference"]["mean"] == pytest.approx(0.1)
