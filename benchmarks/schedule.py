@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--client-steps", type=int, default=None,
                         help="client steps of every decaying run (the rate reaches zero at the last); default "
                              f"{CLIENT_STEPS['full']} ({CLIENT_STEPS['quick']} with --quick)")
+    parser.add_argument("--name", default=None,
+                        help="name of the JSON written under --output-dir (default schedule[_quick]); the runs go to "
+                             "the shared runs file whatever the name")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     opts = parser.parse_args(argv)
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"], "client_steps": steps,
                           "seeds": cfg["seeds"]}, "modes": modes, "invocations": store.invocations}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out_dir / f"{opts.name or stem}.json").write_text(json.dumps(results, indent=1))
     print(table(results))
     return results
 
