@@ -13,10 +13,11 @@ fixed number of client steps (``--client-steps``, the same for all) while the ra
 one to zero after the warm-up, with no early stop. A gap to the reference that was noise closes; one that stays
 is the method's own.
 
-Reported per method (mean and min-max over ``--seeds``), beside the same figures of its constant-rate runs: the
-test loss at the point of lowest validation loss, its excess over the reference trained the same way, the bytes
-and server updates to get there. Writes ``schedule[_quick].json`` under ``--output-dir``, and each run as it ends
-in the runs file ``compare_algorithms.py`` uses.
+Reported per method (mean and min-max over ``--seeds``), for the decaying runs and the constant-rate ones (read
+over the whole run and over its first ``--client-steps``): the test loss at the point of lowest validation loss,
+its excess over the reference run the same way and over the converged constant-rate reference, and the bytes and
+server updates to get there. Writes ``schedule[_quick].json`` (``--name``) under ``--output-dir``, and each run as
+it ends in the runs file ``compare_algorithms.py`` uses.
 """
 
 from __future__ import annotations
@@ -43,12 +44,16 @@ def decayed(task: Task, client_steps: int) -> Task:
     return name, mode, partition, seed, tuple(sorted(dict(items, decay_client_steps=client_steps).items()))
 
 
-def figures(runs: list[dict[str, Any]], reference: float, client_steps: int | None = None) -> dict[str, Any]:
+def figures(runs: list[dict[str, Any]], reference: float, client_steps: int | None = None,
+            converged: float | None = None) -> dict[str, Any]:
     """Mean and min-max over ``runs`` of the test loss where the validation loss was lowest (among the evaluations
-    up to ``client_steps`` if given), its excess over ``reference``, and the bytes and server updates to that point."""
+    up to ``client_steps`` if given), its excess over ``reference`` (and over ``converged``, the constant-rate
+    reference, if given), and the bytes and server updates to that point."""
     best = [best_point([p for p in r["curve"] if client_steps is None or p["client_steps"] <= client_steps])
             for r in runs]
-    return {"test_loss": span([b["test_loss"] for b in best]),
+    over = {} if converged is None else {
+        "over_converged_reference": span([b["test_loss"] / converged - 1 for b in best])}
+    return {"test_loss": span([b["test_loss"] for b in best]), **over,
             "over_reference": span([b["test_loss"] / reference - 1 for b in best]),
             "bytes": span([b["bytes"] for b in best]), "server_updates": span([b["server_updates"] for b in best]),
             "client_steps": span([b["client_steps"] for b in best]),
@@ -111,21 +116,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     modes: dict[str, Any] = {}
     for mode in opts.modes:
         out = modes[mode] = {"methods": {}}
-        for label, runs_of in (("constant", constant), ("decaying", decaying)):
+        converged = figures([store.get(t) for t in constant[(mode, "centralized")]], 1.0)["test_loss"]["mean"]
+        # constant_at_horizon: the constant-rate runs read up to the decaying runs' last step (the same horizon)
+        for label, runs_of, upto in (("constant", constant, None), ("constant_at_horizon", constant, steps),
+                                     ("decaying", decaying, None)):
             ref_runs = [store.get(t) for t in runs_of[(mode, "centralized")]]
-            ref = span([best_point(r["curve"])["test_loss"] for r in ref_runs])["mean"]
-            out[f"reference_{label}"] = figures(ref_runs, ref)
+            ref = figures(ref_runs, 1.0, upto)["test_loss"]["mean"]
+            out[f"reference_{label}"] = figures(ref_runs, ref, upto, converged)
             for method in opts.methods:
                 runs = [store.get(t) for t in runs_of[(mode, method)]]
                 out["methods"].setdefault(method, {"settings": dict(runs_of[(mode, method)][0][4])})
-                out["methods"][method][label] = {**figures(runs, ref), "curves": [r["curve"] for r in runs]}
-        # The same horizon: the constant-rate runs (reference included) read up to the decaying runs' last step.
-        ref_runs = [store.get(t) for t in constant[(mode, "centralized")]]
-        ref = figures(ref_runs, 1.0, steps)["test_loss"]["mean"]
-        out["reference_constant_at_horizon"] = figures(ref_runs, ref, steps)
-        for method in opts.methods:
-            runs = [store.get(t) for t in constant[(mode, method)]]
-            out["methods"][method]["constant_at_horizon"] = figures(runs, ref, steps)
+                curves = {"curves": [r["curve"] for r in runs]} if upto is None else {}
+                out["methods"][method][label] = {**figures(runs, ref, upto, converged), **curves}
         out["base_test_loss"] = store.get(constant[(mode, "centralized")][0])["curve"][0]["test_loss"]
         out["reference_learning_rate"] = dict(reference_choice[mode][4])["learning_rate"]
     results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"], "client_steps": steps,
@@ -144,17 +146,19 @@ def table(results: dict[str, Any]) -> str:
     for mode, out in results["modes"].items():
         lines += [f"\n== {mode}, IID clients: constant rate until the validation loss stops improving, or the rate "
                   f"decaying linearly to zero over {steps} client steps",
-                  "| method | schedule | test loss | over its reference | MB there | server updates | CPU s |",
-                  "|---" * 7 + "|"]
+                  "| method | schedule | test loss | over its reference | over the converged reference | MB there | "
+                  "server updates | CPU s |", "|---" * 8 + "|"]
         for label in labels:
             ref = out[f"reference_{label}"]
-            lines.append(f"| centralized | {labels[label]} | {bench.cell(ref['test_loss'])} | — | — | — | "
+            lines.append(f"| centralized | {labels[label]} | {bench.cell(ref['test_loss'])} | — | "
+                         f"{bench.cell(ref['over_converged_reference'], lambda v: f'{v:+.2%}')} | — | — | "
                          f"{bench.cell(ref['cpu_seconds'], lambda v: f'{v:.0f}')} |")
         for method, row in out["methods"].items():
             for label in labels:
                 r = row[label]
                 lines.append(f"| {method} | {labels[label]} | {bench.cell(r['test_loss'])} | "
                              f"{bench.cell(r['over_reference'], lambda v: f'{v:+.2%}')} | "
+                             f"{bench.cell(r['over_converged_reference'], lambda v: f'{v:+.2%}')} | "
                              f"{bench.cell(r['bytes'], bench.mb)} | "
                              f"{bench.cell(r['server_updates'], lambda v: f'{v:.0f}')} | "
                              f"{bench.cell(r['cpu_seconds'], lambda v: f'{v:.0f}')} |")
