@@ -2,6 +2,8 @@
 
     python benchmarks/ablate_fsl_sage.py --jobs 2                   # every variant (see docs/benchmarks.md)
     python benchmarks/ablate_fsl_sage.py --variants reference "server_update_interval=1" --seeds 0 1 2
+    python benchmarks/ablate_fsl_sage.py --variants reference "server_update_interval=1" --client-steps 4000
+                                                                    # the same with a rate decaying to zero
     python benchmarks/ablate_fsl_sage.py --quick                    # smoke run
 
 Same data, base model, clients and protocol as ``compare_algorithms.py`` (``e2e_runs``: validation and test
@@ -28,6 +30,7 @@ import compare_algorithms as bench
 import torch
 from curves import best_point, gap_targets, span
 from e2e_runs import Clock, RunStore, base_model, data_path, fingerprint, load_data, run_all, runs_file
+from schedule import decayed
 from transformers.utils import logging as hf_logging
 
 from hf_fsl_sage.algorithms.registry import fields_read_by
@@ -105,6 +108,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default=None,
                         help="name of the JSON written under --output-dir (default ablate_fsl_sage[_quick]); the "
                              "runs go to the shared runs file whatever the name")
+    parser.add_argument("--client-steps", type=int, default=None,
+                        help="train every variant this many client steps with the rate decaying linearly to zero "
+                             "instead of stopping early (as schedule.py does); the yardstick stays the converged "
+                             "constant-rate reference")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     opts = parser.parse_args(argv)
@@ -131,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_all(refs, store, opts.jobs, worker, bench.report_line)
     ceiling_tasks = bench.reference_tasks_at(cfg, bench.best_task(refs, store))
     tasks = {(name, seed): task(name, seed, reference) for name in opts.variants for seed in opts.seeds}
+    if opts.client_steps:
+        tasks = {key: decayed(t, opts.client_steps) for key, t in tasks.items()}
     run_all(bench.longest_first(ceiling_tasks + list(tasks.values())), store, opts.jobs, worker, bench.report_line)
     store.add_invocation(clock.record(len(store.rows) - before))
 
@@ -145,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[name] = {"hypothesis": VARIANTS[name][0], "algorithm": VARIANTS[name][1],
                       "changes": VARIANTS[name][2], "seeds": opts.seeds, "runs": per_run,
                       "curves": [r["curve"] for r in runs], **bench.aggregate(per_run)}
-    results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"]}, "reference_settings": reference,
+    results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"],
+                          "decay_client_steps": opts.client_steps}, "reference_settings": reference,
                "ceiling": ceiling, "base_test_loss": base, "targets": targets, "variants": rows,
                "invocations": store.invocations}
     (out_dir / f"{opts.name or stem}.json").write_text(json.dumps(results, indent=1))

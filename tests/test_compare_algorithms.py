@@ -135,3 +135,16 @@ def test_schedule_reads_constant_runs_up_to_the_horizon_by_their_validation_loss
     assert whole["over_reference"]["mean"] == pytest.approx(-0.2)
     assert (upto["test_loss"]["mean"], upto["bytes"]["mean"], upto["server_updates"]["mean"]) == (2.2, 80, 8)
     assert upto["over_reference"]["mean"] == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_ablation_with_client_steps_decays_every_variant_over_that_horizon(tmp_path):
+    run("ablate_fsl_sage.py", tmp_path, "--jobs", "1", "--variants", "server_update_interval=1", "--client-steps",
+        "40", in_process=True)
+    results = json.loads((tmp_path / "ablate_fsl_sage_quick.json").read_text())
+    assert results["config"]["decay_client_steps"] == 40
+    rows = [json.loads(line) for line in (tmp_path / "e2e_runs_quick.jsonl").read_text().splitlines()]
+    decayed = [r["row"] for r in rows if "decay_client_steps" in r.get("key", "")]
+    # one run, of 20 global steps on 2 clients, to a rate of 0 (the centralized yardstick keeps its constant rate)
+    assert [(r["steps"], r["stopped_by"], r["last_learning_rate"]) for r in decayed] == [(20, "step cap", 0.0)]
+    assert results["variants"]["server_update_interval=1"]["runs"][0]["client_steps"] <= 40
