@@ -30,7 +30,7 @@ from typing import Any
 
 import compare_algorithms as bench
 import torch
-from curves import best_point, span
+from curves import best_point, crossing, gap_targets, span
 from e2e_runs import Clock, RunStore, Task, base_model, data_path, fingerprint, load_data, run_all, runs_file
 from transformers.utils import logging as hf_logging
 
@@ -45,15 +45,19 @@ def decayed(task: Task, client_steps: int) -> Task:
 
 
 def figures(runs: list[dict[str, Any]], reference: float, client_steps: int | None = None,
-            converged: float | None = None) -> dict[str, Any]:
+            converged: float | None = None, targets: dict[str, float] | None = None) -> dict[str, Any]:
     """Mean and min-max over ``runs`` of the test loss where the validation loss was lowest (among the evaluations
     up to ``client_steps`` if given), its excess over ``reference`` (and over ``converged``, the constant-rate
-    reference, if given), and the bytes and server updates to that point."""
-    best = [best_point([p for p in r["curve"] if client_steps is None or p["client_steps"] <= client_steps])
-            for r in runs]
-    over = {} if converged is None else {
+    reference, if given), the bytes and server updates to that point and, given ``targets``, the bytes to each
+    (``curves.crossing``; None for a run that does not reach it)."""
+    kept = [[p for p in r["curve"] if client_steps is None or p["client_steps"] <= client_steps] for r in runs]
+    best = [best_point(c) for c in kept]
+    extra = {} if converged is None else {
         "over_converged_reference": span([b["test_loss"] / converged - 1 for b in best])}
-    return {"test_loss": span([b["test_loss"] for b in best]), **over,
+    if targets:
+        extra["bytes_to_target"] = {share: span([(crossing(c, loss) or {}).get("value") for c in kept])
+                                   for share, loss in targets.items()}
+    return {"test_loss": span([b["test_loss"] for b in best]), **extra,
             "over_reference": span([b["test_loss"] / reference - 1 for b in best]),
             "bytes": span([b["bytes"] for b in best]), "server_updates": span([b["server_updates"] for b in best]),
             "client_steps": span([b["client_steps"] for b in best]),
@@ -116,7 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     modes: dict[str, Any] = {}
     for mode in opts.modes:
         out = modes[mode] = {"methods": {}}
-        converged = figures([store.get(t) for t in constant[(mode, "centralized")]], 1.0)["test_loss"]["mean"]
+        converged_runs = [store.get(t) for t in constant[(mode, "centralized")]]
+        converged = figures(converged_runs, 1.0)["test_loss"]["mean"]
+        out["targets"] = targets = gap_targets(converged_runs[0]["curve"][0]["test_loss"], converged)
         # constant_at_horizon: the constant-rate runs read up to the decaying runs' last step (the same horizon)
         for label, runs_of, upto in (("constant", constant, None), ("constant_at_horizon", constant, steps),
                                      ("decaying", decaying, None)):
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs = [store.get(t) for t in runs_of[(mode, method)]]
                 out["methods"].setdefault(method, {"settings": dict(runs_of[(mode, method)][0][4])})
                 curves = {"curves": [r["curve"] for r in runs]} if upto is None else {}
-                out["methods"][method][label] = {**figures(runs, ref, upto, converged), **curves}
+                out["methods"][method][label] = {**figures(runs, ref, upto, converged, targets), **curves}
         out["base_test_loss"] = store.get(constant[(mode, "centralized")][0])["curve"][0]["test_loss"]
         out["reference_learning_rate"] = dict(reference_choice[mode][4])["learning_rate"]
     results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"], "client_steps": steps,
@@ -147,11 +153,11 @@ def table(results: dict[str, Any]) -> str:
         lines += [f"\n== {mode}, IID clients: constant rate until the validation loss stops improving, or the rate "
                   f"decaying linearly to zero over {steps} client steps",
                   "| method | schedule | test loss | over its reference | over the converged reference | MB there | "
-                  "server updates | CPU s |", "|---" * 8 + "|"]
+                  "server updates | MB to 95 % | CPU s |", "|---" * 9 + "|"]
         for label in labels:
             ref = out[f"reference_{label}"]
             lines.append(f"| centralized | {labels[label]} | {bench.cell(ref['test_loss'])} | — | "
-                         f"{bench.cell(ref['over_converged_reference'], lambda v: f'{v:+.2%}')} | — | — | "
+                         f"{bench.cell(ref['over_converged_reference'], lambda v: f'{v:+.2%}')} | — | — | — | "
                          f"{bench.cell(ref['cpu_seconds'], lambda v: f'{v:.0f}')} |")
         for method, row in out["methods"].items():
             for label in labels:
@@ -161,6 +167,7 @@ def table(results: dict[str, Any]) -> str:
                              f"{bench.cell(r['over_converged_reference'], lambda v: f'{v:+.2%}')} | "
                              f"{bench.cell(r['bytes'], bench.mb)} | "
                              f"{bench.cell(r['server_updates'], lambda v: f'{v:.0f}')} | "
+                             f"{bench.cell(r['bytes_to_target']['0.95'], bench.mb)} | "
                              f"{bench.cell(r['cpu_seconds'], lambda v: f'{v:.0f}')} |")
     return "\n".join(lines)
 

@@ -135,6 +135,10 @@ def test_schedule_reads_constant_runs_up_to_the_horizon_by_their_validation_loss
     assert whole["over_reference"]["mean"] == pytest.approx(-0.2)
     assert (upto["test_loss"]["mean"], upto["bytes"]["mean"], upto["server_updates"]["mean"]) == (2.2, 80, 8)
     assert upto["over_reference"]["mean"] == pytest.approx(0.1)
+    # Test loss 2.2 at 80 MB-units, 1.6 at 160: 1.9 is half-way, in log-bytes sqrt(80 x 160); not within 100 steps.
+    targets = {"0.95": 1.9}
+    whole, upto = (schedule.figures([run_], 2.0, n, 2.0, targets)["bytes_to_target"]["0.95"] for n in (None, 100))
+    assert whole["mean"] == pytest.approx((80 * 160) ** 0.5) and (upto["mean"], upto["missing"]) == (None, 1)
 
 
 @pytest.mark.slow
