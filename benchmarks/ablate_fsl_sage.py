@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import compare_algorithms as bench
-import torch
 from curves import best_point, gap_targets, span
-from e2e_runs import Clock, RunStore, base_model, data_path, fingerprint, load_data, run_all, runs_file
+from e2e_runs import common_arguments, open_bench, run_all
 from schedule import decayed
-from transformers.utils import logging as hf_logging
 
 from hf_fsl_sage.algorithms.registry import fields_read_by
 
@@ -97,10 +95,7 @@ def task(name: str, seed: int, reference: dict[str, Any]):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, to check that it all runs")
-    parser.add_argument("--output-dir", default=str(bench.ROOT / "benchmarks" / "results"))
-    parser.add_argument("--data", default=None, help="E2E csv; default ../shared/data/e2e/devset.csv")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the base model")
+    common_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the runs")
     parser.add_argument("--reference-seeds", type=int, nargs="+", default=None,
                         help="seeds of the centralized reference; default compare_algorithms.py's")
@@ -112,25 +107,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="train every variant this many client steps with the rate decaying linearly to zero "
                              "instead of stopping early (as schedule.py does); the yardstick stays the converged "
                              "constant-rate reference")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     opts = parser.parse_args(argv)
-    torch.set_num_threads(opts.threads)
-    hf_logging.set_verbosity_error()
     cfg = copy.deepcopy(bench.QUICK if opts.quick else bench.FULL)
     cfg["seeds"] = opts.reference_seeds or cfg["seeds"]
     reference = QUICK_REFERENCE if opts.quick else REFERENCE
     out_dir = Path(opts.output_dir)
     stem = "ablate_fsl_sage_quick" if opts.quick else "ablate_fsl_sage"
-    path = data_path(opts.data, opts.quick)
     # Every variant gives each setting it depends on: its runs, like the centralized ones, do not depend on the
     # library's defaults (and share the runs file, and the centralized reference, with compare_algorithms.py).
-    store = RunStore(runs_file(out_dir, opts.quick), lambda t: fingerprint(cfg, path, t, False), stem)
-    clock = Clock()
-    cache = out_dir / "cache" / f"{'compare_algorithms_quick' if opts.quick else 'compare_algorithms'}_base"
-    data = load_data(cfg, path, opts.seed)
-    base_model(cfg, data, cache, opts.seed)
-    worker = (cfg, str(path), opts.seed, opts.threads, str(cache))
+    setup = open_bench(opts, cfg, stem, library_defaults=False)
+    store, clock, data, path, worker = setup.store, setup.clock, setup.data, setup.data_file, setup.worker
     before = len(store.rows)
 
     # The yardstick: the converged reference at the learning rate compare_algorithms chooses for LoRA.

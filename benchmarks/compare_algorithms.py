@@ -42,10 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from curves import GAP_SHARES, best_point, crossing, gap_closed, gap_targets, select, span, value_at
-from e2e_runs import Clock, RunStore, Task, base_model, data_path, fingerprint, load_data, run_all, runs_file
-from transformers.utils import logging as hf_logging
+from e2e_runs import RunStore, Task, common_arguments, open_bench, run_all
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -364,12 +362,7 @@ def report_line(task: Task, row: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model and budgets, to check that it all runs")
-    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--data", default=None, help="E2E csv; default ../shared/data/e2e/devset.csv")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the base model")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process; 1 is fastest here")
+    common_arguments(parser)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES, help="fine-tuning modes to run")
     parser.add_argument("--partitions", nargs="+", choices=PARTITIONS, default=PARTITIONS,
                         help="client partitions to run (tuning is on IID whatever this says)")
@@ -382,23 +375,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--round-lengths", type=int, nargs="+", default=None,
                         help="round lengths (local steps) of the tuning grid; default 10 25")
     opts = parser.parse_args(argv)
-    torch.set_num_threads(opts.threads)
-    hf_logging.set_verbosity_error()
     cfg = copy.deepcopy(QUICK if opts.quick else FULL)
     cfg.update(modes=opts.modes, partitions=opts.partitions, methods=sorted(set(opts.methods) | {"fsl_sage"}))
     cfg.update({k: v for k, v in (("seeds", opts.seeds), ("round_lengths", opts.round_lengths)) if v})
     out_dir = Path(opts.output_dir)
     stem = "compare_algorithms_quick" if opts.quick else "compare_algorithms"
-    path = data_path(opts.data, opts.quick)
-    # A centralized run depends on no FSLSageConfig default; the federated ones here take the library's defaults.
-    store = RunStore(runs_file(out_dir, opts.quick), lambda t: fingerprint(cfg, path, t, t[0] != "centralized"), stem)
-    clock = Clock()
-    cache = out_dir / "cache" / f"{stem}_base"
-    data = load_data(cfg, path, opts.seed)
-    base, base_info = base_model(cfg, data, cache, opts.seed)
+    # The federated runs here take the library's defaults: their fingerprints hold the ones they read.
+    setup = open_bench(opts, cfg, stem)
+    store, clock, data, path, base_info, worker = (setup.store, setup.clock, setup.data, setup.data_file,
+                                                   setup.base_info, setup.worker)
     print(f"data {path.name} {data['sizes']}; base: validation loss {base_info['eval_loss_before']:.3f} -> "
           f"{base_info['eval_loss_after']:.3f}", flush=True)
-    worker = (cfg, str(path), opts.seed, opts.threads, str(cache))
     before = len(store.rows)  # every benchmark of this set-up adds to the same runs file
 
     def run(tasks: list[Task]) -> None:

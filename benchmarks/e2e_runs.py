@@ -24,6 +24,7 @@ it stopped.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
 import hashlib
@@ -36,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -415,3 +417,42 @@ def data_path(option: str | None, quick: bool) -> Path:
         raise SystemExit(f"the E2E development set is not at {DEVSET}: pass --data path/to/devset.csv (the "
                          "figures in docs/benchmarks.md come from it; the sample shipped in e2e_task is for --quick)")
     return E2E_SAMPLE_PATH
+
+
+# ---------------------------------------------------------------- what every benchmark of this set-up opens with
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark of this set-up takes."""
+    parser.add_argument("--quick", action="store_true", help="tiny model and budgets, to check that it all runs")
+    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--data", default=None, help="E2E csv; default ../shared/data/e2e/devset.csv")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the base model")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process; 1 is fastest here")
+
+
+@dataclass
+class Bench:
+    """A benchmark's runs file, clock, data, base model (its pre-training figures) and worker arguments."""
+
+    store: RunStore
+    clock: Clock
+    data: dict[str, Any]
+    data_file: Path
+    base_info: dict[str, Any]
+    worker: tuple
+
+
+def open_bench(opts: argparse.Namespace, cfg: dict[str, Any], stem: str, library_defaults: bool = True) -> Bench:
+    """Set up a benchmark from its :func:`common_arguments` and preset: its runs go to the shared runs file (a
+    federated run's fingerprint holds the library's defaults it reads when ``library_defaults``, see
+    :func:`fingerprint`), the base model is the shared cached one."""
+    torch.set_num_threads(opts.threads)
+    hf_logging.set_verbosity_error()
+    out_dir, path = Path(opts.output_dir), data_path(opts.data, opts.quick)
+    store = RunStore(runs_file(out_dir, opts.quick),
+                     lambda t: fingerprint(cfg, path, t, library_defaults and t[0] != "centralized"), stem)
+    clock = Clock()
+    cache = out_dir / "cache" / ("compare_algorithms_quick_base" if opts.quick else "compare_algorithms_base")
+    data = load_data(cfg, path, opts.seed)
+    _, base_info = base_model(cfg, data, cache, opts.seed)
+    return Bench(store, clock, data, path, base_info, (cfg, str(path), opts.seed, opts.threads, str(cache)))

@@ -29,10 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import compare_algorithms as bench
-import torch
 from curves import best_point, crossing, gap_targets, span
-from e2e_runs import Clock, RunStore, Task, base_model, data_path, fingerprint, load_data, run_all, runs_file
-from transformers.utils import logging as hf_logging
+from e2e_runs import Task, common_arguments, open_bench, run_all
 
 
 CLIENT_STEPS = {"full": 4000, "quick": 16}  # default --client-steps
@@ -66,10 +64,7 @@ def figures(runs: list[dict[str, Any]], reference: float, client_steps: int | No
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, to check that it all runs")
-    parser.add_argument("--output-dir", default=str(bench.ROOT / "benchmarks" / "results"))
-    parser.add_argument("--data", default=None, help="E2E csv; default ../shared/data/e2e/devset.csv")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the base model")
+    common_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the runs; default 0 1 2")
     parser.add_argument("--modes", nargs="+", choices=bench.MODES, default=["lora"], help="fine-tuning modes")
     parser.add_argument("--methods", nargs="+", choices=bench.SEEDED, default=bench.SEEDED,
@@ -82,11 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default=None,
                         help="name of the JSON written under --output-dir (default schedule[_quick]); the runs go to "
                              "the shared runs file whatever the name")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     opts = parser.parse_args(argv)
-    torch.set_num_threads(opts.threads)
-    hf_logging.set_verbosity_error()
     cfg = copy.deepcopy(bench.QUICK if opts.quick else bench.FULL)
     cfg.update(modes=opts.modes, partitions=["iid"], methods=opts.methods)
     cfg.update({k: v for k, v in (("seeds", opts.seeds), ("round_lengths", opts.round_lengths)) if v})
@@ -96,14 +87,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "steps): give at least that many")
     out_dir = Path(opts.output_dir)
     stem = "schedule_quick" if opts.quick else "schedule"
-    path = data_path(opts.data, opts.quick)
     # compare_algorithms.py's fingerprints: its stored runs are this benchmark's constant-rate runs.
-    store = RunStore(runs_file(out_dir, opts.quick), lambda t: fingerprint(cfg, path, t, t[0] != "centralized"), stem)
-    clock = Clock()
-    cache = out_dir / "cache" / f"{'compare_algorithms_quick' if opts.quick else 'compare_algorithms'}_base"
-    data = load_data(cfg, path, opts.seed)
-    base_model(cfg, data, cache, opts.seed)
-    worker = (cfg, str(path), opts.seed, opts.threads, str(cache))
+    setup = open_bench(opts, cfg, stem)
+    store, clock, data, path, worker = setup.store, setup.clock, setup.data, setup.data_file, setup.worker
     before = len(store.rows)
 
     def run(tasks: list[Task]) -> None:
