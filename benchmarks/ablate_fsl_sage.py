@@ -28,8 +28,7 @@ from typing import Any
 
 import compare_algorithms as bench
 from curves import best_point, gap_targets, span
-from e2e_runs import common_arguments, open_bench, run_all
-from schedule import decayed
+from e2e_runs import common_arguments, decayed, open_bench, run_all
 
 from hf_fsl_sage.algorithms.registry import fields_read_by
 

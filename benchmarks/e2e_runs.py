@@ -296,6 +296,13 @@ def fingerprint(cfg: dict[str, Any], data_file: Path, task: Task, library_defaul
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def decayed(task: Task, client_steps: int) -> Task:
+    """``task`` with its rate decaying to zero over ``client_steps`` client steps instead of stopping early (the
+    ``decay_client_steps`` setting :func:`centralized` and :func:`federated` read)."""
+    name, mode, partition, seed, items = task
+    return name, mode, partition, seed, tuple(sorted(dict(items, decay_client_steps=client_steps).items()))
+
+
 def task_key(task: Task) -> str:
     name, mode, partition, seed, settings = task
     return json.dumps([name, mode, partition, seed, sorted(map(list, settings))])

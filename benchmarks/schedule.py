@@ -30,16 +30,10 @@ from typing import Any
 
 import compare_algorithms as bench
 from curves import best_point, crossing, gap_targets, span
-from e2e_runs import Task, common_arguments, open_bench, run_all
+from e2e_runs import Task, common_arguments, decayed, open_bench, run_all
 
 
 CLIENT_STEPS = {"full": 4000, "quick": 16}  # default --client-steps
-
-
-def decayed(task: Task, client_steps: int) -> Task:
-    """``task`` with its rate decaying to zero over ``client_steps`` client steps instead of stopping early."""
-    name, mode, partition, seed, items = task
-    return name, mode, partition, seed, tuple(sorted(dict(items, decay_client_steps=client_steps).items()))
 
 
 def figures(runs: list[dict[str, Any]], reference: float, client_steps: int | None = None,
@@ -108,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = modes[mode] = {"methods": {}}
         converged_runs = [store.get(t) for t in constant[(mode, "centralized")]]
         converged = figures(converged_runs, 1.0)["test_loss"]["mean"]
-        out["targets"] = targets = gap_targets(converged_runs[0]["curve"][0]["test_loss"], converged)
+        out["base_test_loss"] = base = converged_runs[0]["curve"][0]["test_loss"]
+        out["targets"] = targets = gap_targets(base, converged)
         # constant_at_horizon: the constant-rate runs read up to the decaying runs' last step (the same horizon)
         for label, runs_of, upto in (("constant", constant, None), ("constant_at_horizon", constant, steps),
                                      ("decaying", decaying, None)):
@@ -120,7 +115,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 out["methods"].setdefault(method, {"settings": dict(runs_of[(mode, method)][0][4])})
                 curves = {"curves": [r["curve"] for r in runs]} if upto is None else {}
                 out["methods"][method][label] = {**figures(runs, ref, upto, converged, targets), **curves}
-        out["base_test_loss"] = store.get(constant[(mode, "centralized")][0])["curve"][0]["test_loss"]
         out["reference_learning_rate"] = dict(reference_choice[mode][4])["learning_rate"]
     results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"], "client_steps": steps,
                           "seeds": cfg["seeds"]}, "modes": modes, "invocations": store.invocations}
