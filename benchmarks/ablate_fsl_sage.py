@@ -46,6 +46,10 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "server_update_interval=1": ("the server's updates per example cap the quality: uploading every step "
                                  "(5x the server updates) ends lower", "fsl_sage", {"server_update_interval": 1}),
     "server_update_interval=2": ("as above, in between", "fsl_sage", {"server_update_interval": 2}),
+    "server_replay_steps=4": ("the number of the server's updates, not fresh uploads, caps the quality: four more "
+                              "server steps per upload on buffered ones (as many updates as uploading every step, "
+                              "no bytes) end lower", "fsl_sage", {"server_replay_steps": 4}),
+    "server_replay_steps=1": ("as above, one more server step per upload", "fsl_sage", {"server_replay_steps": 1}),
     "align_epochs=0": ("the auxiliary estimate's bias caps the client half: without alignment it ends higher",
                        "fsl_sage", {"align_epochs": 0}),
     "aux_num_layers=1": ("a shallower auxiliary model estimates worse and ends higher", "fsl_sage",

@@ -143,11 +143,12 @@ class EarlyStopping(EarlyStoppingCallback):
 
 
 class Curve(TrainerCallback):
-    """Records every evaluation: step, client steps, bytes on the wire and server updates (federated runs; 0 for
-    a centralized one), and the loss on each eval dataset (``validation_loss``, ``test_loss``)."""
+    """Records every evaluation: step, client steps, bytes on the wire and server updates (federated runs: the
+    uploads times ``updates_per_upload``; 0 for a centralized one), and the loss on each eval dataset
+    (``validation_loss``, ``test_loss``)."""
 
-    def __init__(self, clients: int = 1, ledger=None):
-        self.clients, self.ledger, self.points = clients, ledger, []
+    def __init__(self, clients: int = 1, ledger=None, updates_per_upload: int = 1):
+        self.clients, self.ledger, self.points, self.per_upload = clients, ledger, [], updates_per_upload
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         step = state.global_step
@@ -155,7 +156,7 @@ class Curve(TrainerCallback):
             ledger = self.ledger
             self.points.append({"step": step, "client_steps": step * self.clients,
                                 "bytes": ledger.total if ledger else 0,
-                                "server_updates": ledger.messages["smashed_up"] if ledger else 0})
+                                "server_updates": ledger.messages["smashed_up"] * self.per_upload if ledger else 0})
         self.points[-1].update({k[len("eval_"):]: v for k, v in metrics.items() if k.endswith("_loss")})
 
 
@@ -254,7 +255,7 @@ def federated(cfg: dict[str, Any], base, data: dict[str, Any], algorithm: str, m
                                  peft_config=lora_config() if mode == "lora" else None)
         trainer.remove_callback(PrinterCallback)
         ledger = trainer.federation.transport.ledger
-        curve = Curve(clients, ledger)
+        curve = Curve(clients, ledger, 1 + settings.get("server_replay_steps", 0))
         trainer.add_callback(curve)
         if not decay:
             trainer.add_callback(EarlyStopping(patience, cfg["min_improvement"]))
@@ -265,7 +266,7 @@ def federated(cfg: dict[str, Any], base, data: dict[str, Any], algorithm: str, m
     times = {k[len("time/"):]: v for k, v in metrics.items() if k.startswith("time/")}
     aligned = [h["align_grad_cosine_after"] for h in trainer.state.log_history if "align_grad_cosine_after" in h]
     return {**row, "client_steps": row["steps"] * clients, "total_bytes": ledger.total,
-            "server_updates": ledger.messages["smashed_up"] if algorithm != "fedavg" else None,
+            "server_updates": ledger.messages["smashed_up"] * curve.per_upload if algorithm != "fedavg" else None,
             "bytes_by_kind": dict(ledger.by_kind), "time_per_step": times,
             "time_share": {k: v / sum(times.values()) for k, v in times.items()} if sum(times.values()) else {},
             "align_cosine_after": sum(aligned) / len(aligned) if aligned else None, "settings": settings}
@@ -279,16 +280,22 @@ RUN_KEYS = ("n_layer", "n_embd", "n_head", "max_length", "validation_share", "te
             "max_client_steps")
 
 
+# Fields added to FSLSageConfig after runs were stored, with the value that behaves as before they existed: at that
+# value a field stays out of the fingerprint, so adding it does not make the stored runs stale.
+ADDED_FIELDS = {"server_replay_steps": 0}
+
+
 def fingerprint(cfg: dict[str, Any], data_file: Path, task: Task, library_defaults: bool) -> str:
     """What the result of ``task`` depends on besides its key: the preset's :data:`RUN_KEYS` and its own settings
     for the task's algorithm, the data file (name and size) and, for runs that do not give every setting they
     read, the defaults of the fields ``FSLSageConfig`` adds that the algorithm reads and neither the preset nor the
-    task sets (changing one of those reruns such runs, changing another does not)."""
+    task sets (changing one of those reruns such runs, changing another does not), less :data:`ADDED_FIELDS` at
+    their neutral value."""
     defaults = {}
     if library_defaults:
         given = set(cfg.get(task[0], {})) | {name for name, _ in task[4]}
         defaults = {k: getattr(FSLSageConfig, k, None) for k in fields_read_by(task[0], FSLSageConfig.__annotations__)
-                    if k not in given}
+                    if k not in given and ADDED_FIELDS.get(k, object()) != getattr(FSLSageConfig, k, None)}
     used = {k: cfg[k] for k in RUN_KEYS} | {"algorithm": cfg.get(task[0], {})}
     if task[0] == "centralized":
         used["reference_min_improvement"] = cfg["reference_min_improvement"]

@@ -119,6 +119,11 @@ class FSLSageConfig(TrainingArguments):
             most of the time aligning.
         align_learning_rate (`float` or `None`, defaults to `None`):
             Learning rate of the alignment optimizer; `None` uses `learning_rate`.
+        server_replay_steps (`int`, defaults to `0`):
+            After each step on an upload, the server takes this many more steps, each on an upload
+            drawn at random from the ones it keeps for alignment (every client's last
+            `align_buffer_size` sequences): more server updates for no extra bytes, for that much
+            more server compute (>= 0; needs the labels on the server, so not with `private_labels`).
 
         > Communication budget
 
@@ -243,6 +248,10 @@ class FSLSageConfig(TrainingArguments):
     align_learning_rate: float | None = field(
         default=None, metadata={"help": "Alignment learning rate; None = learning_rate."}
     )
+    server_replay_steps: int = field(
+        default=0, metadata={"help": "Extra server steps after each upload, each on a buffered upload drawn at "
+                                     "random (>= 0; no bytes)."}
+    )
     # Communication budget
     max_comm_bytes: int | None = field(
         default=None, metadata={"help": "Stop at the end of the global step in which the ledger reaches this many "
@@ -317,6 +326,11 @@ class FSLSageConfig(TrainingArguments):
             need(_is_int(value) and value >= 1, f"{name}={value!r} must be an integer >= 1.")
         need(_is_int(self.align_epochs) and self.align_epochs >= 0,
              f"align_epochs={self.align_epochs!r} must be >= 0.")
+        need(_is_int(self.server_replay_steps) and self.server_replay_steps >= 0,
+             f"server_replay_steps={self.server_replay_steps!r} must be an integer >= 0.")
+        need(not (self.server_replay_steps and self.private_labels),
+             f"server_replay_steps={self.server_replay_steps} needs the labels on the server, which private_labels "
+             "keeps on the clients: set server_replay_steps=0 or private_labels=False.")
         need(self.partition in PARTITIONS, f"partition={self.partition!r} must be one of {PARTITIONS}.")
         need(self.aux_init in AUX_INITS, f"aux_init={self.aux_init!r} must be one of {AUX_INITS}.")
         need(self.aux_trainable in AUX_TRAINABLE,

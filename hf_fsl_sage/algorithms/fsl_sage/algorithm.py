@@ -36,7 +36,10 @@ class FSLSage(AuxiliaryLossAlgorithm):
     in the client's alignment buffer. In every ``align_interval``-th round,
     right after a client's first upload, the server aligns its copy of that
     client's auxiliary model on the buffer (gradient matching) and sends it
-    down; the client loads it. The auxiliary model is never trained by the client itself.
+    down; the client loads it. The auxiliary model is never trained by the client itself. With
+    ``server_replay_steps`` the server takes that many more steps after each upload, each on an upload drawn at
+    random from every client's buffer (not the one just served while there are others): more server updates
+    for no bytes.
 
     With private labels the server cannot compute a gradient, so the alignment moves to the client: the server
     keeps, per client, the true gradient at the cut of each upload (from the gradient the client returned, with the
@@ -47,11 +50,16 @@ class FSLSage(AuxiliaryLossAlgorithm):
     display_name = "FSL-SAGE (federated split learning with smashed-activation gradient estimation)"
     reply_kind = "aux_model"
     own_settings = AuxiliaryLossAlgorithm.own_settings + (
-        "align_interval", "align_buffer_size", "align_epochs", "align_learning_rate")
+        "align_interval", "align_buffer_size", "align_epochs", "align_learning_rate", "server_replay_steps")
 
     def __init__(self, federation: Federation, *, align_interval: int = 10, align_buffer_size: int = 16,
-                 align_epochs: int = 5, align_learning_rate: float = 2e-4, **aux_settings: Any):
+                 align_epochs: int = 5, align_learning_rate: float = 2e-4, server_replay_steps: int = 0,
+                 **aux_settings: Any):
         super().__init__(federation, **aux_settings)
+        if server_replay_steps and federation.private_labels:
+            raise ValueError("server_replay_steps needs the labels on the server, which private labels keep on the "
+                             "clients: set server_replay_steps=0 or private_labels=False.")
+        self.server_replay_steps = server_replay_steps
         self.align_interval, self.align_buffer_size = align_interval, align_buffer_size
         self.align_epochs, self.align_learning_rate = align_epochs, align_learning_rate
         self.server_aux: dict[int, ServerAux] = {}
@@ -80,7 +88,7 @@ class FSLSage(AuxiliaryLossAlgorithm):
     def from_config(cls, args: Any, federation: Federation) -> FSLSage:
         return cls(federation, align_interval=args.align_interval, align_buffer_size=args.align_buffer_size,
                    align_epochs=args.align_epochs, align_learning_rate=args.align_learning_rate or args.learning_rate,
-                   **cls.aux_settings(args))
+                   server_replay_steps=args.server_replay_steps, **cls.aux_settings(args))
 
     def begin_round(self, round_index: int, participants: list[int]) -> dict[str, float]:
         self._cosines = []
@@ -108,6 +116,7 @@ class FSLSage(AuxiliaryLossAlgorithm):
         self.measure_heldout(client, smashed, labels)  # before the server steps and the upload is buffered
         result = StepResult(server_loss=fed.server_step(smashed, labels))
         held.buffer.push(smashed, labels)
+        self._replay(held.buffer.items[-1])
         if not self.replies_at(round_index, local_step):
             return result, None
         buffer = list(held.buffer)
@@ -117,6 +126,16 @@ class FSLSage(AuxiliaryLossAlgorithm):
                                   held.optimizer, fed.label_smoothing)
         self._cosines.append((before, after, held.buffer.num_sequences))
         return result, trainable_state(held.aux.module)
+
+    def _replay(self, served: tuple[Smashed, torch.Tensor]) -> None:
+        """``server_replay_steps`` server steps, each on a buffered upload of any client drawn at random (with the
+        seed :meth:`local_step` set), not ``served`` while the buffers hold others."""
+        if not self.server_replay_steps:
+            return
+        pool = [item for held in self.server_aux.values() for item in held.buffer]
+        pool = [item for item in pool if item is not served] or pool
+        for i in torch.randint(len(pool), (self.server_replay_steps,)).tolist():
+            self.fed.server_step(*pool[i])
 
     def _serve_private(self, client: Client, upload, round_index: int, local_step: int):
         smashed, labels = upload
@@ -201,7 +220,8 @@ class FSLSage(AuxiliaryLossAlgorithm):
     def model_card_rows(self) -> list[tuple[str, Any]]:
         return [*super().model_card_rows(), ("alignment interval (rounds)", self.align_interval),
                 ("alignment buffer / epochs / lr",
-                 f"{self.align_buffer_size} sequences / {self.align_epochs} / {self.align_learning_rate}")]
+                 f"{self.align_buffer_size} sequences / {self.align_epochs} / {self.align_learning_rate}"),
+                *([("server replay steps per upload", self.server_replay_steps)] if self.server_replay_steps else [])]
 
 
 def _gradients_as_upload(leaves: Smashed) -> Smashed:
