@@ -440,3 +440,23 @@ def test_an_algorithm_registered_outside_the_package_trains(tmp_path, server_onl
         torch.testing.assert_close(p.detach(), client_before[name], rtol=1e-6, atol=1e-7)
     card = str(render_model_card(trainer))
     assert "Server-only fine-tuning (test)" in card and "| upload interval (local steps) | 2 |" in card
+
+
+def test_server_replay_steps_add_server_updates_for_no_bytes(tmp_path: Path) -> None:
+    """``server_replay_steps=2``: two more server steps per upload, on buffered uploads (the server's Adam counts
+    3 steps per upload), the same bytes on the wire, and another server model."""
+    runs = {}
+    for replay in (0, 2):
+        trainer = make_trainer(tmp_path / str(replay), "fsl_sage", server_replay_steps=replay)
+        trainer.train()
+        runs[replay] = trainer
+    # 10 global steps in rounds of 4 (4 + 4 + 2) local steps, an upload at local steps 0 and 2, 2 clients a round
+    uploads = (2 + 2 + 1) * 2
+    for replay, trainer in runs.items():
+        fed = trainer.federation
+        assert fed.transport.ledger.messages["smashed_up"] == uploads
+        adam_steps = {int(s["step"]) for s in fed.server.optimizer.state.values()}
+        assert adam_steps == {uploads * (1 + replay)}
+    assert runs[0].federation.transport.ledger.by_kind == runs[2].federation.transport.ledger.by_kind
+    before, after = (snapshot(runs[r].federation.server.module) for r in (0, 2))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
