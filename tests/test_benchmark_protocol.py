@@ -3,6 +3,7 @@ evaluations that bracket a target, and choices are made on validation while figu
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -126,6 +127,28 @@ def test_the_reference_stops_when_its_validation_loss_stops_improving(tiny, vali
 
 
 # ---------------------------------------------------------------- what a stored run depends on
+def test_a_field_added_at_its_neutral_value_keeps_the_stored_runs(monkeypatch):
+    """The FSL-SAGE runs in the committed runs file that read the library's defaults were stored before
+    ``server_replay_steps`` existed: their stored fingerprints are still the ones the benchmark computes (so they are
+    not rerun); with another default for it, none of them is."""
+    if not e2e_runs.DEVSET.is_file():
+        pytest.skip(f"the E2E development set is not at {e2e_runs.DEVSET} (the shared data folder beside the clone)")
+    stored = []
+    for line in (e2e_runs.ROOT / "benchmarks" / "results" / "e2e_runs.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        key = json.loads(entry.get("key", "[null]"))
+        if key[0] == "fsl_sage" and not any(name == "align_epochs" for name, _ in key[4]):  # library defaults
+            stored.append((entry["fingerprint"], (*key[:4], tuple(map(tuple, key[4])))))
+    assert len(stored) >= 12  # the compare and schedule benchmarks' FSL-SAGE runs
+
+    def computed(task):
+        return e2e_runs.fingerprint(compare_algorithms.FULL, e2e_runs.DEVSET, task, True)
+
+    assert [computed(task) for _, task in stored] == [fp for fp, _ in stored]
+    monkeypatch.setattr(e2e_runs.FSLSageConfig, "server_replay_steps", 2)
+    assert not any(computed(task) == fp for fp, task in stored)
+
+
 def test_a_runs_fingerprint_follows_the_defaults_its_algorithm_reads_and_does_not_set(monkeypatch):
     """A library default reruns the runs that read it without setting it, and only those."""
     cfg, data = compare_algorithms.QUICK, Path(e2e_runs.E2E_SAMPLE_PATH)
