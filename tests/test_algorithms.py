@@ -460,3 +460,17 @@ def test_server_replay_steps_add_server_updates_for_no_bytes(tmp_path: Path) -> 
     assert runs[0].federation.transport.ledger.by_kind == runs[2].federation.transport.ledger.by_kind
     before, after = (snapshot(runs[r].federation.server.module) for r in (0, 2))
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_with_server_replay_gives_the_same_weights(tmp_path: Path) -> None:
+    """With ``server_replay_steps`` the server replays uploads from the buffers a checkpoint saves, on draws seeded
+    per step: resuming mid-round (step 6) ends with the run's server and client weights bit for bit."""
+    settings = {**REFERENCE, "save_steps": 6, "server_replay_steps": 2}
+    full = make_trainer(tmp_path / "full", "fsl_sage", True, **settings)
+    full.train()
+    resumed = make_trainer(tmp_path / "resumed", "fsl_sage", True, **settings)
+    resumed.train(resume_from_checkpoint=str(Path(full.args.output_dir) / "checkpoint-6"))
+    for a, b in [(full.split.server, resumed.split.server), (full.split.client, resumed.split.client)]:
+        params_a, params_b = trainable_parameters(a), trainable_parameters(b)
+        assert params_a.keys() == params_b.keys() and params_a
+        assert all(torch.equal(params_a[n], params_b[n]) for n in params_a)
