@@ -339,17 +339,18 @@ def choose(cfg, store: RunStore, run: Callable[[list[Task]], None]) -> tuple[dic
     of the two stages."""
     # 1 and 2a: the reference's learning rates and every method's, at the preset's round length
     refs, modes = reference_grid(cfg), cfg["modes"]
-    rates = [t for m in modes for method in tuned(cfg) for t in lr_grid(cfg, method, m)]
-    run([t for m in modes for t in refs[m]] + rates)
+    first = [t for m in modes for t in refs[m]] + [t for m in modes for method in tuned(cfg)
+                                                   for t in lr_grid(cfg, method, m)]
+    run(first)
     reference_choice = {m: best_task(refs[m], store) for m in modes}
     # 1 and 2b: the reference's other seeds; the other round lengths at each method's chosen rate
     best_rates = {(method, m): best_task(lr_grid(cfg, method, m), store) for m in modes for method in tuned(cfg)}
     rounds = {key: round_grid(cfg, best) for key, best in best_rates.items() if best}
-    seeds = [t for m in modes if reference_choice[m] for t in reference_tasks_at(cfg, reference_choice[m])]
-    run(seeds + [t for grid in rounds.values() for t in grid])
+    second = ([t for m in modes if reference_choice[m] for t in reference_tasks_at(cfg, reference_choice[m])]
+              + [t for grid in rounds.values() for t in grid])
+    run(second)
     chosen = {key: best_task(grid, store) for key, grid in rounds.items()}
-    planned = [t for m in modes for t in refs[m]] + rates + seeds + [t for grid in rounds.values() for t in grid]
-    return reference_choice, chosen, planned
+    return reference_choice, chosen, first + second
 
 
 def report_line(task: Task, row: dict[str, Any]) -> None:

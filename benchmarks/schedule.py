@@ -42,7 +42,7 @@ def figures(runs: list[dict[str, Any]], reference: float, client_steps: int | No
     up to ``client_steps`` if given), its excess over ``reference`` (and over ``converged``, the constant-rate
     reference, if given), the bytes and server updates to that point and, given ``targets``, the bytes to each
     (``curves.crossing``; None for a run that does not reach it)."""
-    kept = [[p for p in r["curve"] if client_steps is None or p["client_steps"] <= client_steps] for r in runs]
+    kept = _up_to(runs, client_steps)
     best = [best_point(c) for c in kept]
     extra = {} if converged is None else {
         "over_converged_reference": span([b["test_loss"] / converged - 1 for b in best])}
@@ -54,6 +54,16 @@ def figures(runs: list[dict[str, Any]], reference: float, client_steps: int | No
             "bytes": span([b["bytes"] for b in best]), "server_updates": span([b["server_updates"] for b in best]),
             "client_steps": span([b["client_steps"] for b in best]),
             "cpu_seconds": span([r["cpu_seconds"] for r in runs])}
+
+
+def _up_to(runs: list[dict[str, Any]], client_steps: int | None) -> list[list[dict[str, Any]]]:
+    """Each run's curve, among the evaluations up to ``client_steps`` if given."""
+    return [[p for p in r["curve"] if client_steps is None or p["client_steps"] <= client_steps] for r in runs]
+
+
+def mean_test_loss(runs: list[dict[str, Any]], client_steps: int | None = None) -> float:
+    """The mean over ``runs`` of the test loss where the validation loss was lowest (up to ``client_steps``)."""
+    return span([best_point(c)["test_loss"] for c in _up_to(runs, client_steps)])["mean"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -101,14 +111,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for mode in opts.modes:
         out = modes[mode] = {"methods": {}}
         converged_runs = [store.get(t) for t in constant[(mode, "centralized")]]
-        converged = figures(converged_runs, 1.0)["test_loss"]["mean"]
+        converged = mean_test_loss(converged_runs)
         out["base_test_loss"] = base = converged_runs[0]["curve"][0]["test_loss"]
         out["targets"] = targets = gap_targets(base, converged)
         # constant_at_horizon: the constant-rate runs read up to the decaying runs' last step (the same horizon)
         for label, runs_of, upto in (("constant", constant, None), ("constant_at_horizon", constant, steps),
                                      ("decaying", decaying, None)):
             ref_runs = [store.get(t) for t in runs_of[(mode, "centralized")]]
-            ref = figures(ref_runs, 1.0, upto)["test_loss"]["mean"]
+            ref = mean_test_loss(ref_runs, upto)
             out[f"reference_{label}"] = figures(ref_runs, ref, upto, converged)
             for method in opts.methods:
                 runs = [store.get(t) for t in runs_of[(mode, method)]]
