@@ -2,13 +2,14 @@
 
     python benchmarks/schedule.py --jobs 2 --round-lengths 10   # LoRA, IID clients, seeds 0 1 2 (docs/benchmarks.md)
     python benchmarks/schedule.py --methods fsl_sage --seeds 0
+    python benchmarks/schedule.py --partitions dirichlet --client-steps 8000   # Dirichlet(0.5) clients
     python benchmarks/schedule.py --quick                   # smoke run
 
 ``compare_algorithms.py`` trains every method at a constant learning rate until its validation loss stops
 improving, so its converged loss is where two things leave it: the noise of its updates at that rate, and the
 bias of its gradient (FSL-SAGE's and CSE-FSL's client halves step on an auxiliary model's estimate). A decaying
 rate removes the first: here the centralized reference and each method, with the settings ``compare_algorithms.py``
-chose (it runs its tuning stages first if they are not stored yet) and on the same seeds and IID clients, train a
+chose (it runs its tuning stages first if they are not stored yet) and on the same seeds and clients, train a
 fixed number of client steps (``--client-steps``, the same for all) while the rate falls linearly from the chosen
 one to zero after the warm-up, with no early stop. A gap to the reference that was noise closes; one that stays
 is the method's own.
@@ -16,8 +17,10 @@ is the method's own.
 Reported per method (mean and min-max over ``--seeds``), for the decaying runs and the constant-rate ones (read
 over the whole run and over its first ``--client-steps``): the test loss at the point of lowest validation loss,
 its excess over the reference run the same way and over the converged constant-rate reference, and the bytes and
-server updates to get there. Writes ``schedule[_quick].json`` (``--name``) under ``--output-dir``, and each run as
-it ends in the runs file ``compare_algorithms.py`` uses.
+server updates to get there. The reference is centralized, so one serves every ``--partitions``; the methods use
+the settings chosen on IID clients, as ``compare_algorithms.py`` does. Writes ``schedule[_quick].json``
+(``--name``) under ``--output-dir`` (per mode, the references, then per partition the methods), and each run as it
+ends in the runs file ``compare_algorithms.py`` uses.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the runs; default 0 1 2")
     parser.add_argument("--modes", nargs="+", choices=bench.MODES, default=["lora"], help="fine-tuning modes")
+    parser.add_argument("--partitions", nargs="+", choices=bench.PARTITIONS, default=["iid"],
+                        help="how the training rows are dealt to the clients; default iid")
     parser.add_argument("--methods", nargs="+", choices=bench.SEEDED, default=bench.SEEDED,
                         help="methods to rerun beside the reference")
     parser.add_argument("--round-lengths", type=int, nargs="+", default=None,
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "the shared runs file whatever the name")
     opts = parser.parse_args(argv)
     cfg = copy.deepcopy(bench.QUICK if opts.quick else bench.FULL)
-    cfg.update(modes=opts.modes, partitions=["iid"], methods=opts.methods)
+    cfg.update(modes=opts.modes, partitions=opts.partitions, methods=opts.methods)
     cfg.update({k: v for k, v in (("seeds", opts.seeds), ("round_lengths", opts.round_lengths)) if v})
     steps = opts.client_steps or CLIENT_STEPS["quick" if opts.quick else "full"]
     if steps < cfg["eval_client_steps"]:
@@ -101,15 +106,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     reference_choice, chosen, _ = bench.choose(cfg, store, run)
     constant = {(mode, "centralized"): bench.reference_tasks_at(cfg, reference_choice[mode]) for mode in opts.modes}
-    constant |= {(mode, method): [t for t in bench.final_tasks(cfg, chosen) if t[:2] == (method, mode)]
-                 for mode in opts.modes for method in opts.methods}
+    constant |= {(mode, partition, method): [t for t in bench.final_tasks(cfg, chosen)
+                                             if t[:3] == (method, mode, partition)]
+                 for mode in opts.modes for partition in opts.partitions for method in opts.methods}
     decaying = {key: [decayed(t, steps) for t in tasks] for key, tasks in constant.items()}
     run([t for tasks in constant.values() for t in tasks] + [t for tasks in decaying.values() for t in tasks])
     store.add_invocation(clock.record(len(store.rows) - before))
 
     modes: dict[str, Any] = {}
     for mode in opts.modes:
-        out = modes[mode] = {"methods": {}}
+        out = modes[mode] = {"partitions": {p: {"methods": {}} for p in opts.partitions}}
         converged_runs = [store.get(t) for t in constant[(mode, "centralized")]]
         converged = mean_test_loss(converged_runs)
         out["base_test_loss"] = base = converged_runs[0]["curve"][0]["test_loss"]
@@ -120,11 +126,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ref_runs = [store.get(t) for t in runs_of[(mode, "centralized")]]
             ref = mean_test_loss(ref_runs, upto)
             out[f"reference_{label}"] = figures(ref_runs, ref, upto, converged)
-            for method in opts.methods:
-                runs = [store.get(t) for t in runs_of[(mode, method)]]
-                out["methods"].setdefault(method, {"settings": dict(runs_of[(mode, method)][0][4])})
-                curves = {"curves": [r["curve"] for r in runs]} if upto is None else {}
-                out["methods"][method][label] = {**figures(runs, ref, upto, converged, targets), **curves}
+            for partition in opts.partitions:
+                methods = out["partitions"][partition]["methods"]
+                for method in opts.methods:
+                    tasks = runs_of[(mode, partition, method)]
+                    runs = [store.get(t) for t in tasks]
+                    methods.setdefault(method, {"settings": dict(tasks[0][4])})
+                    curves = {"curves": [r["curve"] for r in runs]} if upto is None else {}
+                    methods[method][label] = {**figures(runs, ref, upto, converged, targets), **curves}
         out["reference_learning_rate"] = dict(reference_choice[mode][4])["learning_rate"]
     results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"], "client_steps": steps,
                           "seeds": cfg["seeds"]}, "modes": modes, "invocations": store.invocations}
@@ -140,25 +149,26 @@ def table(results: dict[str, Any]) -> str:
               "decaying": "decaying"}
     lines = []
     for mode, out in results["modes"].items():
-        lines += [f"\n== {mode}, IID clients: constant rate until the validation loss stops improving, or the rate "
-                  f"decaying linearly to zero over {steps} client steps",
-                  "| method | schedule | test loss | over its reference | over the converged reference | MB there | "
-                  "server updates | MB to 95 % | CPU s |", "|---" * 9 + "|"]
+        lines += [f"\n== {mode}: constant rate until the validation loss stops improving, or the rate decaying "
+                  f"linearly to zero over {steps} client steps",
+                  "| method | clients | schedule | test loss | over its reference | over the converged reference | "
+                  "MB there | server updates | MB to 95 % | CPU s |", "|---" * 10 + "|"]
         for label in labels:
             ref = out[f"reference_{label}"]
-            lines.append(f"| centralized | {labels[label]} | {bench.cell(ref['test_loss'])} | — | "
+            lines.append(f"| centralized | all | {labels[label]} | {bench.cell(ref['test_loss'])} | — | "
                          f"{bench.cell(ref['over_converged_reference'], lambda v: f'{v:+.2%}')} | — | — | — | "
                          f"{bench.cell(ref['cpu_seconds'], lambda v: f'{v:.0f}')} |")
-        for method, row in out["methods"].items():
-            for label in labels:
-                r = row[label]
-                lines.append(f"| {method} | {labels[label]} | {bench.cell(r['test_loss'])} | "
-                             f"{bench.cell(r['over_reference'], lambda v: f'{v:+.2%}')} | "
-                             f"{bench.cell(r['over_converged_reference'], lambda v: f'{v:+.2%}')} | "
-                             f"{bench.cell(r['bytes'], bench.mb)} | "
-                             f"{bench.cell(r['server_updates'], lambda v: f'{v:.0f}')} | "
-                             f"{bench.cell(r['bytes_to_target']['0.95'], bench.mb)} | "
-                             f"{bench.cell(r['cpu_seconds'], lambda v: f'{v:.0f}')} |")
+        for partition, methods in out["partitions"].items():
+            for method, row in methods["methods"].items():
+                for label in labels:
+                    r = row[label]
+                    lines.append(f"| {method} | {partition} | {labels[label]} | {bench.cell(r['test_loss'])} | "
+                                 f"{bench.cell(r['over_reference'], lambda v: f'{v:+.2%}')} | "
+                                 f"{bench.cell(r['over_converged_reference'], lambda v: f'{v:+.2%}')} | "
+                                 f"{bench.cell(r['bytes'], bench.mb)} | "
+                                 f"{bench.cell(r['server_updates'], lambda v: f'{v:.0f}')} | "
+                                 f"{bench.cell(r['bytes_to_target']['0.95'], bench.mb)} | "
+                                 f"{bench.cell(r['cpu_seconds'], lambda v: f'{v:.0f}')} |")
     return "\n".join(lines)
 
 

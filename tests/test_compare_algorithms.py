@@ -103,7 +103,7 @@ def test_schedule_quick_decays_the_rate_to_zero_over_the_horizon_without_stoppin
         return stored[json.dumps([name, "lora", partition, 0, [list(i) for i in items]])]
 
     reference_lr = out["reference_learning_rate"]
-    chosen = out["methods"]["fsl_sage"]["settings"]
+    chosen = out["partitions"]["iid"]["methods"]["fsl_sage"]["settings"]
     # 40 client steps: 40 steps of the unsplit model, 20 global steps of 2 clients; the rate is 0 after the last,
     # and no early stop (the quick preset's patience is 8 client steps) cuts the horizon short.
     for decayed, steps in ((row("centralized", "all", 40, learning_rate=reference_lr), 40),
@@ -116,7 +116,7 @@ def test_schedule_quick_decays_the_rate_to_zero_over_the_horizon_without_stoppin
         ref = curves.best_point(row("centralized", "all", decay, learning_rate=reference_lr)["curve"])["test_loss"]
         mine = curves.best_point(row("fsl_sage", "iid", decay, **chosen)["curve"])["test_loss"]
         assert out[f"reference_{label}"]["test_loss"]["mean"] == ref
-        sage = out["methods"]["fsl_sage"][label]
+        sage = out["partitions"]["iid"]["methods"]["fsl_sage"][label]
         assert sage["test_loss"]["mean"] == mine and sage["over_reference"]["mean"] == pytest.approx(mine / ref - 1)
         assert sage["over_converged_reference"]["mean"] == pytest.approx(mine / converged - 1)
 
