@@ -76,6 +76,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.trainer_utils import IntervalStrategy
 
+from e2e_task.bootstrap import bleu_intervals
 from e2e_task.central import centralized_reference, pretrained_base
 from e2e_task.data import (
     E2E_ATTRIBUTION,
@@ -509,14 +510,14 @@ def _summary(results: dict[str, Any]) -> str:
     central = results.get("centralized")
     runs = {results["algorithm"]: results, **results.get("compared", {})}
     ratios = results.get("federated_over_centralized", {})
-    width = max(12, *map(len, runs))
+    width = max(21, *map(len, runs))  # the widest cell: SplitFed-V2's bytes, e.g. 486.6 (243.8 / 242.8)
     lines = [f"  {'metric':<24}" + "".join(f" {name:>{width}}" for name in runs)
-             + (f" {'centralized':>12} {'ratio':>8}" if central else "")]
+             + (f" {'centralized':>{width}} {'ratio':>8}" if central else "")]
     for name in SCORES:
         line = f"  {name:<24}" + "".join(f" {_cell(run, name):>{width}}" for run in runs.values())
         if central:
             ratio = ratios.get(name)
-            line += f" {_cell(central, name):>12} {'' if ratio is None else f'{ratio:.3f}':>8}"
+            line += f" {_cell(central, name):>{width}} {'' if ratio is None else f'{ratio:.3f}':>8}"
         lines.append(line)
     rows = [("comm_MB (up / down)", lambda r: f"{r['comm_bytes'] / 1e6:.1f} ({r['comm_bytes_up'] / 1e6:.1f} / "
                                               f"{r['comm_bytes_down'] / 1e6:.1f})"),
@@ -524,6 +525,13 @@ def _summary(results: dict[str, Any]) -> str:
             ("wall-clock seconds", lambda r: f"{r['runtime_seconds']:.0f}")]
     for label, value in rows:
         lines.append(f"  {label:<24}" + "".join(f" {value(run):>{width}}" for run in runs.values()))
+    boot = results.get("bleu_bootstrap")
+    if boot:  # the bootstrap's columns: the runs, then the centralized reference
+        bleu, versus = boot["bleu"], boot["versus"]
+        lines.append(f"  {'bleu 95 % interval':<24}" + "".join(
+            f" {bleu[name]['low']:.3f}-{bleu[name]['high']:.3f}".rjust(width + 1) for name in bleu))
+        lines.append(f"  {'bleu gap to ' + boot['first']:<24}" + " " * (width + 1) + "".join(
+            f" {versus[name]['low']:+.3f}..{versus[name]['high']:+.3f}".rjust(width + 1) for name in versus))
     return "\n".join(lines)
 
 
@@ -667,6 +675,10 @@ def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLS
     })
     if central is not None:
         results["centralized_generations"] = central["generations"]
+    # 15 test mrs in the tiny preset: how far apart BLEU scores must be to differ (paired bootstrap over the mrs)
+    systems = {args.algorithm: generations, **{name: other["generations"] for name, other in compared.items()},
+               **({"centralized": central["generations"]} if central is not None else {})}
+    results["bleu_bootstrap"] = bleu_intervals(systems, seed=args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     reference = {"centralized (same examples), final eval loss": central["eval_loss"]} if central else None

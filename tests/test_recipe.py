@@ -215,6 +215,14 @@ def test_tiny_preset_end_to_end_as_a_script(tmp_path):
     # SplitFed-V2 sends a gradient back for every upload: more bytes than FSL-SAGE's in fewer steps.
     assert metrics["compared"]["splitfed_v2"]["comm_bytes"] > metrics["comm_bytes"]
     assert "splitfed_v2" in proc.stdout and "cse_fsl" in proc.stdout
+    # BLEU's bootstrap over the same 3 mrs: every run's score on them all, the main run compared with each other.
+    boot = metrics["bleu_bootstrap"]
+    assert boot["mrs"] == 3 and boot["first"] == "fsl_sage" and list(boot["versus"]) == ["splitfed_v2", "cse_fsl",
+                                                                                        "centralized"]
+    for name, results in (("fsl_sage", metrics), ("centralized", central), *metrics["compared"].items()):
+        assert boot["bleu"][name]["value"] == pytest.approx(results["bleu"], abs=1e-12)
+        assert boot["bleu"][name]["low"] <= boot["bleu"][name]["high"]
+    assert "bleu 95 % interval" in proc.stdout and "bleu gap to fsl_sage" in proc.stdout
 
     # The folder: a LoRA adapter, its model card, the tokenizer, and the pre-trained base beside it.
     assert (out / "adapter_config.json").is_file() and (out / "README.md").is_file()
