@@ -20,8 +20,10 @@ part's references, as plain text (a stand-in for a pre-trained checkpoint; it is
 saved in `<output_dir>/base_model` and reused by later runs with the same
 settings), then fine-tuned with FSL-SAGE and LoRA (r 4 / alpha 32 / dropout 0.1
 on attention) for 100 global steps (20 rounds of 5 local steps, 10 clients),
-the server taking 4 more steps per upload on uploads it keeps
-(`server_replay_steps=4`; the library's default, the paper's, is 0).
+uploading at the first and fourth of each round's local steps
+(`server_update_interval=3`; the library's default is 5), the server taking 4
+more steps per upload on uploads it keeps (`server_replay_steps=4`; the
+library's default, the paper's, is 0).
 A centralized reference (`--reference centralized`, on in the preset) trains
 the same base with the same LoRA config, data, batch size, number of examples
 and schedule with a plain `transformers.Trainer`, and SplitFed-V2
@@ -123,6 +125,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup_steps": 10,
         "align_epochs": 2,
         "align_buffer_size": 16,
+        "server_update_interval": 3,
         "server_replay_steps": 4,
         "logging_steps": 10,
         "eval_every_rounds": 4,
