@@ -93,7 +93,7 @@ def test_ablation_quick_runs_each_variant_from_the_reference(tmp_path):
 @pytest.mark.slow
 def test_schedule_quick_decays_the_rate_to_zero_over_the_horizon_without_stopping(tmp_path):
     run("schedule.py", tmp_path, "--jobs", "1", "--methods", "fsl_sage", "--seeds", "0", "--client-steps", "40",
-        in_process=True)
+        "--partitions", "iid", "dirichlet", in_process=True)
     out = json.loads((tmp_path / "schedule_quick.json").read_text())["modes"]["lora"]
     stored = {e["key"]: e["row"] for e in map(json.loads, (tmp_path / "e2e_runs_quick.jsonl").read_text().splitlines())
               if "key" in e}
@@ -119,6 +119,15 @@ def test_schedule_quick_decays_the_rate_to_zero_over_the_horizon_without_stoppin
         sage = out["partitions"]["iid"]["methods"]["fsl_sage"][label]
         assert sage["test_loss"]["mean"] == mine and sage["over_reference"]["mean"] == pytest.approx(mine / ref - 1)
         assert sage["over_converged_reference"]["mean"] == pytest.approx(mine / converged - 1)
+    # Dirichlet clients: the settings chosen on IID clients, their own runs, the same reference.
+    skewed = out["partitions"]["dirichlet"]["methods"]["fsl_sage"]
+    assert skewed["settings"] == chosen
+    for label, decay in (("constant", None), ("decaying", 40)):
+        ref = curves.best_point(row("centralized", "all", decay, learning_rate=reference_lr)["curve"])["test_loss"]
+        mine = curves.best_point(row("fsl_sage", "dirichlet", decay, **chosen)["curve"])["test_loss"]
+        assert skewed[label]["test_loss"]["mean"] == mine and skewed[label]["over_reference"]["mean"] == pytest.approx(
+            mine / ref - 1)
+    assert mine != out["partitions"]["iid"]["methods"]["fsl_sage"]["decaying"]["test_loss"]["mean"]
 
 
 def test_schedule_reads_constant_runs_up_to_the_horizon_by_their_validation_loss():
