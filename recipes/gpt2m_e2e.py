@@ -92,6 +92,7 @@ from e2e_task.data import (
 )
 from e2e_task.evaluation import GenerationEvalCallback, GenerationSettings, evaluate_e2e_generation
 from e2e_task.metrics import METRIC_NAMES
+from e2e_task.report import card_metrics, ratios, summary
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
 from hf_fsl_sage.algorithms.registry import available as available_algorithms
 from hf_fsl_sage.federation.data import tokenize_text
@@ -487,65 +488,6 @@ def _tokenized_splits(script: ScriptArguments, tokenizer, raw) -> tuple[datasets
 
 # --------------------------------------------------------------------------- run
 
-SCORES = ("eval_loss", "eval_perplexity", *METRIC_NAMES, "slot_error_rate")
-
-
-def _card_metrics(results: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in (*METRIC_NAMES, "slot_error_rate"):
-        value = results.get(name)
-        reason = results.get(f"{name}_unavailable_reason")
-        out[f"test_{name}"] = value if value is not None else f"unavailable: {reason}"
-    out["test_mrs"] = results.get("num_generation_mrs")
-    return out
-
-
-def _cell(results: dict[str, Any], name: str) -> str:
-    value = results.get(name)
-    if value is None:
-        return f"unavailable ({results.get(f'{name}_unavailable_reason')})"
-    return f"{value:.4f}"
-
-
-def _summary(results: dict[str, Any]) -> str:
-    """The scores, bytes and steps of the main run, of each compared run and of the centralized reference, side by
-    side, with the main run's ratio to the reference."""
-    central = results.get("centralized")
-    runs = {results["algorithm"]: results, **results.get("compared", {})}
-    ratios = results.get("federated_over_centralized", {})
-    width = max(21, *map(len, runs))  # the widest cell: SplitFed-V2's bytes, e.g. 486.6 (243.8 / 242.8)
-    lines = [f"  {'metric':<24}" + "".join(f" {name:>{width}}" for name in runs)
-             + (f" {'centralized':>{width}} {'ratio':>8}" if central else "")]
-    for name in SCORES:
-        line = f"  {name:<24}" + "".join(f" {_cell(run, name):>{width}}" for run in runs.values())
-        if central:
-            ratio = ratios.get(name)
-            line += f" {_cell(central, name):>{width}} {'' if ratio is None else f'{ratio:.3f}':>8}"
-        lines.append(line)
-    rows = [("comm_MB (up / down)", lambda r: f"{r['comm_bytes'] / 1e6:.1f} ({r['comm_bytes_up'] / 1e6:.1f} / "
-                                              f"{r['comm_bytes_down'] / 1e6:.1f})"),
-            ("rounds / global steps", lambda r: f"{r['rounds']} / {r['global_steps']}"),
-            ("wall-clock seconds", lambda r: f"{r['runtime_seconds']:.0f}")]
-    for label, value in rows:
-        lines.append(f"  {label:<24}" + "".join(f" {value(run):>{width}}" for run in runs.values()))
-    boot = results.get("bleu_bootstrap")
-    if boot:  # the bootstrap's columns: the runs, then the centralized reference
-        bleu, versus = boot["bleu"], boot["versus"]
-        lines.append(f"  {'bleu 95 % interval':<24}" + "".join(
-            f" {bleu[name]['low']:.3f}-{bleu[name]['high']:.3f}".rjust(width + 1) for name in bleu))
-        lines.append(f"  {'bleu gap to ' + boot['first']:<24}" + " " * (width + 1) + "".join(
-            f" {versus[name]['low']:+.3f}..{versus[name]['high']:+.3f}".rjust(width + 1) for name in versus))
-    return "\n".join(lines)
-
-
-def _ratios(federated: dict[str, Any], central: dict[str, Any]) -> dict[str, float | None]:
-    out = {}
-    for name in SCORES:
-        a, b = federated.get(name), central.get(name)
-        out[name] = a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b != 0 else None
-    return out
-
-
 def run(script: ScriptArguments, args: FSLSageConfig,
         argv: list[str] | None = None) -> tuple[FSLSageTrainer, dict[str, Any]]:
     """Pre-train (if asked), train, evaluate, generate, write metrics.json, the plot and the model card; push if
@@ -600,7 +542,7 @@ def run(script: ScriptArguments, args: FSLSageConfig,
     base = pretraining.get("directory") or script.model_name_or_path
     card = {} if results is None else {
         "finetuned_from": base, "dataset": script.dataset_name, "dataset_attribution": E2E_ATTRIBUTION,
-        "metrics": _card_metrics(results), "language": "en", "tags": ["e2e-nlg", "data-to-text"]}
+        "metrics": card_metrics(results), "language": "en", "tags": ["e2e-nlg", "data-to-text"]}
     if args.push_to_hub:
         trainer.push_to_hub(commit_message="FSL-SAGE fine-tuning on E2E", **card)
     else:
@@ -658,7 +600,7 @@ def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLS
                  and isinstance(v, (int, float))})
     generations = results.pop("generations")
     if central is not None:
-        results["federated_over_centralized"] = _ratios(results, central)
+        results["federated_over_centralized"] = ratios(results, central)
         results["centralized"] = {k: v for k, v in central.items() if k != "generations"}
     results.update({
         "runtime_seconds": time.time() - started[0],
@@ -672,7 +614,7 @@ def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLS
         "training_args": args.to_dict(),
         "plot": script.plot_file,
         "compared": {name: {k: v for k, v in other.items() if k not in ("generations", "log_history")}
-                     | ({"over_centralized": _ratios(other, central)} if central else {})
+                     | ({"over_centralized": ratios(other, central)} if central else {})
                      for name, other in compared.items()},
         "generations": generations,
     })
@@ -689,7 +631,7 @@ def _finish_on_main(trainer: FSLSageTrainer, script: ScriptArguments, args: FSLS
                       title=f"{args.algorithm}, {args.num_clients} clients, cut_layer={args.cut_layer}",
                       compared={name: other["log_history"] for name, other in compared.items()})
     (out / script.metrics_file).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    print(f"\nResults ({out / script.metrics_file}):\n{_summary(results)}", flush=True)
+    print(f"\nResults ({out / script.metrics_file}):\n{summary(results)}", flush=True)
     return results
 
 

@@ -19,6 +19,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from e2e_task.data import E2E_SEPARATOR, IGNORE_INDEX, load_e2e_csv
+from e2e_task.report import SCORES, card_metrics, summary
 from tests.helpers import load_script
 
 
@@ -177,12 +178,12 @@ def test_tiny_preset_end_to_end_as_a_script(tmp_path):
     assert metrics["comm_bytes"] == metrics["comm_bytes_up"] + metrics["comm_bytes_down"] > 0
     # Every score of both runs is a number; only METEOR may be missing, and only with its reason.
     for results in (metrics, central):
-        for name in recipe.SCORES:
+        for name in SCORES:
             if name == "meteor" and results[name] is None:
                 assert shutil.which("java") is None and "java" in results["meteor_unavailable_reason"]
                 continue
             assert isinstance(results[name], float) and math.isfinite(results[name]), name
-    for name in recipe.SCORES:
+    for name in SCORES:
         ratio = metrics["federated_over_centralized"][name]
         if isinstance(central[name], float) and central[name] != 0:
             assert ratio == pytest.approx(metrics[name] / central[name], rel=1e-12), name
@@ -320,8 +321,8 @@ def test_unavailable_metric_is_reported_with_its_reason():
                "meteor": None, "meteor_unavailable_reason": "java was not found on PATH", "rouge_l": 0.5, "cider": 0.6,
                "comm_bytes": 3_000_000, "comm_bytes_up": 2_000_000, "comm_bytes_down": 1_000_000, "rounds": 2,
                "global_steps": 4, "runtime_seconds": 1.0, "num_generation_mrs": 3}
-    assert recipe._card_metrics(results)["test_meteor"] == "unavailable: java was not found on PATH"
-    assert "unavailable (java was not found on PATH)" in recipe._summary(results)
+    assert card_metrics(results)["test_meteor"] == "unavailable: java was not found on PATH"
+    assert "unavailable (java was not found on PATH)" in summary(results)
 
 
 def _tiny_lm(tokenizer):
