@@ -13,6 +13,7 @@ SCORES = ("eval_loss", "eval_perplexity", *METRIC_NAMES, "slot_error_rate")
 
 
 def card_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """The model card's ``test_<metric>`` entries; a metric that could not run reads "unavailable: <reason>"."""
     out: dict[str, Any] = {}
     for name in (*METRIC_NAMES, "slot_error_rate"):
         value = results.get(name)
@@ -61,6 +62,7 @@ def summary(results: dict[str, Any]) -> str:
 
 
 def ratios(federated: dict[str, Any], central: dict[str, Any]) -> dict[str, float | None]:
+    """``federated`` / ``central`` for every score both have as a number (None otherwise)."""
     out = {}
     for name in SCORES:
         a, b = federated.get(name), central.get(name)
