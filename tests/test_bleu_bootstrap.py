@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 
 from e2e_task.bootstrap import bleu_intervals, resampled_bleu, segment_stats
-from e2e_task.metrics import load_metric
-from tests.test_metrics import PREDICTIONS, REFERENCES
+from tests.test_metrics import MTEVAL_BLEU, PREDICTIONS, REFERENCES, _bleu
 
 
 def _records(predictions: list[str], references: list[list[str]] = REFERENCES) -> list[dict]:
     return [{"mr": f"mr {i}", "prediction": p, "references": r}
             for i, (p, r) in enumerate(zip(predictions, references, strict=True))]
-
-
-def _bleu(predictions: list[str], references: list[list[str]]) -> float:
-    return load_metric("bleu").compute(predictions=predictions, references=references)["bleu"]
 
 
 def test_each_resample_scores_as_the_corpus_of_the_drawn_segments():
@@ -25,7 +20,7 @@ def test_each_resample_scores_as_the_corpus_of_the_drawn_segments():
     # The metric module (checked against mteval-v13a) on the drawn segments as a corpus of their own.
     expected = [_bleu([PREDICTIONS[i] for i in row], [REFERENCES[i] for i in row]) for row in draws]
     assert got.tolist() == pytest.approx(expected, rel=1e-12)
-    assert got[0] == pytest.approx(0.404703570150, abs=1e-12)  # the E2E challenge's scorer on the whole corpus
+    assert got[0] == pytest.approx(MTEVAL_BLEU, abs=1e-12)  # the E2E challenge's scorer on the whole corpus
 
 
 def test_a_system_better_on_every_mr_wins_every_resample_and_a_copy_ties():
@@ -34,11 +29,11 @@ def test_a_system_better_on_every_mr_wins_every_resample_and_a_copy_ties():
                          resamples=200, seed=3)
     assert out["bleu"]["exact"] == {"value": 1.0, "low": 1.0, "high": 1.0}
     model = out["bleu"]["model"]
-    assert model["value"] == pytest.approx(0.404703570150, abs=1e-12) and model["low"] < model["value"]
+    assert model["value"] == pytest.approx(MTEVAL_BLEU, abs=1e-12) and model["low"] < model["value"]
     assert model["value"] < model["high"] < 1.0
     versus = out["versus"]["model"]
     assert versus["first_higher"] == 1.0 and 0 < versus["low"] < versus["difference"] < versus["high"]
-    assert versus["difference"] == pytest.approx(1 - 0.404703570150, abs=1e-12)
+    assert versus["difference"] == pytest.approx(1 - MTEVAL_BLEU, abs=1e-12)
     assert out["versus"]["copy"] == {"difference": 0.0, "low": 0.0, "high": 0.0, "first_higher": 0.0}
     # The interval is the central 95 % of the model's 200 resampled scores (the same draws, seeded).
     draws = np.random.default_rng(3).integers(0, 4, size=(200, 4))
