@@ -323,6 +323,10 @@ def test_unavailable_metric_is_reported_with_its_reason():
                "global_steps": 4, "runtime_seconds": 1.0, "num_generation_mrs": 3}
     assert card_metrics(results)["test_meteor"] == "unavailable: java was not found on PATH"
     assert "unavailable (java was not found on PATH)" in summary(results)
+    # A run alone: its BLEU interval, and no gap row with nothing to compare.
+    results["bleu_bootstrap"] = {"first": "fsl_sage", "bleu": {"fsl_sage": {"value": 0.3, "low": 0.2, "high": 0.4}},
+                                 "versus": {}}
+    assert "0.200-0.400" in summary(results) and "bleu gap" not in summary(results)
 
 
 def _tiny_lm(tokenizer):

@@ -56,8 +56,9 @@ def summary(results: dict[str, Any]) -> str:
         bleu, versus = boot["bleu"], boot["versus"]
         lines.append(f"  {'bleu 95 % interval':<24}" + "".join(
             f" {bleu[name]['low']:.3f}-{bleu[name]['high']:.3f}".rjust(width + 1) for name in bleu))
-        lines.append(f"  {'bleu gap to ' + boot['first']:<24}" + " " * (width + 1) + "".join(
-            f" {versus[name]['low']:+.3f}..{versus[name]['high']:+.3f}".rjust(width + 1) for name in versus))
+        if versus:  # a run alone has no gap to show
+            lines.append(f"  {'bleu gap to ' + boot['first']:<24}" + " " * (width + 1) + "".join(
+                f" {versus[name]['low']:+.3f}..{versus[name]['high']:+.3f}".rjust(width + 1) for name in versus))
     return "\n".join(lines)
 
 
