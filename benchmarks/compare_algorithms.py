@@ -353,6 +353,16 @@ def choose(cfg, store: RunStore, run: Callable[[list[Task]], None]) -> tuple[dic
     return reference_choice, chosen, first + second
 
 
+def cpu_by_stage(store: RunStore, planned: list[Task], final: list[Task]) -> dict[str, float]:
+    """The CPU seconds of the stored runs of this grid, per stage (the runs file also holds other benchmarks'
+    runs, which do not count), and how many runs that is."""
+    stages = {"reference": [t for t in planned if t[0] == "centralized"],
+              "tuning": [t for t in planned if t[0] != "centralized"], "final": final}
+    rows = {stage: [store.get(t) for t in dict.fromkeys(tasks)] for stage, tasks in stages.items()}
+    out = {stage: sum(r["cpu_seconds"] for r in stored if r) for stage, stored in rows.items()}
+    return {**out, "total": sum(out.values()), "runs": sum(r is not None for stored in rows.values() for r in stored)}
+
+
 def report_line(task: Task, row: dict[str, Any]) -> None:
     name, mode, partition, seed, items = task
     best = best_point(row["curve"])
@@ -396,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference_choice, chosen, planned = choose(cfg, store, run)
     # 3: final runs
     run(final_tasks(cfg, chosen))
-    missing = [t for t in dict.fromkeys(planned + final_tasks(cfg, chosen)) if not store.get(t)]
+    final = [t for t in final_tasks(cfg, chosen) if t not in planned]
+    missing = [t for t in dict.fromkeys(planned + final) if not store.get(t)]
 
     if not opts.report_only:
         store.add_invocation(clock.record(len(store.rows) - before))
@@ -404,16 +415,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "threads": opts.threads}, "base": base_info,
                **analyse(cfg, store, chosen, reference_choice),
                "missing_runs": [list(t[:4]) + [dict(t[4])] for t in missing],
-               "invocations": store.invocations,
-               "cpu_seconds_runs": sum(r["cpu_seconds"] for r in store.rows.values())}
+               "invocations": store.invocations, "cpu_seconds_by_stage": cpu_by_stage(store, planned, final)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     plot(results, out_dir / f"{stem}.png")
     print(table(results))
     if missing:
         print(f"\n{len(missing)} planned runs are not in {store.path} yet (the JSON lists them under missing_runs)")
+    stages = results["cpu_seconds_by_stage"]
+    hours = {k: f"{v / 3600:.1f}" for k, v in stages.items() if k != "runs"}
+    print(f"\nthe grid's stored runs: {stages['runs']}, {hours['total']} CPU-h (reference {hours['reference']}, "
+          f"tuning {hours['tuning']}, final {hours['final']})")
     total = results["invocations"]
-    print(f"\n{sum(i['wall_seconds'] for i in total) / 60:.1f} min wall, "
+    print(f"{sum(i['wall_seconds'] for i in total) / 60:.1f} min wall, "
           f"{sum(i['cpu_seconds'] for i in total) / 60:.1f} CPU-min over {len(total)} invocation(s); "
           f"wrote {out_dir / (stem + '.json')} and .png", flush=True)
     return results

@@ -62,6 +62,20 @@ def test_compare_algorithms_quick_runs_every_stage_and_resumes(tmp_path):
     assert [i["runs"] for i in again["invocations"]] == [invocation["runs"], 0]
     assert again["settings"] == results["settings"]
 
+    # The grid's CPU time counts its own runs once each, not the other benchmarks' in the same runs file.
+    entries = [json.loads(line) for line in runs_file.read_text().splitlines()]
+    stored = [e["row"]["cpu_seconds"] for e in entries if "row" in e]
+    stages = again["cpu_seconds_by_stage"]
+    assert stages["runs"] == len(stored) and stages["total"] == pytest.approx(sum(stored))
+    assert stages["total"] == pytest.approx(stages["reference"] + stages["tuning"] + stages["final"])
+    assert 0 < stages["reference"] < stages["total"] and 0 < stages["final"] < stages["total"]
+    other = {**next(e for e in entries if "row" in e), "key": json.dumps(["fsl_sage", "lora", "iid", 7, []])}
+    with runs_file.open("a") as f:
+        f.write(json.dumps(other) + "\n")
+    run("compare_algorithms.py", tmp_path, "--report-only", in_process=True)
+    assert json.loads((tmp_path / "compare_algorithms_quick.json").read_text())["cpu_seconds_by_stage"] == stages
+    runs_file.write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+
     # --report-only starts nothing and reports the runs there are: without FSL-SAGE's, the others as before.
     kept = [line for line in runs_file.read_text().splitlines() if "fsl_sage" not in line]
     runs_file.write_text("\n".join(kept) + "\n")
