@@ -18,7 +18,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from e2e_task.data import E2E_SEPARATOR, IGNORE_INDEX, load_e2e_csv
+from e2e_task import arguments
+from e2e_task.data import E2E_SAMPLE_PATH, E2E_SEPARATOR, IGNORE_INDEX, load_e2e_csv
 from e2e_task.report import SCORES, card_metrics, summary
 from tests.helpers import load_script
 
@@ -50,7 +51,7 @@ def test_presets_and_paper_defaults(tmp_path):
     assert (args.num_clients, args.cut_layer, args.aux_num_layers, args.server_update_interval, args.align_interval,
             args.learning_rate, args.per_device_train_batch_size, args.warmup_steps,
             args.label_smoothing_factor) == (10, 1, 3, 5, 10, 2e-4, 8, 500, 0.1)
-    assert args.output_dir == recipe.DEFAULT_OUTPUT_DIR
+    assert args.output_dir == arguments.DEFAULT_OUTPUT_DIR
 
     assert (script.pretrain_steps, script.reference) == (0, "none")
 
@@ -65,7 +66,7 @@ def test_presets_and_paper_defaults(tmp_path):
     assert (args.local_steps, args.server_update_interval, args.server_replay_steps) == (5, 3, 4)
     assert script.compare_algorithms == ["splitfed_v2"]  # the trade-off: SplitFed-V2 beside FSL-SAGE
     assert args.learning_rate == 1e-3  # an explicit flag wins over the preset
-    assert args.output_dir == recipe.PRESETS["tiny"]["output_dir"]
+    assert args.output_dir == arguments.PRESETS["tiny"]["output_dir"]
     with pytest.raises(SystemExit):  # pre-training needs held-out rows
         recipe.parse_args(["--preset", "tiny", "--pretrain_fraction", "0"])
 
@@ -94,7 +95,7 @@ def test_splits_share_no_mr_and_loss_covers_only_the_reference(tmp_path):
     for a, b in [("train", "validation"), ("train", "test"), ("validation", "test"), ("pretrain", "train"),
                  ("pretrain", "validation"), ("pretrain", "test")]:
         assert not mrs[a] & mrs[b], (a, b)
-    rows = load_e2e_csv(recipe.E2E_SAMPLE_PATH)
+    rows = load_e2e_csv(E2E_SAMPLE_PATH)
     assert sum(len(ds) for ds in splits.values()) == len(rows)
     # About 30 % of the training rows (whole mr groups) are held out for the pre-training.
     assert 0.25 < len(splits["pretrain"]) / (len(splits["pretrain"]) + len(splits["train"])) < 0.35
@@ -112,7 +113,7 @@ def test_splits_share_no_mr_and_loss_covers_only_the_reference(tmp_path):
 
 
 def test_local_files_rows_sharing_an_mr_with_an_earlier_split_are_dropped(tmp_path):
-    rows = load_e2e_csv(recipe.E2E_SAMPLE_PATH)
+    rows = load_e2e_csv(E2E_SAMPLE_PATH)
     a, b, c, d = sorted(set(rows["mr"]))[:4]
     files = {"train": {a, b}, "validation": {b, c}, "test": {a, c, d}}
     for name, keep in files.items():
@@ -305,7 +306,7 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time():
     tokenizer = offline_gpt2_tokenizer()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer)))
-    rows = load_e2e_csv(recipe.E2E_SAMPLE_PATH).select(range(40))
+    rows = load_e2e_csv(E2E_SAMPLE_PATH).select(range(40))
     mrs, refs = group_references(rows, max_mrs=3)
     assert len(set(mrs)) == 3 and all(refs) and len({len(m) for m in mrs}) > 1  # prompts of different lengths
     prompts = [m + E2E_SEPARATOR for m in mrs]
@@ -343,7 +344,7 @@ def test_pretrained_base_is_cached_by_its_settings(tmp_path):
     from hf_fsl_sage.federation.data import tokenize_text
 
     tokenizer = offline_gpt2_tokenizer()
-    rows = load_e2e_csv(recipe.E2E_SAMPLE_PATH).select(range(24))
+    rows = load_e2e_csv(E2E_SAMPLE_PATH).select(range(24))
     text = tokenize_text(rows.select_columns(["ref"]).rename_column("ref", "text"), tokenizer, max_length=32)
     built = []
 
@@ -374,7 +375,7 @@ def test_centralized_reference_sees_the_federated_runs_examples_and_schedule(tmp
     from hf_fsl_sage import FSLSageConfig
 
     tokenizer = offline_gpt2_tokenizer()
-    rows = tokenize_e2e(load_e2e_csv(recipe.E2E_SAMPLE_PATH).select(range(40)), tokenizer, max_length=48)
+    rows = tokenize_e2e(load_e2e_csv(E2E_SAMPLE_PATH).select(range(40)), tokenizer, max_length=48)
     args = FSLSageConfig(output_dir=str(tmp_path), num_clients=3, max_steps=2, warmup_steps=1,
                          per_device_train_batch_size=4, learning_rate=1e-3, report_to="none")
     lora = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True,
@@ -407,7 +408,7 @@ def test_restricted_tokenizer_keeps_the_tokens_of_its_texts(tmp_path):
     from e2e_task.data import offline_gpt2_tokenizer, restricted_tokenizer
 
     full = offline_gpt2_tokenizer()
-    rows = load_e2e_csv(recipe.E2E_SAMPLE_PATH)
+    rows = load_e2e_csv(E2E_SAMPLE_PATH)
     seen = [t for mr, ref in zip(rows["mr"][:300], rows["ref"][:300]) for t in (mr, " " + ref)]
     small = restricted_tokenizer(full, seen)
     assert 256 < len(small) < 2000 and small.eos_token == full.eos_token == "<|endoftext|>"
@@ -425,7 +426,7 @@ def test_restricted_tokenizer_keeps_the_tokens_of_its_texts(tmp_path):
 
 def test_help_lists_fsl_sage_options_first_with_their_choices():
     """--help: the options FSLSageConfig adds come first, in their own group, with the algorithm and codec names."""
-    text = recipe.build_parser().format_help()
+    text = arguments.build_parser(recipe.__doc__).format_help()
     groups = [text.index(title) for title in ("FSL-SAGE options (FSLSageConfig):", "recipe options:",
                                               "Trainer options (TrainingArguments")]
     assert groups == sorted(groups)
