@@ -69,6 +69,12 @@ def run(command: Sequence[str], env: dict[str, str], timeout: float,
 _PORT_TAKEN = re.compile(r"EADDRINUSE|[Aa]ddress already in use|port .* is already in use")
 
 
+def this_python_first(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the directory of the interpreter running the tests first on ``PATH``: scripts that start
+    ``python``, ``flwr`` or ``flower-superlink`` by name then run this environment's, not another install's."""
+    return {**env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import this_python_first
+
 
 pytestmark = pytest.mark.deadlines("smoke")
 
@@ -26,7 +28,7 @@ CHECKS = ["one_process", "processes_equal", "resume", "codec", "dropped_client",
 @pytest.mark.slow
 def test_the_gpu_smoke_script_passes_every_check_on_cpu(tmp_path):
     out = tmp_path / "gpu_smoke.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = this_python_first(dict(os.environ, OMP_NUM_THREADS="1"))  # the script runs `python` by name
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_smoke.sh"), "--quick", "--launcher", "preloaded",
                            "--output", str(out)],
                           capture_output=True, text=True, timeout=1500, env=env)
