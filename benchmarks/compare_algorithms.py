@@ -404,9 +404,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_all(longest_first(tasks), store, opts.jobs, worker, report_line)
 
     reference_choice, chosen, planned = choose(cfg, store, run)
-    # 3: final runs
-    run(final_tasks(cfg, chosen))
+    # 3: final runs (seed 0 on IID clients is a tuning run already)
     final = [t for t in final_tasks(cfg, chosen) if t not in planned]
+    run(final)
     missing = [t for t in dict.fromkeys(planned + final) if not store.get(t)]
 
     if not opts.report_only:
