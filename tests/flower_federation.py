@@ -31,9 +31,8 @@ class Federation:
 
     def __init__(self, home: Path, simulation: bool = False):
         self.home, self.port, self.simulation = home, free_port(), simulation
-        self.env = {**this_python_first(dict(os.environ)), "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT),
-                    "OMP_NUM_THREADS": "1",
-                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+        self.env = {**this_python_first(os.environ), "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT),
+                    "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                     # the SuperExec looks for a ClientApp or ServerApp to start every 50 ms instead of every 1 s
                     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"}
         self.processes: dict[str, subprocess.Popen] = {}

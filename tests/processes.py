@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
@@ -69,7 +69,7 @@ def run(command: Sequence[str], env: dict[str, str], timeout: float,
 _PORT_TAKEN = re.compile(r"EADDRINUSE|[Aa]ddress already in use|port .* is already in use")
 
 
-def this_python_first(env: dict[str, str]) -> dict[str, str]:
+def this_python_first(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` with the directory of the interpreter running the tests first on ``PATH``: scripts that start
     ``python``, ``flwr`` or ``flower-superlink`` by name then run this environment's, not another install's."""
     return {**env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])}
