@@ -5,6 +5,9 @@ it takes to get there, beside a centralized reference trained to convergence.
     python benchmarks/compare_algorithms.py --quick      # smoke run (CI), under 2 minutes
     python benchmarks/compare_algorithms.py --modes lora --partitions iid --methods splitfed_v2 cse_fsl
                                                          # a part of the grid; a later full run adds the rest
+    python benchmarks/compare_algorithms.py --round-length 25 --modes full
+                                                         # second view: every method with rounds of 25 local
+                                                         # steps at the rate it chose
 
 Set-up (``e2e_runs``): a GPT-2 with 6 blocks of width 128 pre-trained on held-out E2E references, fine-tuned
 on the training part over 4 clients (IID, or Dirichlet(0.5) over the ``customer rating`` slot) with LoRA (r 4
@@ -28,7 +31,9 @@ Reported from the test curve at the point each run's validation loss was lowest:
 share of the gap it closes, and the bytes and server updates it took; the bytes to each target, interpolated in
 log-bytes between the two evaluations that bracket it (with the bracket); and, as a second view, the test loss
 at fixed byte budgets and, to see where the quality comes from, after fixed numbers of server updates. Seeds
-give min-max. Writes ``compare_algorithms[_quick].json`` (with every curve and the
+give min-max. ``--round-length N`` is a second view of stage 3: the final runs with rounds of N local steps
+for every method, each at the learning rate it chose (the tuning and its report unchanged), written to
+``compare_algorithms[_quick]_roundsN.json``. Writes ``compare_algorithms[_quick].json`` (with every curve and the
 wall and CPU time of each invocation) and ``.png`` under ``--output-dir``, and each run as it ends in
 ``e2e_runs[_quick].jsonl`` there.
 """
@@ -67,6 +72,8 @@ FULL = {
     "learning_rate": {"lora": 3e-3, "full": 1e-3}, "lr_factors": [0.3, 1.0, 3.0], "round_lengths": [10, 25],
     "seeds": [0, 1, 2],
     # which runs to make (``--modes``, ``--partitions``, ``--methods`` narrow them; a later run adds the rest)
+    # and, if set, the round length every final run takes instead of its chosen one (``--round-length``)
+    "round_length_view": None,
     "modes": MODES, "partitions": PARTITIONS, "methods": METHODS + list(UNTUNED),
     # second view: test loss at these budgets (MB)
     "budgets_mb": {"lora": [2, 8, 32], "full": [8, 32, 128]},
@@ -132,6 +139,8 @@ def listed(cfg) -> list[str]:
 
 
 def final_tasks(cfg, chosen: dict[tuple[str, str], Task]) -> list[Task]:
+    """Every final run: each listed method at its chosen settings (with ``cfg["round_length_view"]``, at its
+    chosen rate with rounds of that many local steps), in every mode and partition, with its seeds."""
     tasks = []
     for mode in cfg["modes"]:
         for partition in cfg["partitions"]:
@@ -139,6 +148,8 @@ def final_tasks(cfg, chosen: dict[tuple[str, str], Task]) -> list[Task]:
                 if (UNTUNED.get(method, method), mode) not in chosen:
                     continue
                 items = chosen[(UNTUNED.get(method, method), mode)][4]
+                if cfg["round_length_view"]:
+                    items = settings(dict(items)["learning_rate"], cfg["round_length_view"])
                 seeds = cfg["seeds"] if method in SEEDED else cfg["seeds"][:1]
                 tasks += [(method, mode, partition, seed, items) for seed in seeds]
     return tasks
@@ -385,14 +396,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="seeds of the reference and the final runs (the first also tunes); default 0 1 2")
     parser.add_argument("--round-lengths", type=int, nargs="+", default=None,
                         help="round lengths (local steps) of the tuning grid; default 10 25")
+    parser.add_argument("--round-length", type=int, default=None, metavar="N",
+                        help="second view: the final runs with rounds of N local steps for every method, at the "
+                             "rate each chose; writes compare_algorithms_roundsN.json")
     opts = parser.parse_args(argv)
     cfg = copy.deepcopy(QUICK if opts.quick else FULL)
     cfg.update(modes=opts.modes, partitions=opts.partitions, methods=sorted(set(opts.methods) | {"fsl_sage"}))
     cfg.update({k: v for k, v in (("seeds", opts.seeds), ("round_lengths", opts.round_lengths)) if v})
+    if opts.round_length is not None and opts.round_length < 1:
+        parser.error(f"--round-length {opts.round_length}: a round needs at least one local step")
+    cfg["round_length_view"] = opts.round_length
     out_dir = Path(opts.output_dir)
     stem = "compare_algorithms_quick" if opts.quick else "compare_algorithms"
+    view = f"{stem}_rounds{opts.round_length}" if opts.round_length else stem
     # The federated runs here take the library's defaults: their fingerprints hold the ones they read.
-    setup = open_bench(opts, cfg, stem)
+    setup = open_bench(opts, cfg, view)  # the view's invocations are its own
     store, clock, data, path, base_info, worker = (setup.store, setup.clock, setup.data, setup.data_file,
                                                    setup.base_info, setup.worker)
     print(f"data {path.name} {data['sizes']}; base: validation loss {base_info['eval_loss_before']:.3f} -> "
@@ -417,8 +435,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "missing_runs": [list(t[:4]) + [dict(t[4])] for t in missing],
                "invocations": store.invocations, "cpu_seconds_by_stage": cpu_by_stage(store, planned, final)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    plot(results, out_dir / f"{stem}.png")
+    (out_dir / f"{view}.json").write_text(json.dumps(results, indent=1))
+    plot(results, out_dir / f"{view}.png")
     print(table(results))
     if missing:
         print(f"\n{len(missing)} planned runs are not in {store.path} yet (the JSON lists them under missing_runs)")
@@ -429,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total = results["invocations"]
     print(f"{sum(i['wall_seconds'] for i in total) / 60:.1f} min wall, "
           f"{sum(i['cpu_seconds'] for i in total) / 60:.1f} CPU-min over {len(total)} invocation(s); "
-          f"wrote {out_dir / (stem + '.json')} and .png", flush=True)
+          f"wrote {out_dir / (view + '.json')} and .png", flush=True)
     return results
 
 

@@ -87,6 +87,34 @@ def test_compare_algorithms_quick_runs_every_stage_and_resumes(tmp_path):
         assert "fsl_sage" not in setting["methods"] and setting["goal"] is None
         assert setting["methods"] == {m: r for m, r in results["settings"][key]["methods"].items() if m != "fsl_sage"}
 
+    # --round-length: the same tuning, the final runs with rounds of 3 local steps (a length outside the grid, so
+    # every one of them is new) at each method's chosen rate, in a JSON of its own.
+    runs_file.write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+    main_json = (tmp_path / "compare_algorithms_quick.json").read_text()
+    run("compare_algorithms.py", tmp_path, "--round-length", "3", "--modes", "lora", "--partitions", "iid",
+        "--methods", "splitfed_v2", "fsl_sage", in_process=True)
+    view = json.loads((tmp_path / "compare_algorithms_quick_rounds3.json").read_text())
+    assert (tmp_path / "compare_algorithms_quick_rounds3.png").is_file()
+    assert (tmp_path / "compare_algorithms_quick.json").read_text() == main_json
+    assert view["tuning"]["lora"] == {m: results["tuning"]["lora"][m] for m in ("splitfed_v2", "fsl_sage")}
+    rows = view["settings"]["iid/lora"]["methods"]
+    assert set(rows) == {"splitfed_v2", "fsl_sage"}
+    for method, row in rows.items():
+        chosen = results["tuning"]["lora"][method]["chosen"]
+        assert row["settings"] == {"learning_rate": chosen["learning_rate"], "local_steps": 3}
+        assert row["seeds"] == cfg["seeds"]
+        # 3 local steps on 2 clients: the rounds end at client steps 6, 12, ...
+        assert {p["client_steps"] % 6 for curve in row["curves"] for p in curve} == {0}
+    assert [i["runs"] for i in view["invocations"]] == [2 * len(cfg["seeds"])]
+
+
+def test_compare_algorithms_refuses_a_round_without_local_steps(tmp_path, capsys):
+    compare_algorithms = importlib.import_module("compare_algorithms")
+    with pytest.raises(SystemExit):
+        compare_algorithms.main(["--quick", "--output-dir", str(tmp_path), "--report-only", "--round-length", "0"])
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+    assert "--round-length 0: a round needs at least one local step" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_ablation_quick_runs_each_variant_from_the_reference(tmp_path):
