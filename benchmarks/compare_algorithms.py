@@ -5,9 +5,9 @@ it takes to get there, beside a centralized reference trained to convergence.
     python benchmarks/compare_algorithms.py --quick      # smoke run (CI), under 2 minutes
     python benchmarks/compare_algorithms.py --modes lora --partitions iid --methods splitfed_v2 cse_fsl
                                                          # a part of the grid; a later full run adds the rest
-    python benchmarks/compare_algorithms.py --round-length 25 --modes full
-                                                         # second view: every method with rounds of 25 local
-                                                         # steps at the rate it chose
+    python benchmarks/compare_algorithms.py --round-length 25 --methods splitfed_v2 cse_fsl fsl_sage
+                                                         # second view: the split methods with rounds of 25
+                                                         # local steps, each at the rate it chose
 
 Set-up (``e2e_runs``): a GPT-2 with 6 blocks of width 128 pre-trained on held-out E2E references, fine-tuned
 on the training part over 4 clients (IID, or Dirichlet(0.5) over the ``customer rating`` slot) with LoRA (r 4
