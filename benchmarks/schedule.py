@@ -3,6 +3,7 @@
     python benchmarks/schedule.py --jobs 2 --round-lengths 10   # LoRA, IID clients, seeds 0 1 2 (docs/benchmarks.md)
     python benchmarks/schedule.py --methods fsl_sage --seeds 0
     python benchmarks/schedule.py --partitions dirichlet --client-steps 8000   # Dirichlet(0.5) clients
+    python benchmarks/schedule.py --modes full --round-length 25 --name schedule_full_rounds25   # rounds of 25
     python benchmarks/schedule.py --quick                   # smoke run
 
 ``compare_algorithms.py`` trains every method at a constant learning rate until its validation loss stops
@@ -18,7 +19,9 @@ Reported per method (mean and min-max over ``--seeds``), for the decaying runs a
 over the whole run and over its first ``--client-steps``): the test loss at the point of lowest validation loss,
 its excess over the reference run the same way and over the converged constant-rate reference, and the bytes and
 server updates to get there. The reference is centralized, so one serves every ``--partitions``; the methods use
-the settings chosen on IID clients, as ``compare_algorithms.py`` does. Writes ``schedule[_quick].json``
+the settings chosen on IID clients, as ``compare_algorithms.py`` does. ``--round-length N`` runs every method (the
+constant-rate runs and the decaying ones) with rounds of N local steps at the rate it chose, as the view of
+``compare_algorithms.py --round-length N`` does. Writes ``schedule[_quick].json``
 (``--name``) under ``--output-dir`` (per mode, the references, then per partition the methods), and each run as it
 ends in the runs file ``compare_algorithms.py`` uses.
 """
@@ -80,6 +83,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="methods to rerun beside the reference")
     parser.add_argument("--round-lengths", type=int, nargs="+", default=None,
                         help="round lengths of compare_algorithms.py's tuning grid to choose among; default 10 25")
+    parser.add_argument("--round-length", type=int, default=None, metavar="N",
+                        help="run every method with rounds of N local steps at its chosen rate (the tuning unchanged; "
+                             "compare_algorithms.py --round-length N's runs are the constant-rate ones)")
     parser.add_argument("--client-steps", type=int, default=None,
                         help="client steps of every decaying run (the rate reaches zero at the last); default "
                              f"{CLIENT_STEPS['full']} ({CLIENT_STEPS['quick']} with --quick)")
@@ -90,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = copy.deepcopy(bench.QUICK if opts.quick else bench.FULL)
     cfg.update(modes=opts.modes, partitions=opts.partitions, methods=opts.methods)
     cfg.update({k: v for k, v in (("seeds", opts.seeds), ("round_lengths", opts.round_lengths)) if v})
+    if opts.round_length is not None and opts.round_length < 1:
+        parser.error(f"--round-length {opts.round_length}: a round needs at least one local step")
+    cfg["round_length_view"] = opts.round_length
     steps = opts.client_steps or CLIENT_STEPS["quick" if opts.quick else "full"]
     if steps < cfg["eval_client_steps"]:
         parser.error(f"--client-steps {steps} is below one evaluation interval ({cfg['eval_client_steps']} client "

@@ -116,6 +116,14 @@ def test_compare_algorithms_refuses_a_round_without_local_steps(tmp_path, capsys
     assert "--round-length 0: a round needs at least one local step" in capsys.readouterr().err
 
 
+def test_schedule_refuses_a_round_without_local_steps(tmp_path, capsys):
+    schedule = importlib.import_module("schedule")
+    with pytest.raises(SystemExit):
+        schedule.main(["--quick", "--output-dir", str(tmp_path), "--round-length", "0"])
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+    assert "--round-length 0: a round needs at least one local step" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_ablation_quick_runs_each_variant_from_the_reference(tmp_path):
     variants = ["reference", "server_update_interval=1", "SplitFed-V2"]
@@ -170,6 +178,23 @@ def test_schedule_quick_decays_the_rate_to_zero_over_the_horizon_without_stoppin
         assert skewed[label]["test_loss"]["mean"] == mine and skewed[label]["over_reference"]["mean"] == pytest.approx(
             mine / ref - 1)
     assert mine != out["partitions"]["iid"]["methods"]["fsl_sage"]["decaying"]["test_loss"]["mean"]
+
+    # --round-length 3 (outside the quick grid): both schedules rerun with rounds of 3 local steps at the chosen
+    # rate, the tuning and the reference reused, in a JSON of its own.
+    before = len(stored)
+    run("schedule.py", tmp_path, "--jobs", "1", "--methods", "fsl_sage", "--seeds", "0", "--client-steps", "36",
+        "--partitions", "iid", "--round-length", "3", "--name", "rounds3", in_process=True)
+    view = json.loads((tmp_path / "rounds3.json").read_text())["modes"]["lora"]
+    stored = {e["key"]: e["row"] for e in map(json.loads, (tmp_path / "e2e_runs_quick.jsonl").read_text().splitlines())
+              if "key" in e}
+    at3 = dict(chosen, local_steps=3)
+    assert view["partitions"]["iid"]["methods"]["fsl_sage"]["settings"] == at3 and chosen["local_steps"] != 3
+    assert len(stored) == before + 3  # the reference decayed over 36 client steps, FSL-SAGE constant and decaying
+    for decay in (None, 36):
+        # 3 local steps on 2 clients: the rounds, and so the evaluations, end at client steps 6, 12, ...
+        curve = row("fsl_sage", "iid", decay, **at3)["curve"]
+        assert {p["client_steps"] % 6 for p in curve} == {0} and len(curve) > 2
+    assert row("fsl_sage", "iid", 36, **at3)["last_learning_rate"] == 0.0
 
 
 def test_schedule_reads_constant_runs_up_to_the_horizon_by_their_validation_loss():
