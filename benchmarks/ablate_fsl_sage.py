@@ -4,13 +4,17 @@
     python benchmarks/ablate_fsl_sage.py --variants reference "server_update_interval=1" --seeds 0 1 2
     python benchmarks/ablate_fsl_sage.py --variants reference "server_update_interval=1" --client-steps 4000
                                                                     # the same with a rate decaying to zero
+    python benchmarks/ablate_fsl_sage.py --mode full --variants "local_steps=25" --client-steps 4000
+                                                                    # every weight training
     python benchmarks/ablate_fsl_sage.py --quick                    # smoke run
 
 Same data, base model, clients and protocol as ``compare_algorithms.py`` (``e2e_runs``: validation and test
-loss at the end of every round, stop when the validation loss stops improving): LoRA, IID clients. Every
-variant changes one thing from ``REFERENCE`` (FSL-SAGE with every setting it reads written out, so that the
-figures do not move with the library's defaults) and states the hypothesis it tests. The yardstick is the
-converged centralized reference of ``compare_algorithms.py`` (same preset and runs, stored with the variants).
+loss at the end of every round, stop when the validation loss stops improving): LoRA (``--mode``) on IID
+clients (``--partition``). Every variant changes one thing from ``REFERENCE`` (FSL-SAGE with every setting it
+reads written out, so that the figures do not move with the library's defaults, at the learning rate
+``compare_algorithms.py`` chooses for it in the mode) and states the hypothesis it tests. The yardstick is the
+converged centralized reference of ``compare_algorithms.py`` in that mode (same preset and runs, stored with the
+variants).
 
 Reported per variant (mean and min-max over ``--seeds``): the converged test loss, the share of the gap
 between the base model and the reference it closes, the bytes and server updates to get there, the bytes to
@@ -36,6 +40,8 @@ from hf_fsl_sage.algorithms.registry import fields_read_by
 REFERENCE = {"learning_rate": 3e-3, "local_steps": 10, "server_update_interval": 5, "aux_num_layers": 3,
              "aux_init": "server_blocks", "aux_trainable": "adapters", "align_interval": 2, "align_epochs": 5,
              "align_buffer_size": 16}
+# compare_algorithms.py's chosen learning rate for FSL-SAGE, by mode (the reference's rate in that mode)
+LEARNING_RATE = {"lora": 3e-3, "full": 1e-3}
 QUICK_REFERENCE = {**REFERENCE, "local_steps": 2, "aux_num_layers": 1, "align_interval": 1, "align_epochs": 1,
                    "align_buffer_size": 4}
 
@@ -67,6 +73,10 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "num_clients=1": ("averaging client halves (FedAvg) costs quality: one client with all the data ends lower",
                       "fsl_sage", {"num_clients": 1}),
     "local_steps=25": ("longer rounds: fewer averagings of the client halves", "fsl_sage", {"local_steps": 25}),
+    "local_steps=25, server_update_interval=3, server_replay_steps=4": (
+        "the main job's preset at rounds of 25: with full fine-tuning, where the client half's FedAvg is most of "
+        "FSL-SAGE's bytes, more uploads and replayed server steps buy quality for few bytes", "fsl_sage",
+        {"local_steps": 25, "server_update_interval": 3, "server_replay_steps": 4}),
     "learning_rate=1e-3": ("the schedule: a smaller step", "fsl_sage", {"learning_rate": 1e-3}),
     "learning_rate=1e-2": ("the schedule: a larger step", "fsl_sage", {"learning_rate": 1e-2}),
     # baselines with the same settings
@@ -94,12 +104,12 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def task(name: str, seed: int, reference: dict[str, Any]):
+def task(name: str, seed: int, reference: dict[str, Any], mode: str = "lora", partition: str = "iid"):
     """The run of variant ``name``: its algorithm, with the reference's settings that algorithm reads."""
     _, algorithm, changes = VARIANTS[name]
     settings = {**reference, **changes}
     items = tuple(sorted((k, settings[k]) for k in fields_read_by(algorithm, settings)))
-    return algorithm, "lora", "iid", seed, items
+    return algorithm, mode, partition, seed, items
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -108,6 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the runs")
     parser.add_argument("--reference-seeds", type=int, nargs="+", default=None,
                         help="seeds of the centralized reference; default compare_algorithms.py's")
+    parser.add_argument("--mode", choices=bench.MODES, default="lora",
+                        help="fine-tuning mode: LoRA adapters or every weight; default lora")
+    parser.add_argument("--partition", choices=bench.PARTITIONS, default="iid",
+                        help="how the training rows are dealt to the clients; default iid")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
     parser.add_argument("--name", default=None,
                         help="name of the JSON written under --output-dir (default ablate_fsl_sage[_quick]); the "
@@ -119,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = parser.parse_args(argv)
     cfg = copy.deepcopy(bench.QUICK if opts.quick else bench.FULL)
     cfg["seeds"] = opts.reference_seeds or cfg["seeds"]
-    reference = QUICK_REFERENCE if opts.quick else REFERENCE
+    reference = {**(QUICK_REFERENCE if opts.quick else REFERENCE), "learning_rate": LEARNING_RATE[opts.mode]}
     out_dir = Path(opts.output_dir)
     stem = "ablate_fsl_sage_quick" if opts.quick else "ablate_fsl_sage"
     # Every variant gives each setting it depends on: its runs, like the centralized ones, do not depend on the
@@ -128,11 +142,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     store, clock, data, path, worker = setup.store, setup.clock, setup.data, setup.data_file, setup.worker
     before = len(store.rows)
 
-    # The yardstick: the converged reference at the learning rate compare_algorithms chooses for LoRA.
-    refs = bench.reference_grid(cfg)["lora"]
+    # The yardstick: the converged reference at the learning rate compare_algorithms chooses in this mode.
+    refs = bench.reference_grid(cfg)[opts.mode]
     run_all(refs, store, opts.jobs, worker, bench.report_line)
     ceiling_tasks = bench.reference_tasks_at(cfg, bench.best_task(refs, store))
-    tasks = {(name, seed): task(name, seed, reference) for name in opts.variants for seed in opts.seeds}
+    tasks = {(name, seed): task(name, seed, reference, opts.mode, opts.partition)
+             for name in opts.variants for seed in opts.seeds}
     if opts.client_steps:
         tasks = {key: decayed(t, opts.client_steps) for key, t in tasks.items()}
     run_all(bench.longest_first(ceiling_tasks + list(tasks.values())), store, opts.jobs, worker, bench.report_line)
@@ -145,12 +160,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = {}
     for name in opts.variants:
         runs = [store.get(tasks[(name, seed)]) for seed in opts.seeds]
-        per_run = [bench.summarize(r, base, ceiling["mean"], targets, cfg["budgets_mb"]["lora"]) for r in runs]
+        per_run = [bench.summarize(r, base, ceiling["mean"], targets, cfg["budgets_mb"][opts.mode]) for r in runs]
         rows[name] = {"hypothesis": VARIANTS[name][0], "algorithm": VARIANTS[name][1],
                       "changes": VARIANTS[name][2], "seeds": opts.seeds, "runs": per_run,
                       "curves": [r["curve"] for r in runs], **bench.aggregate(per_run)}
     results = {"config": {**cfg, "data_file": path.name, "data": data["sizes"],
-                          "decay_client_steps": opts.client_steps}, "reference_settings": reference,
+                          "decay_client_steps": opts.client_steps, "mode": opts.mode,
+                          "partition": opts.partition}, "reference_settings": reference,
                "ceiling": ceiling, "base_test_loss": base, "targets": targets, "variants": rows,
                "invocations": store.invocations}
     (out_dir / f"{opts.name or stem}.json").write_text(json.dumps(results, indent=1))

@@ -218,6 +218,26 @@ def test_schedule_reads_constant_runs_up_to_the_horizon_by_their_validation_loss
 
 
 @pytest.mark.slow
+def test_ablation_in_another_mode_and_partition_uses_that_modes_reference_and_rate(tmp_path):
+    run("ablate_fsl_sage.py", tmp_path, "--jobs", "1", "--variants", "reference", "--mode", "full", "--partition",
+        "dirichlet", in_process=True)
+    results = json.loads((tmp_path / "ablate_fsl_sage_quick.json").read_text())
+    stored = [json.loads(line) for line in (tmp_path / "e2e_runs_quick.jsonl").read_text().splitlines()]
+    runs = {tuple(json.loads(e["key"])[:3]): e["row"] for e in stored if "key" in e}
+    # no LoRA run at all: the variant trains every weight on Dirichlet clients at the full-fine-tuning rate
+    assert {key[1] for key in runs} == {"full"}
+    variant = [json.loads(e["key"]) for e in stored if json.loads(e.get("key", "[0]"))[0] == "fsl_sage"]
+    assert [k[:4] for k in variant] == [["fsl_sage", "full", "dirichlet", 0]]
+    assert dict(map(tuple, variant[0][4]))["learning_rate"] == 1e-3
+    # the yardstick: the centralized full-fine-tuning runs at their lowest-validation rate, read at their best point
+    refs = [(json.loads(e["key"]), e["row"]) for e in stored if json.loads(e.get("key", "[0]"))[0] == "centralized"]
+    chosen = min(refs, key=lambda kr: curves.best_point(kr[1]["curve"])["validation_loss"])[0][4]
+    at_chosen = [curves.best_point(r["curve"])["test_loss"] for k, r in refs if k[4] == chosen]
+    assert results["ceiling"]["mean"] == pytest.approx(sum(at_chosen) / len(at_chosen))
+    assert (results["config"]["mode"], results["config"]["partition"]) == ("full", "dirichlet")
+
+
+@pytest.mark.slow
 def test_ablation_with_client_steps_decays_every_variant_over_that_horizon(tmp_path):
     run("ablate_fsl_sage.py", tmp_path, "--jobs", "1", "--variants", "server_update_interval=1", "--client-steps",
         "40", in_process=True)
