@@ -77,6 +77,12 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "the main job's preset at rounds of 25: with full fine-tuning, where the client half's FedAvg is most of "
         "FSL-SAGE's bytes, more uploads and replayed server steps buy quality for few bytes", "fsl_sage",
         {"local_steps": 25, "server_update_interval": 3, "server_replay_steps": 4}),
+    "local_steps=25, server_update_interval=3": (
+        "its uploads alone: 9 a round instead of 5", "fsl_sage", {"local_steps": 25, "server_update_interval": 3}),
+    "local_steps=25, server_update_interval=2": (
+        "more uploads still: 13 a round", "fsl_sage", {"local_steps": 25, "server_update_interval": 2}),
+    "local_steps=25, server_replay_steps=4": (
+        "its replayed server steps alone", "fsl_sage", {"local_steps": 25, "server_replay_steps": 4}),
     "learning_rate=1e-3": ("the schedule: a smaller step", "fsl_sage", {"learning_rate": 1e-3}),
     "learning_rate=1e-2": ("the schedule: a larger step", "fsl_sage", {"learning_rate": 1e-2}),
     # baselines with the same settings
