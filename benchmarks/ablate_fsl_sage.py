@@ -81,6 +81,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "its uploads alone: 9 a round instead of 5", "fsl_sage", {"local_steps": 25, "server_update_interval": 3}),
     "local_steps=25, server_update_interval=2": (
         "more uploads still: 13 a round", "fsl_sage", {"local_steps": 25, "server_update_interval": 2}),
+    "local_steps=25, server_update_interval=1": (
+        "an upload every local step: 25 a round", "fsl_sage", {"local_steps": 25, "server_update_interval": 1}),
     "local_steps=25, server_replay_steps=4": (
         "its replayed server steps alone", "fsl_sage", {"local_steps": 25, "server_replay_steps": 4}),
     "learning_rate=1e-3": ("the schedule: a smaller step", "fsl_sage", {"learning_rate": 1e-3}),
