@@ -124,6 +124,9 @@ class FSLSageConfig(TrainingArguments):
             drawn at random from the ones it keeps for alignment (every client's last
             `align_buffer_size` sequences): more server updates for no extra bytes, for that much
             more server compute (>= 0; needs the labels on the server, so not with `private_labels`).
+            With LoRA it pays in short runs (the recipe's main job); with every weight training the
+            server over-fits the few buffered sequences and ends far worse (docs/benchmarks.md), so
+            keep it at 0 there.
 
         > Communication budget
 
