@@ -37,11 +37,10 @@ from e2e_runs import common_arguments, decayed, open_bench, run_all
 from hf_fsl_sage.algorithms.registry import fields_read_by
 
 
-REFERENCE = {"learning_rate": 3e-3, "local_steps": 10, "server_update_interval": 5, "aux_num_layers": 3,
-             "aux_init": "server_blocks", "aux_trainable": "adapters", "align_interval": 2, "align_epochs": 5,
-             "align_buffer_size": 16}
-# compare_algorithms.py's chosen learning rate for FSL-SAGE, by mode (the reference's rate in that mode)
+# the reference's learning rate: compare_algorithms.py's choice for FSL-SAGE in the mode
 LEARNING_RATE = {"lora": 3e-3, "full": 1e-3}
+REFERENCE = {"local_steps": 10, "server_update_interval": 5, "aux_num_layers": 3, "aux_init": "server_blocks",
+             "aux_trainable": "adapters", "align_interval": 2, "align_epochs": 5, "align_buffer_size": 16}
 QUICK_REFERENCE = {**REFERENCE, "local_steps": 2, "aux_num_layers": 1, "align_interval": 1, "align_epochs": 1,
                    "align_buffer_size": 4}
 

@@ -100,6 +100,13 @@ def settings(lr: float, local_steps: int | None = None) -> tuple:
     return (("learning_rate", lr),) + ((("local_steps", local_steps),) if local_steps is not None else ())
 
 
+def round_length_view(parser: argparse.ArgumentParser, round_length: int | None) -> int | None:
+    """``--round-length``, refused (before anything is written) unless a round has at least one local step."""
+    if round_length is not None and round_length < 1:
+        parser.error(f"--round-length {round_length}: a round needs at least one local step")
+    return round_length
+
+
 def rate(cfg, mode: str, factor: float) -> float:
     return float(f"{cfg['learning_rate'][mode] * factor:.3g}")
 
@@ -403,9 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = copy.deepcopy(QUICK if opts.quick else FULL)
     cfg.update(modes=opts.modes, partitions=opts.partitions, methods=sorted(set(opts.methods) | {"fsl_sage"}))
     cfg.update({k: v for k, v in (("seeds", opts.seeds), ("round_lengths", opts.round_lengths)) if v})
-    if opts.round_length is not None and opts.round_length < 1:
-        parser.error(f"--round-length {opts.round_length}: a round needs at least one local step")
-    cfg["round_length_view"] = opts.round_length
+    cfg["round_length_view"] = round_length_view(parser, opts.round_length)
     out_dir = Path(opts.output_dir)
     stem = "compare_algorithms_quick" if opts.quick else "compare_algorithms"
     view = f"{stem}_rounds{opts.round_length}" if opts.round_length else stem

@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = copy.deepcopy(bench.QUICK if opts.quick else bench.FULL)
     cfg.update(modes=opts.modes, partitions=opts.partitions, methods=opts.methods)
     cfg.update({k: v for k, v in (("seeds", opts.seeds), ("round_lengths", opts.round_lengths)) if v})
-    if opts.round_length is not None and opts.round_length < 1:
-        parser.error(f"--round-length {opts.round_length}: a round needs at least one local step")
-    cfg["round_length_view"] = opts.round_length
+    cfg["round_length_view"] = bench.round_length_view(parser, opts.round_length)
     steps = opts.client_steps or CLIENT_STEPS["quick" if opts.quick else "full"]
     if steps < cfg["eval_client_steps"]:
         parser.error(f"--client-steps {steps} is below one evaluation interval ({cfg['eval_client_steps']} client "

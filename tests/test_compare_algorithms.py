@@ -108,18 +108,10 @@ def test_compare_algorithms_quick_runs_every_stage_and_resumes(tmp_path):
     assert [i["runs"] for i in view["invocations"]] == [2 * len(cfg["seeds"])]
 
 
-def test_compare_algorithms_refuses_a_round_without_local_steps(tmp_path, capsys):
-    compare_algorithms = importlib.import_module("compare_algorithms")
+@pytest.mark.parametrize("script, extra", [("compare_algorithms", ["--report-only"]), ("schedule", [])])
+def test_refuses_a_round_without_local_steps(tmp_path, capsys, script, extra):
     with pytest.raises(SystemExit):
-        compare_algorithms.main(["--quick", "--output-dir", str(tmp_path), "--report-only", "--round-length", "0"])
-    assert not any(tmp_path.iterdir())  # refused before anything was written
-    assert "--round-length 0: a round needs at least one local step" in capsys.readouterr().err
-
-
-def test_schedule_refuses_a_round_without_local_steps(tmp_path, capsys):
-    schedule = importlib.import_module("schedule")
-    with pytest.raises(SystemExit):
-        schedule.main(["--quick", "--output-dir", str(tmp_path), "--round-length", "0"])
+        importlib.import_module(script).main(["--quick", "--output-dir", str(tmp_path), *extra, "--round-length", "0"])
     assert not any(tmp_path.iterdir())  # refused before anything was written
     assert "--round-length 0: a round needs at least one local step" in capsys.readouterr().err
 
@@ -222,15 +214,15 @@ def test_ablation_in_another_mode_and_partition_uses_that_modes_reference_and_ra
     run("ablate_fsl_sage.py", tmp_path, "--jobs", "1", "--variants", "reference", "--mode", "full", "--partition",
         "dirichlet", in_process=True)
     results = json.loads((tmp_path / "ablate_fsl_sage_quick.json").read_text())
-    stored = [json.loads(line) for line in (tmp_path / "e2e_runs_quick.jsonl").read_text().splitlines()]
-    runs = {tuple(json.loads(e["key"])[:3]): e["row"] for e in stored if "key" in e}
+    runs = [(json.loads(e["key"]), e["row"]) for e in map(json.loads, (tmp_path / "e2e_runs_quick.jsonl")
+                                                          .read_text().splitlines()) if "key" in e]
     # no LoRA run at all: the variant trains every weight on Dirichlet clients at the full-fine-tuning rate
-    assert {key[1] for key in runs} == {"full"}
-    variant = [json.loads(e["key"]) for e in stored if json.loads(e.get("key", "[0]"))[0] == "fsl_sage"]
+    assert {key[1] for key, _ in runs} == {"full"}
+    variant = [key for key, _ in runs if key[0] == "fsl_sage"]
     assert [k[:4] for k in variant] == [["fsl_sage", "full", "dirichlet", 0]]
     assert dict(map(tuple, variant[0][4]))["learning_rate"] == 1e-3
     # the yardstick: the centralized full-fine-tuning runs at their lowest-validation rate, read at their best point
-    refs = [(json.loads(e["key"]), e["row"]) for e in stored if json.loads(e.get("key", "[0]"))[0] == "centralized"]
+    refs = [(key, row) for key, row in runs if key[0] == "centralized"]
     chosen = min(refs, key=lambda kr: curves.best_point(kr[1]["curve"])["validation_loss"])[0][4]
     at_chosen = [curves.best_point(r["curve"])["test_loss"] for k, r in refs if k[4] == chosen]
     assert results["ceiling"]["mean"] == pytest.approx(sum(at_chosen) / len(at_chosen))
