@@ -216,6 +216,7 @@ def centralized(cfg: dict[str, Any], base, data: dict[str, Any], mode: str, seed
         args = TrainingArguments(output_dir=tmp, max_steps=cap, per_device_train_batch_size=cfg["batch"],
                                  learning_rate=settings["learning_rate"], warmup_steps=cfg["warmup_steps"],
                                  logging_strategy="no", seed=seed, data_seed=seed, **stopping_args(every),
+                                 dataloader_pin_memory=torch.cuda.is_available(),
                                  **schedule_args(decay))
         columns = ["input_ids", "attention_mask", "labels"]
         trainer = CentralTrainer(

@@ -49,6 +49,8 @@ class FSLSageConfig(TrainingArguments):
     `local_steps` global steps and ends with the aggregation of the client models; `max_steps`
     counts global steps.
 
+    Without a GPU (or with `use_cpu`), `dataloader_pin_memory` is turned off: there is nothing to pin memory for.
+
     Parameters:
         > Federation
 
@@ -307,6 +309,9 @@ class FSLSageConfig(TrainingArguments):
             # Several processes on a machine without GPUs: without this, Accelerate would set each up alone.
             self.use_cpu = True
         super().__post_init__()
+        if self.dataloader_pin_memory and (self.use_cpu or not _has_accelerator()):
+            # Nothing to pin for: torch would only warn at every data loader (every evaluation).
+            self.dataloader_pin_memory = False
 
         def need(ok: bool, message: str) -> None:
             if not ok:

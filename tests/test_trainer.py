@@ -6,6 +6,7 @@ Exact byte counts and resuming, for every algorithm, are in ``test_algorithms.py
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -91,6 +92,16 @@ def test_tensorboard_logging(tmp_path):
 
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     assert {"train/loss", "train/server_loss", "train/comm_bytes"} <= set(tags)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without an accelerator")
+def test_evaluation_on_a_cpu_pins_no_memory_and_does_not_warn_about_it(tmp_path):
+    trainer = make_trainer(tmp_path)
+    assert trainer.args.dataloader_pin_memory is False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.evaluate()
+    assert not [w for w in caught if "pin_memory" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_llama_family_trains(tmp_path):

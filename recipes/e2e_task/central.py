@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments, set_seed
 
@@ -37,7 +38,8 @@ _MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]
 
 def _plain_args(output_dir: str, **kwargs: Any) -> TrainingArguments:
     return TrainingArguments(output_dir=output_dir, logging_strategy="no", save_strategy="no", report_to="none",
-                             disable_tqdm=True, remove_unused_columns=False, **kwargs)
+                             disable_tqdm=True, remove_unused_columns=False,
+                             dataloader_pin_memory=torch.cuda.is_available(), **kwargs)
 
 
 def _eval_loss(model: nn.Module, ds: datasets.Dataset, tokenizer, batch_size: int) -> float:
