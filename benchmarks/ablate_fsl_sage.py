@@ -51,6 +51,10 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "server_update_interval=1": ("the server's updates per example cap the quality: uploading every step "
                                  "(5x the server updates) ends lower", "fsl_sage", {"server_update_interval": 1}),
     "server_update_interval=2": ("as above, in between", "fsl_sage", {"server_update_interval": 2}),
+    "server_update_interval=1, aux_num_layers=5": (
+        "with an upload every step, what still separates FSL-SAGE from SplitFed-V2 is the estimate's depth: an "
+        "auxiliary model as deep as the server half closes it", "fsl_sage",
+        {"server_update_interval": 1, "aux_num_layers": 5}),
     "server_replay_steps=4": ("the number of the server's updates, not fresh uploads, caps the quality: four more "
                               "server steps per upload on buffered ones (as many updates as uploading every step, "
                               "no bytes) end lower", "fsl_sage", {"server_replay_steps": 4}),
