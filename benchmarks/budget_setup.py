@@ -146,7 +146,8 @@ def plain_trainer(model, out_dir: str, train, collator, steps: int, batch: int, 
                              learning_rate=lr, weight_decay=0.01, adam_epsilon=1e-6, warmup_steps=warmup,
                              label_smoothing_factor=0.1, max_grad_norm=1.0, lr_scheduler_type=scheduler,
                              logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
-                             seed=seed, data_seed=seed, remove_unused_columns=False)
+                             seed=seed, data_seed=seed, remove_unused_columns=False,
+                             dataloader_pin_memory=torch.cuda.is_available())
     columns = ["input_ids", "attention_mask", "labels"]
     return Trainer(model=model, args=args, train_dataset=train.select_columns(columns),
                    data_collator=collator, callbacks=list(callbacks))
