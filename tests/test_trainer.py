@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, default_data_collator
 
 from hf_fsl_sage import FSLSageConfig, FSLSageTrainer
+from hf_fsl_sage.config import _has_accelerator
 from hf_fsl_sage.federation.federation import trainable_parameters
 from tests.helpers import PadCollator, compact_e2e, lora, make_trainer, tiny_gpt2
 
@@ -94,7 +95,7 @@ def test_tensorboard_logging(tmp_path):
     assert {"train/loss", "train/server_loss", "train/comm_bytes"} <= set(tags)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without an accelerator")
+@pytest.mark.skipif(_has_accelerator(), reason="a machine without an accelerator")
 def test_evaluation_on_a_cpu_pins_no_memory_and_does_not_warn_about_it(tmp_path):
     trainer = make_trainer(tmp_path)
     assert trainer.args.dataloader_pin_memory is False
